@@ -1,0 +1,21 @@
+"""hf_replacement: Replacement Learning (RepL) for Hugging Face Transformers vision models."""
+
+from .blocks import Block, BlockDiscoveryError, find_blocks
+from .config import CONFIG_NAME, ReplacementConfig, ReplacementConfigError
+from .fusion import FusionError
+from .model import ReplacementModel, get_replacement_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Block",
+    "BlockDiscoveryError",
+    "CONFIG_NAME",
+    "FusionError",
+    "ReplacementConfig",
+    "ReplacementConfigError",
+    "ReplacementModel",
+    "find_blocks",
+    "get_replacement_model",
+    "__version__",
+]

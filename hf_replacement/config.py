@@ -1,0 +1,134 @@
+"""`ReplacementConfig`: what to replace and how, serializable to `replacement_config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_NAME = "replacement_config.json"
+# Bumped when the meaning of a saved field changes; older files are rejected with a clear message.
+FORMAT_VERSION = 1
+
+GRANULARITIES = ("block", "tensor", "channel")
+FUSION_MODES = ("resample", "nearest", "error")
+
+
+class ReplacementConfigError(ValueError):
+    """A `ReplacementConfig` field, or a saved `replacement_config.json`, is invalid."""
+
+
+@dataclass
+class ReplacementConfig:
+    """Configuration of Replacement Learning (RepL).
+
+    Args:
+        replace_interval: replace every k-th block: blocks k-1, 2k-1, ... (0-based, forward order),
+            never the first or the last block. The paper uses 4. Ignored when `replaced_blocks` is set.
+        replaced_blocks: explicit block indices to replace instead of an interval.
+        coefficient_granularity: "block" (one (a, b) pair per replaced block, the paper), "tensor"
+            (one pair per parameter tensor) or "channel" (one pair per output channel of each tensor).
+        coefficient_init: initial (a, b).
+        fusion: how a neighbour tensor of another shape is used: "resample" (variance-preserving
+            resampling to the replaced block's shape), "nearest" (only neighbours of matching shape)
+            or "error".
+        detach_neighbors: stop the gradient of the replaced block from flowing into its neighbours.
+        recompute_replaced: recompute a replaced block's activations in backward instead of storing
+            them (its weights are cheap to rebuild).
+        block_path: dotted path of the `nn.ModuleList` holding the blocks, for models the automatic
+            discovery does not know (e.g. "encoder.blocks").
+    """
+
+    replace_interval: int = 4
+    replaced_blocks: list[int] | None = None
+    coefficient_granularity: str = "block"
+    coefficient_init: tuple[float, float] = (0.5, 0.5)
+    fusion: str = "resample"
+    detach_neighbors: bool = False
+    recompute_replaced: bool = False
+    block_path: str | None = None
+    format_version: int = field(default=FORMAT_VERSION, repr=False)
+
+    def __post_init__(self) -> None:
+        self.coefficient_init = tuple(self.coefficient_init)  # JSON gives a list
+        if self.replaced_blocks is not None:
+            self.replaced_blocks = list(self.replaced_blocks)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check each field's type and range; raise `ReplacementConfigError` naming the first bad one."""
+        if isinstance(self.replace_interval, bool) or not isinstance(self.replace_interval, int) or self.replace_interval < 2:
+            raise ReplacementConfigError(
+                f"replace_interval={self.replace_interval!r} is invalid: it must be an integer >= 2 "
+                "(1 would replace adjacent blocks); the paper uses 4."
+            )
+        if self.replaced_blocks is not None:
+            if not self.replaced_blocks or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.replaced_blocks
+            ):
+                raise ReplacementConfigError(
+                    f"replaced_blocks={self.replaced_blocks!r} is invalid: give a non-empty list of block "
+                    "indices (integers), or None to use replace_interval."
+                )
+            if len(set(self.replaced_blocks)) != len(self.replaced_blocks):
+                raise ReplacementConfigError(f"replaced_blocks={self.replaced_blocks!r} lists a block twice.")
+        if self.coefficient_granularity not in GRANULARITIES:
+            raise ReplacementConfigError(
+                f"coefficient_granularity={self.coefficient_granularity!r} is invalid: choose one of {GRANULARITIES}."
+            )
+        if self.fusion not in FUSION_MODES:
+            raise ReplacementConfigError(f"fusion={self.fusion!r} is invalid: choose one of {FUSION_MODES}.")
+        init = self.coefficient_init
+        if len(init) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in init):
+            raise ReplacementConfigError(
+                f"coefficient_init={init!r} is invalid: give two numbers (a, b), e.g. (0.5, 0.5)."
+            )
+        for name in ("detach_neighbors", "recompute_replaced"):
+            if not isinstance(getattr(self, name), bool):
+                raise ReplacementConfigError(f"{name}={getattr(self, name)!r} is invalid: it must be True or False.")
+        if self.block_path is not None and (not isinstance(self.block_path, str) or not self.block_path):
+            raise ReplacementConfigError(
+                f"block_path={self.block_path!r} is invalid: give the dotted path of an nn.ModuleList, e.g. 'encoder.layers'."
+            )
+        if self.format_version != FORMAT_VERSION:
+            raise ReplacementConfigError(
+                f"format_version={self.format_version!r} is not supported by this hf_replacement "
+                f"(it reads version {FORMAT_VERSION}); upgrade hf_replacement to load this checkpoint."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["coefficient_init"] = list(self.coefficient_init)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ReplacementConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ReplacementConfigError(
+                f"Unknown replacement config keys {unknown}; valid keys are {sorted(known)}. "
+                "The file may come from a newer hf_replacement: upgrade it."
+            )
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "ReplacementConfig":
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"{path} not found: a RepL checkpoint directory needs {CONFIG_NAME} "
+                "(written by ReplacementModel.save_pretrained)."
+            ) from error
+        except json.JSONDecodeError as error:
+            raise ReplacementConfigError(f"{path} is not valid JSON ({error}); the checkpoint is corrupt.") from error
+        if not isinstance(data, dict):
+            raise ReplacementConfigError(f"{path} must hold a JSON object, found {type(data).__name__}.")
+        return cls.from_dict(data)

@@ -1,0 +1,204 @@
+"""`ReplacementModel`: the PEFT-style wrapper, and `get_replacement_model`."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .blocks import find_blocks
+from .checkpoint import WEIGHTS_NAME, write_checkpoint
+from .config import CONFIG_NAME, ReplacementConfig
+from .layer import ReplacementCoefficients, apply_plan, is_replaced, materialize, plan_block, synthesize
+from .selection import select_blocks
+
+logger = logging.getLogger(__name__)
+
+
+class ReplacementModel(nn.Module):
+    """A model trained with Replacement Learning.
+
+    Wraps `base_model` (a Transformers model, or any `nn.Module` with `block_path`) whose selected
+    blocks synthesize their weights from their neighbours. `forward` takes the base model's
+    arguments; `state_dict()` is the compact checkpoint (no replaced-block weights) plus the
+    coefficients under `replacement_coefficients.<block index>`.
+    """
+
+    def __init__(self, base_model: nn.Module, replacement_config: ReplacementConfig) -> None:
+        super().__init__()
+        if isinstance(base_model, ReplacementModel) or any(is_replaced(m) for m in base_model.modules()):
+            raise ValueError("This model already has replaced blocks; call get_replacement_model on a plain model.")
+        blocks = find_blocks(base_model, replacement_config.block_path)
+        plans = select_blocks(blocks, replacement_config)
+        self.base_model = base_model
+        self.replacement_config = replacement_config
+        self.replacement_coefficients = ReplacementCoefficients()
+        self._blocks = blocks
+        self._num_unreplaced_parameters = sum(p.numel() for p in base_model.parameters())
+        for plan in plans:
+            apply_plan(plan, self.replacement_coefficients, replacement_config)
+        # Trainer keeps the dataset columns named in forward's signature: show it the base model's.
+        self.forward = functools.wraps(base_model.forward)(functools.partial(ReplacementModel.forward, self))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def config(self) -> Any:
+        """The base model's Transformers config."""
+        return getattr(self.base_model, "config", None)
+
+    @property
+    def replaced_blocks(self) -> dict[int, str]:
+        """Replaced block index (forward order) -> module name in the base model."""
+        return {block.index: block.name for block in self._blocks if is_replaced(block.module)}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._blocks)
+
+    def get_coefficients(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Block name -> {"a": ..., "b": ...}; scalars for "block" granularity, else one entry per column."""
+        names = self.replaced_blocks
+        result = {}
+        for key, parameter in self.replacement_coefficients.named_parameters():
+            a, b = parameter.detach().clone()
+            if self.replacement_config.coefficient_granularity == "block":
+                a, b = a[0], b[0]
+            result[names[int(key)]] = {"a": a, "b": b}
+        return result
+
+    def synthesized_weights(self, block_index: int) -> dict[str, torch.Tensor]:
+        """The weights a replaced block uses now, by parameter name (detached)."""
+        block = self._blocks[block_index]
+        if not is_replaced(block.module):
+            raise ValueError(f"block {block_index} ({block.name}) is not replaced; replaced: {self.replaced_blocks}")
+        with torch.no_grad():
+            values = synthesize(block.module)
+        return {tensor.name: value for tensor, value in zip(block.module._replacement.tensors, values)}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters) as held in memory now."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        replaced = ", ".join(str(i) for i in self.replaced_blocks)
+        saved = 1 - total / self._num_unreplaced_parameters
+        # A user-facing report, like PEFT's print_trainable_parameters.
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f} || replaced blocks: {replaced} (of {self.num_blocks}) || "
+            f"unreplaced model: {self._num_unreplaced_parameters:,d} params ({100 * saved:.2f}% fewer now)"
+        )
+
+    def merge_and_unload(self) -> nn.Module:
+        """Write each replaced block's synthesized weights into it and return the plain base model."""
+        for block in self._blocks:
+            if is_replaced(block.module):
+                materialize(block.module)
+        base_model = self.base_model
+        for key in list(self.replacement_coefficients._parameters):
+            del self.replacement_coefficients._parameters[key]
+        return base_model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **_: Any) -> None:
+        """Write `replacement_config.json`, the base `config.json` and the compact `model.safetensors`.
+
+        All files are written to temporary names first and renamed into place only once every file
+        is complete, so a failed save leaves an earlier checkpoint in the directory intact.
+        """
+        if not is_main_process:
+            return
+        files: dict[str, Any] = {CONFIG_NAME: self.replacement_config.to_json_string()}
+        if self.config is not None and hasattr(self.config, "to_json_string"):
+            self.config.architectures = [type(self.base_model).__name__]
+            files["config.json"] = self.config.to_json_string()
+        files[WEIGHTS_NAME] = self.state_dict()
+        write_checkpoint(save_directory, files)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_path: str | os.PathLike, model: nn.Module | None = None, **_: Any
+    ) -> "ReplacementModel":
+        """Load a RepL checkpoint written by `save_pretrained`.
+
+        `model` is a fresh instance of the base architecture; when omitted it is built from the
+        checkpoint's `config.json` (a Transformers model).
+        """
+        directory = os.fspath(pretrained_path)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{directory} is not a directory holding a RepL checkpoint ({CONFIG_NAME}, {WEIGHTS_NAME}).")
+        replacement_config = ReplacementConfig.from_json_file(os.path.join(directory, CONFIG_NAME))
+        if model is None:
+            model = _build_base_model(directory)
+        replacement_model = cls(model, replacement_config)
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
+        try:
+            state_dict = load_file(weights_path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{weights_path} is missing: the checkpoint is incomplete.") from None
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{weights_path} is not a readable safetensors file ({error}); the checkpoint is corrupt.") from None
+        _load_exact(replacement_model, state_dict, weights_path)
+        return replacement_model
+
+
+def _build_base_model(directory: str) -> nn.Module:
+    import transformers
+
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{config_path} is missing: pass model=<a fresh instance of the base architecture> "
+            "to ReplacementModel.from_pretrained for a model that is not a Transformers model."
+        )
+    config = transformers.AutoConfig.from_pretrained(directory)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        raise ValueError(f"{config_path} names no known Transformers architecture ({architectures}).")
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight is loaded from the checkpoint just after
+        model = model_class(config)
+    return model
+
+
+def _load_exact(model: ReplacementModel, state_dict: dict[str, torch.Tensor], path: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            f"{path} does not match the model built from its configs: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}. Was it saved from another model "
+            "or replacement config?"
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def get_replacement_model(model: nn.Module, config: ReplacementConfig | None = None) -> ReplacementModel:
+    """Replace the blocks `config` selects in `model` and return the wrapping `ReplacementModel`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"get_replacement_model needs an nn.Module, got {type(model).__name__}.")
+    return ReplacementModel(model, config if config is not None else ReplacementConfig())
+
+
+__all__ = ["ReplacementModel", "get_replacement_model"]

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="hf-replacement",
+    version="0.1.0",
+    description="Replacement Learning (RepL) for Hugging Face Transformers vision models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["hf_replacement", "hf_replacement.*"]),
+    package_data={"hf_replacement": ["metrics/*/*.py", "templates/*.md"]},
+    python_requires=">=3.10",
+    # torch is pinned below 2.15: install the CPU or CUDA build you want first (see README).
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "transformers>=4.56,<6",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "evaluate>=0.4",
+        "peft>=0.17",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.34",
+        "scikit-learn>=1.3",
+        "pillow>=10",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "matplotlib>=3.7"],
+        "benchmark": ["matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["hf-replacement=hf_replacement.cli:main"]},
+)
