@@ -9,6 +9,8 @@ instead of reusing stale ones.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +142,11 @@ def _plan_source(
         ) from None
     if source.shape == shape:
         return []
+    if source.ndim != len(shape):
+        raise FusionError(
+            f"{block.name} and its neighbour {neighbour.name} are different kinds of block: "
+            f"{name} has shape {tuple(shape)} here and {tuple(source.shape)} there."
+        )
     if fusion == "nearest":
         return None
     if fusion == "error":
@@ -238,15 +245,30 @@ class ReplacedBlockMixin:
         return self._forward_with_synthesized_weights(*args, **kwargs)
 
     def _forward_with_synthesized_weights(self, *args, **kwargs):
-        tensors = self._replacement.tensors
-        for tensor, value in zip(tensors, synthesize(self)):
-            setattr(tensor.owner, tensor.attr, value)
-        try:
+        with _synthesized_weights_attached(self):
             return super().forward(*args, **kwargs)
-        finally:
-            # The weights are rebuilt on the next call; keeping them would hold a block's worth of memory.
-            for tensor in tensors:
-                delattr(tensor.owner, tensor.attr)
+
+    def extra_repr(self) -> str:
+        state = self._replacement
+        return f"replaced: weights = a·block {state.previous_index} + b·block {state.next_index}"
+
+    def __repr__(self) -> str:
+        # Submodules such as nn.Linear read their weights in extra_repr: show the synthesized ones.
+        with torch.no_grad(), _synthesized_weights_attached(self):
+            return super().__repr__()
+
+
+@contextlib.contextmanager
+def _synthesized_weights_attached(module: nn.Module) -> Iterator[None]:
+    tensors = module._replacement.tensors
+    for tensor, value in zip(tensors, synthesize(module)):
+        setattr(tensor.owner, tensor.attr, value)
+    try:
+        yield
+    finally:
+        # The weights are rebuilt on the next call; keeping them would hold a block's worth of memory.
+        for tensor in tensors:
+            delattr(tensor.owner, tensor.attr)
 
 
 _REPLACED_CLASSES: dict[type, type] = {}

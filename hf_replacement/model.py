@@ -156,7 +156,7 @@ class ReplacementModel(nn.Module):
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{weights_path} is not a readable safetensors file ({error}); the checkpoint is corrupt.") from None
         _load_exact(replacement_model, state_dict, weights_path)
-        return replacement_model
+        return replacement_model.eval()  # like Transformers' from_pretrained; call .train() to train
 
 
 def _build_base_model(directory: str) -> nn.Module:

@@ -1,0 +1,345 @@
+"""The core matrix: architectures × coefficient granularity × fusion × detach, against a reference.
+
+The reference is written here independently of `hf_replacement.layer`: the replaced block's
+weights are computed from the neighbours' tensors with the formula and fed to an untouched copy
+of the model through `torch.func.functional_call`.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import itertools
+import os
+import weakref
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch.func import functional_call
+
+import tiny_models
+from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model
+from hf_replacement.fusion import resample_matrix
+
+ARCHITECTURES = list(tiny_models.ARCHITECTURES)
+GRANULARITIES = ["block", "tensor", "channel"]
+MATRIX = list(itertools.product(ARCHITECTURES, GRANULARITIES, ["resample", "nearest"], [False, True]))
+
+
+def matrix_id(case) -> str:
+    arch, granularity, fusion, detach = case
+    return f"{arch}-{granularity}-{fusion}{'-detach' if detach else ''}"
+
+
+def make(arch: str, granularity: str = "block", fusion: str = "resample", detach: bool = False, **extra):
+    """(RepL model, untouched reference copy of the base model)."""
+    base = tiny_models.build(arch)
+    reference = copy.deepcopy(base)
+    config = ReplacementConfig(
+        coefficient_granularity=granularity, fusion=fusion, detach_neighbors=detach,
+        block_path=tiny_models.block_path(arch), **extra,
+    )
+    model = get_replacement_model(base, config)
+    with torch.no_grad():  # distinct, non-trivial coefficients per column
+        for parameter in model.replacement_coefficients.parameters():
+            parameter.copy_(torch.rand_like(parameter) + 0.25)
+    return model, reference
+
+
+def resample_reference(tensor: torch.Tensor, shape: torch.Size, fan_in: set[int]) -> torch.Tensor:
+    for dim, (source, target) in enumerate(zip(tensor.shape, shape)):
+        if source != target:
+            matrix = resample_matrix(source, target, dim in fan_in).to(tensor.dtype)
+            moved = tensor.movedim(dim, 0)
+            rows = (matrix @ moved.reshape(source, -1)).reshape(target, *moved.shape[1:])
+            tensor = rows.movedim(0, dim)
+    return tensor
+
+
+def fan_in_of(module: torch.nn.Module, name: str, ndim: int) -> set[int]:
+    owner = module.get_submodule(name.rpartition(".")[0])
+    if not name.endswith("weight") or ndim < 2:
+        return set()
+    if isinstance(owner, torch.nn.Linear):
+        return {1}
+    if isinstance(owner, torch.nn.modules.conv._ConvNd):
+        return set(range(1, ndim))
+    return set()
+
+
+def reference_weights(model: ReplacementModel, reference: torch.nn.Module, fusion: str, detach: bool) -> dict[str, torch.Tensor]:
+    """Every parameter of the plain model, the replaced blocks' computed from the formula.
+
+    Tensors are the RepL model's own leaves (neighbours, coefficients), so autograd on this
+    reference gives the gradients the RepL model must have.
+    """
+    granularity = model.replacement_config.coefficient_granularity
+    weights = dict(model.base_model.named_parameters())
+    names = {block.index: block.name for block in model._blocks}
+    for index, block_name in model.replaced_blocks.items():
+        coefficients = model.replacement_coefficients.get_parameter(str(index))
+        block = reference.get_submodule(block_name)
+        column = 0
+        for name, original in block.named_parameters():
+            shape = original.shape
+            width = {"block": 0, "tensor": 1, "channel": shape[0] if original.ndim else 1}[granularity]
+            a = coefficients[0, column:column + max(width, 1)]
+            b = coefficients[1, column:column + max(width, 1)]
+            column += width
+            if granularity == "channel":
+                a, b = (c.reshape(-1, *([1] * (original.ndim - 1))) for c in (a, b))
+            else:
+                a, b = a[0], b[0]
+            value = 0
+            for coefficient, neighbour in ((a, index - 1), (b, index + 1)):
+                source = weights[f"{names[neighbour]}.{name}"]
+                if detach:
+                    source = source.detach()
+                if source.shape != shape:
+                    if fusion == "nearest":
+                        continue
+                    source = resample_reference(source, shape, fan_in_of(block, name, original.ndim))
+                value = value + coefficient * source
+            weights[f"{block_name}.{name}"] = value
+    return weights
+
+
+def loss_of(output: torch.Tensor) -> torch.Tensor:
+    probe = torch.linspace(-1, 1, output.numel()).reshape(output.shape)
+    return (output * probe).sum()
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=matrix_id)
+def test_forward_and_gradients_match_reference(case):
+    arch, granularity, fusion, detach = case
+    model, reference = make(arch, granularity, fusion, detach)
+    x = tiny_models.inputs()
+
+    loss_of(tiny_models.logits(model(pixel_values=x))).backward()
+    replacement_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    weights = reference_weights(model, reference, fusion, detach)
+    expected = tiny_models.logits(functional_call(reference, weights, kwargs={"pixel_values": x}))
+    torch.testing.assert_close(tiny_models.logits(model(pixel_values=x)), expected, rtol=0, atol=1e-6)
+    loss_of(expected).backward()
+    reference_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    assert replacement_grads.keys() == reference_grads.keys()
+    for name in reference_grads:
+        torch.testing.assert_close(replacement_grads[name], reference_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    coefficient_names = {f"replacement_coefficients.{i}" for i in model.replaced_blocks}
+    assert coefficient_names <= reference_grads.keys()
+    neighbour_prefixes = {f"base_model.{model._blocks[i + d].name}." for i in model.replaced_blocks for d in (-1, 1)}
+    neighbour_grads = [name for name in reference_grads if any(name.startswith(p) for p in neighbour_prefixes)]
+    assert bool(neighbour_grads)  # the downstream loss always reaches the neighbours' own use
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=matrix_id)
+def test_synthesized_weights_equal_formula(case):
+    arch, granularity, fusion, detach = case
+    model, reference = make(arch, granularity, fusion, detach)
+    weights = reference_weights(model, reference, fusion, detach)
+    for index, block_name in model.replaced_blocks.items():
+        synthesized = model.synthesized_weights(index)
+        assert synthesized.keys() == dict(reference.get_submodule(block_name).named_parameters()).keys()
+        for name, value in synthesized.items():
+            torch.testing.assert_close(value, weights[f"{block_name}.{name}"].detach(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", [c for c in MATRIX if not c[3]], ids=matrix_id)
+def test_merge_and_save_round_trip(case, tmp_path):
+    arch, granularity, fusion, _ = case
+    model, reference = make(arch, granularity, fusion)
+    x = tiny_models.inputs()
+    with torch.no_grad():
+        expected = tiny_models.logits(model(pixel_values=x))
+    if arch == "custom":
+        model.save_pretrained(tmp_path)
+        loaded = ReplacementModel.from_pretrained(tmp_path, model=tiny_models.CustomModel())
+    else:
+        model.save_pretrained(tmp_path)
+        loaded = ReplacementModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(tiny_models.logits(loaded(pixel_values=x)), expected)
+    for key, value in model.replacement_coefficients.state_dict().items():
+        assert torch.equal(loaded.replacement_coefficients.state_dict()[key], value)
+
+    merged = loaded.merge_and_unload()
+    assert type(merged) is type(reference)
+    assert not hasattr(merged, "replacement_coefficients")
+    assert merged.state_dict().keys() == reference.state_dict().keys()
+    with torch.no_grad():
+        assert (tiny_models.logits(merged(pixel_values=x)) - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_checkpoint_is_compact_by_replaced_bytes(arch, tmp_path):
+    model, reference = make(arch)
+    model.save_pretrained(tmp_path / "repl")
+    with safe_open(tmp_path / "repl" / "model.safetensors", "pt") as handle:
+        saved = {key: handle.get_tensor(key) for key in handle.keys()}
+    replaced_bytes = sum(
+        p.numel() * p.element_size()
+        for i, name in model.replaced_blocks.items()
+        for p in reference.get_submodule(name).parameters()
+    )
+    coefficient_bytes = sum(p.numel() * 4 for p in model.replacement_coefficients.parameters())
+    full_bytes = sum(t.numel() * t.element_size() for t in reference.state_dict().values())
+    assert sum(t.numel() * t.element_size() for t in saved.values()) == full_bytes - replaced_bytes + coefficient_bytes
+    for index, name in model.replaced_blocks.items():
+        assert not any(key.startswith(f"base_model.{name}.") and key.split(".")[-1] in ("weight", "bias") and "resample" not in key
+                       for key in saved if key.rpartition(".")[0] in dict(reference.get_submodule(name).named_modules(prefix=name)))
+
+
+@pytest.mark.parametrize("arch", ["vit", "convnext", "resnet", "custom"])
+def test_freed_parameters_are_gone(arch):
+    base = tiny_models.build(arch)
+    config = ReplacementConfig(block_path=tiny_models.block_path(arch))
+    total_before = sum(p.numel() for p in base.parameters())
+    blocks = {b.index: b for b in __import__("hf_replacement").find_blocks(base, config.block_path)}
+    replaced_names = [blocks[i].name for i in range(3, len(blocks) - 1, 4)]
+    references = [weakref.ref(p) for name in replaced_names for p in base.get_submodule(name).parameters()]
+    freed = sum(p.numel() for name in replaced_names for p in base.get_submodule(name).parameters())
+    model = get_replacement_model(base, config)
+    gc.collect()
+    assert references and all(ref() is None for ref in references)
+    coefficient_count = sum(p.numel() for p in model.replacement_coefficients.parameters())
+    trainable, total = model.get_nb_trainable_parameters()
+    assert total == trainable == total_before - freed + coefficient_count
+    for name in replaced_names:
+        assert not list(model.base_model.get_submodule(name).parameters())
+        assert not any(k.startswith(f"base_model.{name}.") for k, _ in model.named_parameters())
+
+
+def test_print_trainable_parameters(capsys):
+    model, _ = make("vit")
+    model.print_trainable_parameters()
+    trainable, total = model.get_nb_trainable_parameters()
+    assert capsys.readouterr().out.startswith(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: 100.0000 || replaced blocks: 3 (of 6)"
+    )
+
+
+def test_merged_model_loads_with_transformers_alone(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    model, _ = make("convnext")
+    x = tiny_models.inputs()
+    with torch.no_grad():
+        expected = model(pixel_values=x).logits
+    model.merge_and_unload().save_pretrained(tmp_path)
+    plain = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert type(plain).__name__ == "ConvNextForImageClassification"
+    with torch.no_grad():
+        assert (plain(pixel_values=x).logits - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("setting", ["gradient_checkpointing", "recompute_replaced"])
+def test_recomputation_gives_same_gradients(setting):
+    model, _ = make("vit", granularity="tensor")
+    model.train()
+    x = tiny_models.inputs()
+    loss_of(model(pixel_values=x).logits).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    if setting == "gradient_checkpointing":
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        assert model.base_model.is_gradient_checkpointing
+    else:
+        model.replacement_config.recompute_replaced = True
+        for block in model._blocks:
+            if hasattr(block.module, "_replacement"):
+                block.module._replacement.recompute = True
+    loss_of(model(pixel_values=x).logits).backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_recompute_replaced_config_gives_same_gradients():
+    eager, _ = make("convnext")
+    recomputed, _ = make("convnext", recompute_replaced=True)
+    recomputed.load_state_dict(eager.state_dict())
+    x = tiny_models.inputs()
+    for model in (eager, recomputed):
+        loss_of(model(pixel_values=x).logits).backward()
+    for (name, p), (_, q) in zip(eager.named_parameters(), recomputed.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_bf16_autocast_and_half_model_keep_fp32_coefficients():
+    model, _ = make("vit")
+    x = tiny_models.inputs()
+    with torch.no_grad():
+        fp32 = model(pixel_values=x).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(pixel_values=x).logits
+    loss_of(out.float()).backward()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), fp32, rtol=0.05, atol=0.05)
+    coefficients = model.replacement_coefficients.get_parameter("3")
+    assert coefficients.dtype == torch.float32 and coefficients.grad is not None and coefficients.grad.abs().sum() > 0
+
+    model.to(torch.bfloat16)
+    assert coefficients.dtype == torch.float32
+    assert model.base_model.vit.layers[2].attention.q_proj.weight.dtype == torch.bfloat16
+    out = model(pixel_values=x.bfloat16()).logits
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), fp32, rtol=0.05, atol=0.05)
+
+
+def test_torch_compile_matches_eager():
+    model, _ = make("vit")
+    x = tiny_models.inputs()
+    loss_of(model(pixel_values=x).logits).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+    out = compiled(pixel_values=x).logits
+    loss_of(out).backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_linear_keeps_output_scale():
+    torch.manual_seed(0)
+    source = torch.nn.Linear(256, 128)
+    torch.nn.init.normal_(source.weight, std=256 ** -0.5)
+    for target_out, target_in in [(256, 512), (64, 128), (200, 300)]:
+        matrix_out = resample_matrix(128, target_out, fan_in=False).float()
+        matrix_in = resample_matrix(256, target_in, fan_in=True).float()
+        fused = matrix_out @ source.weight.detach() @ matrix_in.T
+        x = torch.randn(4096, target_in)
+        scale = (x @ fused.T).std() / x.std()
+        assert abs(scale.item() - 1) < 0.05, (target_out, target_in, scale)
+        ones = resample_matrix(128, target_out, fan_in=False) @ torch.ones(128, dtype=torch.float64)
+        torch.testing.assert_close(ones, torch.ones(target_out, dtype=torch.float64))
+
+
+def test_coefficients_are_trained_by_any_optimizer():
+    model, _ = make("convnext", granularity="channel")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.replacement_coefficients.state_dict().items()}
+    loss_of(model(pixel_values=tiny_models.inputs()).logits).backward()
+    optimizer.step()
+    assert all(not torch.equal(before[k], v) for k, v in model.replacement_coefficients.state_dict().items())
+    assert {id(p) for p in model.replacement_coefficients.parameters()} <= {id(p) for p in model.parameters()}
+
+
+def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import hf_replacement.checkpoint as checkpoint
+
+    model, _ = make("vit")
+    model.save_pretrained(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    with torch.no_grad():
+        model.replacement_coefficients.get_parameter("3").add_(1)
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before

@@ -1,0 +1,203 @@
+"""Bad configs, models and checkpoints: each raises one clear error naming the problem and the fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import tiny_models
+from hf_replacement import (
+    BlockDiscoveryError,
+    FusionError,
+    ReplacementConfig,
+    ReplacementConfigError,
+    ReplacementModel,
+    get_replacement_model,
+)
+
+BAD_CONFIGS = [
+    (dict(replace_interval=1), "replace_interval=1 is invalid"),
+    (dict(replace_interval=0), "replace_interval=0 is invalid"),
+    (dict(replace_interval="4"), "replace_interval='4' is invalid"),
+    (dict(replace_interval=True), "replace_interval=True is invalid"),
+    (dict(replaced_blocks=[]), r"replaced_blocks=\[\] is invalid"),
+    (dict(replaced_blocks=[1.5]), "give a non-empty list of block indices"),
+    (dict(replaced_blocks=[2, 2]), "lists a block twice"),
+    (dict(coefficient_granularity="layer"), "coefficient_granularity='layer' is invalid: choose one of"),
+    (dict(fusion="average"), "fusion='average' is invalid"),
+    (dict(coefficient_init=(1.0,)), r"coefficient_init=\(1.0,\) is invalid"),
+    (dict(coefficient_init=("a", "b")), "give two numbers"),
+    (dict(detach_neighbors="yes"), "detach_neighbors='yes' is invalid"),
+    (dict(recompute_replaced=1), "recompute_replaced=1 is invalid"),
+    (dict(block_path=""), "block_path='' is invalid"),
+    (dict(format_version=2), "format_version=2 is not supported"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_CONFIGS, ids=[str(k) for k, _ in BAD_CONFIGS])
+def test_bad_config_values(kwargs, message):
+    with pytest.raises(ReplacementConfigError, match=message):
+        ReplacementConfig(**kwargs)
+
+
+BAD_SELECTIONS = [
+    (dict(replaced_blocks=[0]), r"\[0\] outside the valid range 1..4"),
+    (dict(replaced_blocks=[5]), r"\[5\] outside the valid range 1..4"),
+    (dict(replaced_blocks=[-1]), r"\[-1\] outside the valid range"),
+    (dict(replaced_blocks=[2, 3]), r"adjacent blocks \[\(2, 3\)\]"),
+    (dict(replace_interval=7), "replace_interval=7 selects no block of this 6-block model"),
+    (dict(block_path="vit.nothing"), "block_path='vit.nothing' does not exist"),
+    (dict(block_path="classifier"), "points at a Linear, not an nn.ModuleList"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_SELECTIONS, ids=[str(k) for k, _ in BAD_SELECTIONS])
+def test_bad_selection_for_model(kwargs, message):
+    model = tiny_models.build("vit")
+    with pytest.raises(ValueError, match=message):
+        get_replacement_model(model, ReplacementConfig(**kwargs))
+    assert not any(type(m).__name__.startswith("Replaced") for m in model.modules())  # left untouched
+
+
+def test_model_without_blocks():
+    with pytest.raises(BlockDiscoveryError, match="Pass ReplacementConfig\\(block_path="):
+        get_replacement_model(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+
+
+def test_too_few_blocks():
+    model = nn.Module()
+    model.blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+    with pytest.raises(ReplacementConfigError, match="has 2 block\\(s\\); RepL needs at least 3"):
+        get_replacement_model(model, ReplacementConfig(block_path="blocks"))
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="needs an nn.Module, got dict"):
+        get_replacement_model({"weights": 1})
+
+
+def test_replacing_twice():
+    model = get_replacement_model(tiny_models.build("vit"))
+    with pytest.raises(ValueError, match="already has replaced blocks"):
+        get_replacement_model(model.base_model)
+
+
+def test_fusion_error_refuses_other_shapes():
+    with pytest.raises(FusionError, match=r"has shape .* \(fusion='error'\); use fusion='resample' or 'nearest'"):
+        get_replacement_model(tiny_models.build("convnext"), ReplacementConfig(replaced_blocks=[3], fusion="error"))
+
+
+class Gain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(4))
+
+
+@pytest.mark.parametrize(
+    "neighbour, message",
+    [
+        (Gain(), "blocks.1 and its neighbour blocks.2 are different kinds of block: the neighbour has no parameter 'weight'"),
+        (nn.LayerNorm(4), r"different kinds of block: weight has shape \(4, 4\) here and \(4,\) there"),
+    ],
+)
+def test_neighbours_of_another_kind_raise_when_explicit(neighbour, message):
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4), neighbour, nn.Linear(4, 4)])
+    with pytest.raises(FusionError, match=message):
+        get_replacement_model(model, ReplacementConfig(block_path="blocks", replaced_blocks=[1]))
+
+
+def test_neighbours_of_another_kind_are_skipped_with_warning_when_by_interval(caplog):
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.LayerNorm(4)] + [nn.Linear(4, 4) for _ in range(5)])
+    with caplog.at_level("WARNING"):
+        replaced = get_replacement_model(model, ReplacementConfig(block_path="blocks", replace_interval=2))
+    assert replaced.replaced_blocks == {3: "blocks.3"}
+    assert "Not replaced" in caplog.text and "1 (" in caplog.text
+
+
+def test_nearest_with_no_matching_neighbour():
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 6), nn.Linear(6, 6)])
+    with pytest.raises(FusionError, match="no neighbour tensor of the same shape \\(fusion='nearest'\\)"):
+        get_replacement_model(model, ReplacementConfig(block_path="blocks", replaced_blocks=[1], fusion="nearest"))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = get_replacement_model(tiny_models.build("vit"))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_missing_checkpoint_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory holding a RepL checkpoint"):
+        ReplacementModel.from_pretrained(tmp_path / "nothing")
+
+
+def test_corrupt_replacement_config(saved):
+    (saved / "replacement_config.json").write_text("{not json")
+    with pytest.raises(ReplacementConfigError, match="is not valid JSON .* the checkpoint is corrupt"):
+        ReplacementModel.from_pretrained(saved)
+
+
+def test_unknown_config_key(saved):
+    data = json.loads((saved / "replacement_config.json").read_text())
+    data["rank"] = 8
+    (saved / "replacement_config.json").write_text(json.dumps(data))
+    with pytest.raises(ReplacementConfigError, match=r"Unknown replacement config keys \['rank'\]"):
+        ReplacementModel.from_pretrained(saved)
+
+
+def test_newer_format_version(saved):
+    data = json.loads((saved / "replacement_config.json").read_text())
+    data["format_version"] = 99
+    (saved / "replacement_config.json").write_text(json.dumps(data))
+    with pytest.raises(ReplacementConfigError, match="format_version=99 is not supported .* upgrade hf_replacement"):
+        ReplacementModel.from_pretrained(saved)
+
+
+def test_corrupt_weights(saved):
+    path = saved / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="is not a readable safetensors file .* the checkpoint is corrupt"):
+        ReplacementModel.from_pretrained(saved)
+
+
+def test_missing_weights(saved):
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing: the checkpoint is incomplete"):
+        ReplacementModel.from_pretrained(saved)
+
+
+def test_weights_from_another_model(saved, tmp_path):
+    other = get_replacement_model(tiny_models.build("vit"), ReplacementConfig(replaced_blocks=[2]))
+    other.save_pretrained(tmp_path / "other")
+    (saved / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="does not match the model built from its configs: missing"):
+        ReplacementModel.from_pretrained(saved)
+
+
+def test_missing_base_config_for_custom_model(tmp_path):
+    model = get_replacement_model(tiny_models.CustomModel(), ReplacementConfig(block_path="trunk.blocks"))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="pass model=<a fresh instance of the base architecture>"):
+        ReplacementModel.from_pretrained(tmp_path)
+
+
+def test_unknown_architecture_in_config(saved):
+    data = json.loads((saved / "config.json").read_text())
+    data["architectures"] = ["NoSuchModel"]
+    (saved / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="names no known Transformers architecture"):
+        ReplacementModel.from_pretrained(saved)
+
+
+def test_synthesized_weights_of_unreplaced_block():
+    model = get_replacement_model(tiny_models.build("vit"))
+    with pytest.raises(ValueError, match="block 2 .* is not replaced; replaced: \\{3: 'vit.layers.3'\\}"):
+        model.synthesized_weights(2)
+    assert torch.is_tensor(next(iter(model.synthesized_weights(3).values())))
