@@ -1,0 +1,156 @@
+"""`hf-replacement` command line: train, evaluate, merge, benchmark.
+
+Run it as the console script, as `python -m hf_replacement.cli`, or under
+`accelerate launch -m hf_replacement.cli train ...` for several processes or nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from .config import FUSION_MODES, GRANULARITIES
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
+def _block_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block indices, e.g. 3,7") from None
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="digits", help="digits (embedded), fashion-mnist, a Hub id, or a local imagefolder / save_to_disk dir")
+    parser.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--max-eval-samples", type=_positive_int)
+    parser.add_argument("--batch-size", type=_positive_int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-replacement", description="Replacement Learning (RepL) for Transformers vision models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model with RepL (or --baseline) and evaluate it")
+    train.add_argument("--model", default="vit-mini", help="preset (vit-mini, vit-tiny, deit-small, convnext-tiny, ...), Hub id or local model dir")
+    _add_data_arguments(train)
+    train.add_argument("--image-size", type=_positive_int, help="input resolution (default: the data's, or the pretrained model's)")
+    train.add_argument("--max-train-samples", type=_positive_int)
+    selection = train.add_mutually_exclusive_group()
+    selection.add_argument("--replace-interval", type=int, default=4, help="replace every k-th block (paper: 4)")
+    selection.add_argument("--replaced-blocks", type=_block_list, help="explicit block indices, e.g. 3,7")
+    selection.add_argument("--baseline", action="store_true", help="ordinary training, everything else the same")
+    train.add_argument("--coefficient-granularity", choices=GRANULARITIES, default="block")
+    train.add_argument("--fusion", choices=FUSION_MODES, default="resample")
+    train.add_argument("--detach-neighbors", action="store_true")
+    train.add_argument("--recompute-replaced", action="store_true")
+    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    train.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1)
+    train.add_argument("--epochs", type=_positive_float, default=10)
+    train.add_argument("--lr", type=_positive_float, default=1e-3)
+    train.add_argument("--weight-decay", type=float, default=0.05)
+    train.add_argument("--output-dir", default="outputs/repl")
+    train.add_argument("--resume-from", help="a checkpoint-<step> directory written with --checkpointing-steps")
+    train.add_argument("--checkpointing-steps", type=_positive_int)
+    train.add_argument("--report-to", nargs="*", default=[], help="trackers for Accelerate: tensorboard, wandb, ...")
+    train.add_argument("--push-to-hub", action="store_true")
+    train.add_argument("--hub-model-id")
+    train.add_argument("--hub-token")
+
+    evaluate = commands.add_parser("evaluate", help="accuracy of a saved RepL or merged checkpoint")
+    evaluate.add_argument("checkpoint", help="directory written by train / save_pretrained / merge")
+    _add_data_arguments(evaluate)
+
+    merge = commands.add_parser("merge", help="write a RepL checkpoint as a plain Transformers model")
+    merge.add_argument("checkpoint")
+    merge.add_argument("output_dir")
+
+    from .benchmark import add_benchmark_arguments
+
+    add_benchmark_arguments(commands.add_parser("benchmark", help="RepL against ordinary training and the alternatives"))
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainingOptions, train
+
+    options = TrainingOptions(**{k: v for k, v in vars(args).items() if k != "command"})
+    results = train(options)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        _report(results, options.output_dir)
+    return 0
+
+
+def _report(results: dict, output_dir: str) -> None:
+    saved = 100 * (1 - results["trainable_params"] / results["total_params_unreplaced"]) if results.get("total_params_unreplaced") else None
+    lines = [
+        f"accuracy: {results['accuracy']:.4f}",
+        f"trainable params: {results['trainable_params']:,d} of {results['total_params']:,d}",
+    ]
+    if saved is not None:
+        lines.append(f"parameters saved vs. ordinary training: {saved:.1f}%")
+    if results.get("replaced_blocks"):
+        lines.append(f"replaced blocks: {results['replaced_blocks']}")
+    lines.append(f"median step: {results['median_step_seconds']:.4f} s; peak memory: {results['peak_memory_mb']:.0f} MB")
+    lines.append(f"saved: {output_dir} (model, results.json)")
+    print("\n".join(lines))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.batch_size, args.max_eval_samples, args.seed)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .evaluation import merge_checkpoint
+
+    merge_checkpoint(args.checkpoint, args.output_dir)
+    print(f"merged model written to {args.output_dir} (loads with AutoModelForImageClassification)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"train": _train, "evaluate": _evaluate, "merge": _merge}
+    if args.command == "benchmark":
+        from .benchmark import run_benchmark_from_args
+
+        return run_benchmark_from_args(args)
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"hf-replacement {args.command}: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

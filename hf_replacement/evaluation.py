@@ -1,0 +1,65 @@
+"""Load a saved checkpoint (RepL or plain), measure its accuracy, or merge it into a plain model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import CONFIG_NAME
+from .model import ReplacementModel
+
+
+def load_checkpoint(directory: str) -> nn.Module:
+    """A RepL checkpoint (has `replacement_config.json`) or a plain Transformers model directory."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} is not a checkpoint directory (written by train, save_pretrained or merge).")
+    if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        return ReplacementModel.from_pretrained(directory)
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_pretrained(directory, use_safetensors=True).eval()
+
+
+def evaluate_checkpoint(
+    directory: str, dataset: str, data_dir: str | None = None, batch_size: int = 64, max_eval_samples: int | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Accuracy of the checkpoint on the data set's test split (one process)."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from .data import collate_fn, load_image_dataset, prepare_dataset, subsample
+    from .train import evaluate_accuracy
+
+    model = load_checkpoint(directory)
+    config = model.config
+    raw = subsample(load_image_dataset(dataset, data_dir=data_dir, seed=seed), None, max_eval_samples, seed=seed)
+    data = prepare_dataset(raw, int(config.image_size), int(config.num_channels))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model, loader = accelerator.prepare(model, DataLoader(data["test"], batch_size=batch_size, collate_fn=collate_fn))
+    accuracy = evaluate_accuracy(model, loader, accelerator)
+    return {"checkpoint": directory, "dataset": dataset, "accuracy": accuracy, "samples": len(data["test"])}
+
+
+def merge_checkpoint(directory: str, output_dir: str) -> None:
+    """Write a RepL checkpoint as a plain Transformers model (loads without hf_replacement)."""
+    if os.path.exists(output_dir) and os.listdir(output_dir):
+        raise FileExistsError(f"{output_dir} exists and is not empty; choose a new output directory.")
+    model = load_checkpoint(directory)
+    if not isinstance(model, ReplacementModel):
+        raise ValueError(f"{directory} is already a plain model (no {CONFIG_NAME}); nothing to merge.")
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".merge-", dir=parent)
+    try:  # a failed save must not leave a half-written model under the final name
+        model.merge_and_unload().save_pretrained(staging)
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,297 @@
+"""The training loop behind `hf-replacement train`: Accelerate, one or many processes and nodes.
+
+Shaped like Transformers' `run_image_classification_no_trainer.py`. Only the main process writes
+files; every process computes the same thing on its shard of each batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .checkpoint import WEIGHTS_NAME, write_checkpoint
+from .config import ReplacementConfig
+from .data import collate_fn, dataset_info, load_image_dataset, prepare_dataset, subsample
+from .metrics import load_accuracy
+from .model import ReplacementModel, get_replacement_model
+from .presets import PRESETS, build_preset_model
+from .training_state import load_training_state, save_training_state
+
+logger = get_logger(__name__)
+
+RESULTS_NAME = "results.json"
+
+
+@dataclass
+class TrainingOptions:
+    """Everything `hf-replacement train` accepts; the CLI flags map one to one."""
+
+    model: str = "vit-mini"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    replace_interval: int = 4
+    replaced_blocks: list[int] | None = None
+    coefficient_granularity: str = "block"
+    fusion: str = "resample"
+    detach_neighbors: bool = False
+    recompute_replaced: bool = False
+    baseline: bool = False
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    epochs: float = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.05
+    seed: int = 0
+    output_dir: str = "outputs/repl"
+    resume_from: str | None = None
+    checkpointing_steps: int | None = None
+    report_to: list[str] = field(default_factory=list)
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_token: str | None = None
+
+    def replacement_config(self) -> ReplacementConfig:
+        return ReplacementConfig(
+            replace_interval=self.replace_interval,
+            replaced_blocks=self.replaced_blocks,
+            coefficient_granularity=self.coefficient_granularity,
+            fusion=self.fusion,
+            detach_neighbors=self.detach_neighbors,
+            recompute_replaced=self.recompute_replaced,
+        )
+
+
+def build_model(options: TrainingOptions, num_labels: int, id2label: dict[int, str], image_size: int, num_channels: int):
+    """(model, image processor or None): a preset from scratch, or a pretrained Hub/local model."""
+    if options.model in PRESETS:
+        return build_preset_model(options.model, num_labels, image_size, num_channels, id2label), None
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    if not os.path.isdir(options.model) and "/" not in options.model:
+        raise ValueError(
+            f"--model {options.model!r} is not a preset, a local directory or a Hub id (user/name); "
+            f"presets: {', '.join(sorted(PRESETS))}."
+        )
+    model = AutoModelForImageClassification.from_pretrained(
+        options.model,
+        num_labels=num_labels,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        ignore_mismatched_sizes=True,
+    )
+    return model, AutoImageProcessor.from_pretrained(options.model)
+
+
+def _image_geometry(options: TrainingOptions, model_config: Any | None, sample_image) -> tuple[int, int]:
+    if model_config is not None:
+        size = getattr(model_config, "image_size", None) or options.image_size
+        return int(options.image_size or size), int(getattr(model_config, "num_channels", 3))
+    return int(options.image_size or max(sample_image.size)), 1 if sample_image.mode in ("L", "1", "I", "F") else 3
+
+
+def train(options: TrainingOptions) -> dict[str, Any]:
+    """Train, evaluate, save and return the results (also written to `output_dir/results.json`)."""
+    replacement_config = None if options.baseline else options.replacement_config()  # validate flags first
+    accelerator = Accelerator(
+        mixed_precision=options.mixed_precision,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        # Without a GPU a plain Accelerator under a multi-process launch trains N unsynchronised
+        # copies: CPU mode makes it real DDP over gloo.
+        cpu=not torch.cuda.is_available(),
+        log_with=options.report_to or None,
+        project_dir=options.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=options.seed),
+    )
+    set_seed(options.seed)
+    raw = load_image_dataset(options.dataset, data_dir=options.data_dir, seed=options.seed)
+    raw = subsample(raw, options.max_train_samples, options.max_eval_samples, seed=options.seed)
+    num_labels, id2label = dataset_info(raw)
+    sample_image = raw["train"][0]["image"]
+    pretrained_config = None
+    if options.model not in PRESETS:
+        from transformers import AutoConfig
+
+        if os.path.isdir(options.model) or "/" in options.model:
+            pretrained_config = AutoConfig.from_pretrained(options.model)
+    image_size, num_channels = _image_geometry(options, pretrained_config, sample_image)
+    model, image_processor = build_model(options, num_labels, id2label, image_size, num_channels)
+    unreplaced_total = _parameter_counts(model)[1]
+    if replacement_config is not None:
+        model = get_replacement_model(model, replacement_config)
+    trainable, total = _parameter_counts(model)
+
+    data = prepare_dataset(raw, image_size, num_channels, image_processor)
+    train_loader = DataLoader(data["train"], batch_size=options.batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True)
+    eval_loader = DataLoader(data["test"], batch_size=options.batch_size, collate_fn=collate_fn)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=options.lr, weight_decay=options.weight_decay
+    )
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    updates_per_epoch = math.ceil(len(train_loader) / options.gradient_accumulation_steps)
+    total_updates = max(1, math.ceil(options.epochs * updates_per_epoch))
+    scheduler = get_scheduler(
+        "cosine", optimizer, num_warmup_steps=int(options.warmup_ratio * total_updates), num_training_steps=total_updates
+    )
+    scheduler = accelerator.prepare(scheduler)
+    if options.report_to:
+        accelerator.init_trackers("hf-replacement", config=_flat_config(options))
+
+    step, start_epoch, skip_batches = 0, 0, 0
+    if options.resume_from:
+        accelerator.unwrap_model(model).load_state_dict(_load_model_weights(options.resume_from))
+        progress = load_training_state(options.resume_from, optimizer.optimizer, scheduler.scheduler)
+        step, start_epoch, skip_batches = progress["step"], progress["epoch"], progress["batch_in_epoch"]
+        logger.info(f"Resumed from {options.resume_from} at update {step} (epoch {start_epoch}).", main_process_only=True)
+
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step_times: list[float] = []
+    progress_bar = tqdm(total=total_updates, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    epoch = start_epoch
+    finished = step >= total_updates
+    while not finished:
+        model.train()
+        train_loader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        batch_in_epoch = skip_batches
+        skip_batches = 0
+        started = time.perf_counter()
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            batch_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            step_times.append(time.perf_counter() - started)
+            progress_bar.update(1)
+            if options.report_to:
+                accelerator.log({"train/loss": loss.item(), **_coefficient_logs(accelerator.unwrap_model(model))}, step=step)
+            if options.checkpointing_steps and step % options.checkpointing_steps == 0:
+                _save_checkpoint(accelerator, model, optimizer, scheduler, options, step, epoch, batch_in_epoch, len(train_loader))
+            started = time.perf_counter()
+            if step >= total_updates:
+                finished = True
+                break
+        epoch += 1
+    progress_bar.close()
+
+    accuracy = evaluate_accuracy(model, eval_loader, accelerator)
+    unwrapped = accelerator.unwrap_model(model)
+    results = {
+        "accuracy": accuracy,
+        "trainable_params": trainable,
+        "total_params": total,
+        "total_params_unreplaced": unreplaced_total,
+        "method": "baseline" if options.baseline else "replacement",
+        "replaced_blocks": getattr(unwrapped, "replaced_blocks", {}),
+        "coefficients": _coefficient_logs(unwrapped),
+        "peak_memory_mb": _peak_memory_mb(accelerator),
+        "median_step_seconds": statistics.median(step_times) if step_times else None,
+        "updates": step,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "device": accelerator.device.type,
+        "options": dataclasses.asdict(options) | {"hub_token": None},
+        "replacement_config": replacement_config.to_dict() if replacement_config else None,
+    }
+    if options.report_to:
+        accelerator.log({"eval/accuracy": accuracy}, step=step)
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(options.output_dir)
+        write_checkpoint(options.output_dir, {RESULTS_NAME: json.dumps(results, indent=2, default=str)})
+        logger.info(f"Saved the model and {RESULTS_NAME} to {options.output_dir}", main_process_only=True)
+        if options.push_to_hub:
+            _push(unwrapped, options, results)
+    accelerator.wait_for_everyone()
+    return results
+
+
+def _parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
+def _coefficient_logs(model: torch.nn.Module) -> dict[str, float]:
+    if not isinstance(model, ReplacementModel):
+        return {}
+    logs = {}
+    for index, parameter in model.replacement_coefficients.named_parameters():
+        logs[f"replacement/a/block_{index}"] = parameter[0].mean().item()
+        logs[f"replacement/b/block_{index}"] = parameter[1].mean().item()
+    return logs
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> float:
+    """Top-1 accuracy over the whole evaluation set, gathered across processes."""
+    model.eval()
+    metric = load_accuracy()
+    for batch in tqdm(loader, disable=not accelerator.is_local_main_process, desc="eval", leave=False):
+        predictions = model(pixel_values=batch["pixel_values"]).logits.argmax(-1)
+        predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
+        metric.add_batch(predictions=predictions.cpu(), references=references.cpu())
+    return float(metric.compute()["accuracy"])
+
+
+def _peak_memory_mb(accelerator: Accelerator) -> float:
+    if accelerator.device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
+
+
+def _flat_config(options: TrainingOptions) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dataclasses.asdict(options).items() if k != "hub_token"}
+
+
+def _save_checkpoint(accelerator, model, optimizer, scheduler, options, step, epoch, batch_in_epoch, batches_per_epoch) -> None:
+    if batch_in_epoch >= batches_per_epoch:
+        epoch, batch_in_epoch = epoch + 1, 0
+    directory = os.path.join(options.output_dir, f"checkpoint-{step}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(directory)
+        save_training_state(
+            directory, optimizer.optimizer, scheduler.scheduler, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+        )
+    accelerator.wait_for_everyone()
+
+
+def _load_model_weights(directory: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume-from {directory}: {WEIGHTS_NAME} is missing; pass a checkpoint-<step> directory.")
+    return load_file(path)
+
+
+def _push(model: torch.nn.Module, options: TrainingOptions, results: dict[str, Any]) -> None:
+    from .hub import push_to_hub
+
+    repo_id = options.hub_model_id or os.path.basename(os.path.abspath(options.output_dir))
+    push_to_hub(model, repo_id, token=options.hub_token, results=results, datasets=[options.dataset])
