@@ -30,7 +30,9 @@ class ReplacementModel(nn.Module):
     coefficients under `replacement_coefficients.<block index>`.
     """
 
-    def __init__(self, base_model: nn.Module, replacement_config: ReplacementConfig) -> None:
+    def __init__(
+        self, base_model: nn.Module, replacement_config: ReplacementConfig, *, defer_replacement: bool = False
+    ) -> None:
         super().__init__()
         if isinstance(base_model, ReplacementModel) or any(is_replaced(m) for m in base_model.modules()):
             raise ValueError("This model already has replaced blocks; call get_replacement_model on a plain model.")
@@ -41,13 +43,34 @@ class ReplacementModel(nn.Module):
         self.replacement_coefficients = ReplacementCoefficients()
         self._blocks = blocks
         self._num_unreplaced_parameters = sum(p.numel() for p in base_model.parameters())
-        for plan in plans:
-            apply_plan(plan, self.replacement_coefficients, replacement_config)
+        # `defer_replacement`: the config is validated now, the blocks are replaced by `replace_blocks()`
+        # later (ReplacementCallback's `start_step`: train ordinarily first).
+        if not defer_replacement:
+            for plan in plans:
+                apply_plan(plan, self.replacement_coefficients, replacement_config)
         # Trainer keeps the dataset columns named in forward's signature: show it the base model's.
         self.forward = functools.wraps(base_model.forward)(functools.partial(ReplacementModel.forward, self))
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        # `labels` is named because Trainer finds the label names in the *class*'s forward signature;
+        # without it, evaluation computes no loss and returns no label_ids.
+        if labels is not None:
+            kwargs["labels"] = labels
         return self.base_model(*args, **kwargs)
+
+    def replace_blocks(self) -> dict[int, str]:
+        """Replace the selected blocks now, in a model built with `defer_replacement=True` (or merged).
+
+        The blocks' own parameters are freed and `replacement_coefficients` gains one parameter per
+        replaced block: an optimizer built earlier must drop the former and take the latter
+        (`ReplacementCallback(start_step=...)` does this for a Trainer). Returns `replaced_blocks`.
+        """
+        if self.replaced_blocks:
+            raise ValueError(f"Blocks {sorted(self.replaced_blocks)} are already replaced.")
+        # Planned again here, not at construction: the model may have moved device or dtype since.
+        for plan in select_blocks(self._blocks, self.replacement_config):
+            apply_plan(plan, self.replacement_coefficients, self.replacement_config)
+        return self.replaced_blocks
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -147,7 +170,6 @@ class ReplacementModel(nn.Module):
         replacement_config = ReplacementConfig.from_json_file(os.path.join(directory, CONFIG_NAME))
         if model is None:
             model = _build_base_model(directory)
-        replacement_model = cls(model, replacement_config)
         weights_path = os.path.join(directory, WEIGHTS_NAME)
         try:
             state_dict = load_file(weights_path)
@@ -155,6 +177,10 @@ class ReplacementModel(nn.Module):
             raise FileNotFoundError(f"{weights_path} is missing: the checkpoint is incomplete.") from None
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{weights_path} is not a readable safetensors file ({error}); the checkpoint is corrupt.") from None
+        # A checkpoint saved before a deferred replacement (ReplacementCallback's start_step) has no
+        # coefficients yet: it loads as a model whose replacement is still deferred.
+        deferred = not any(key.startswith("replacement_coefficients.") for key in state_dict)
+        replacement_model = cls(model, replacement_config, defer_replacement=deferred)
         _load_exact(replacement_model, state_dict, weights_path)
         return replacement_model.eval()  # like Transformers' from_pretrained; call .train() to train
 
