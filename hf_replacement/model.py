@@ -27,7 +27,8 @@ class ReplacementModel(nn.Module):
     Wraps `base_model` (a Transformers model, or any `nn.Module` with `block_path`) whose selected
     blocks synthesize their weights from their neighbours. `forward` takes the base model's
     arguments; `state_dict()` is the compact checkpoint (no replaced-block weights) plus the
-    coefficients under `replacement_coefficients.<block index>`.
+    coefficients under `replacement_coefficients.<block index>`. With `defer_replacement=True` the
+    config is checked now but the blocks stay whole until `replace_blocks()` (a warm-up phase).
     """
 
     def __init__(
