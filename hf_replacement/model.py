@@ -156,16 +156,54 @@ class ReplacementModel(nn.Module):
         files[WEIGHTS_NAME] = self.state_dict()
         write_checkpoint(save_directory, files)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        merged: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """Push the compact RepL checkpoint (or with `merged=True` the plain merged Transformers model)
+        and its model card to the Hub; return the commit URL. See `hf_replacement.hub.push_to_hub`
+        for `revision`, `results`, `base_model` and `datasets`; raises `hub.HubPushError` on failure."""
+        from .hub import push_to_hub
+
+        return push_to_hub(
+            self, repo_id, private=private, token=token, commit_message=commit_message, merged=merged, **kwargs
+        )
+
     @classmethod
     def from_pretrained(
-        cls, pretrained_path: str | os.PathLike, model: nn.Module | None = None, **_: Any
+        cls,
+        pretrained_path: str | os.PathLike,
+        model: nn.Module | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        **_: Any,
     ) -> "ReplacementModel":
-        """Load a RepL checkpoint written by `save_pretrained`.
+        """Load a RepL checkpoint written by `save_pretrained`, from a directory or a Hub repo id.
 
         `model` is a fresh instance of the base architecture; when omitted it is built from the
-        checkpoint's `config.json` (a Transformers model).
+        checkpoint's `config.json` (a Transformers model). A `pretrained_path` that is no local
+        directory but looks like "user/repo" is downloaded (JSON and safetensors only) at `revision`.
         """
         directory = os.fspath(pretrained_path)
+        if not os.path.isdir(directory):
+            from .hub import HubDownloadError, download_checkpoint, looks_like_repo_id
+
+            if looks_like_repo_id(directory):
+                try:
+                    directory = download_checkpoint(directory, revision=revision, token=token)
+                except HubDownloadError as error:
+                    raise HubDownloadError(f"{directory} is no local directory; as a Hub repo: {error}", error.status_code) from None
+                if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+                    raise FileNotFoundError(
+                        f"Hub repo {os.fspath(pretrained_path)} has no {CONFIG_NAME}: it is not a RepL checkpoint. "
+                        "A merged model loads with transformers.AutoModelForImageClassification.from_pretrained."
+                    )
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory} is not a directory holding a RepL checkpoint ({CONFIG_NAME}, {WEIGHTS_NAME}).")
         replacement_config = ReplacementConfig.from_json_file(os.path.join(directory, CONFIG_NAME))
