@@ -1,7 +1,7 @@
 """A loopback stand-in for the Hugging Face Hub, for testing the real `huggingface_hub` client offline.
 
 It implements, in memory, only the endpoints the client calls for `create_repo`, `create_commit`
-(`validate-yaml`, `preupload`, `commit`), `repo_info` / `model_info`, `list_repo_tree`,
+(`validate-yaml`, `preupload`, `commit`), `create_branch`, `repo_info` / `model_info`, `list_repo_tree`,
 `snapshot_download` and `hf_hub_download` (HEAD + GET on `resolve`), with the headers
 `file_download.py` checks (`X-Repo-Commit`, `ETag`, `Content-Length`) and the `X-Error-Code`
 values `hf_raise_for_status` maps to `RepositoryNotFoundError`, `RevisionNotFoundError` and
@@ -32,6 +32,7 @@ _API_REPO = re.compile(rf"^/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?$")
 _API_TREE = re.compile(rf"^/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$")
 _API_PREUPLOAD = re.compile(rf"^/api/models/{_REPO}/preupload/(?P<rev>[^/]+)$")
 _API_COMMIT = re.compile(rf"^/api/models/{_REPO}/commit/(?P<rev>[^/]+)$")
+_API_BRANCH = re.compile(rf"^/api/models/{_REPO}/branch/(?P<branch>[^/]+)$")
 _RESOLVE = re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 
 
@@ -173,6 +174,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._preupload(match["repo"], match["rev"], json.loads(body))
             if method == "POST" and (match := _API_COMMIT.match(url.path)):
                 return self._commit(match["repo"], match["rev"], body)
+            if method == "POST" and (match := _API_BRANCH.match(url.path)):
+                return self._create_branch(match["repo"], unquote(match["branch"]), json.loads(body or b"{}"))
             if method == "GET" and (match := _API_TREE.match(url.path)):
                 return self._tree(match["repo"], match["rev"], unquote(match["path"] or ""), query)
             if method == "GET" and (match := _API_REPO.match(url.path)):
@@ -274,6 +277,15 @@ class _Handler(BaseHTTPRequestHandler):
         repo.commits[sha] = files
         repo.branches[branch] = sha
         self._json(200, {"commitUrl": f"{self.hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
+
+    def _create_branch(self, repo_id: str, branch: str, payload: dict) -> None:
+        repo = self._repo(repo_id)
+        if repo is None or (sha := self._revision(repo, payload.get("startingPoint") or "main")) is None:
+            return
+        if branch in repo.branches:
+            return self._error(409, f"Reference already exists: refs/heads/{branch}")
+        repo.branches[branch] = sha
+        self._json(200, {})
 
     def _info(self, repo_id: str, revision: str) -> None:
         repo = self._repo(repo_id)

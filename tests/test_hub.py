@@ -94,6 +94,21 @@ def test_push_compact_then_from_pretrained(hub_env, tmp_path):
     assert not torch.equal(logits(ReplacementModel.from_pretrained("user/repl-vit", token=TOKEN)), logits(loaded))
     assert torch.equal(logits(ReplacementModel.from_pretrained("user/repl-vit", revision=first_commit, token=TOKEN)), logits(loaded))
 
+    # A push to a branch leaves main alone.
+    model.push_to_hub("user/repl-vit", token=TOKEN, revision="experiment", merged=True)
+    assert "replacement_config.json" not in hub.files("user/repl-vit", "experiment")
+    assert "replacement_config.json" in hub.files("user/repl-vit", "main")
+
+
+def test_push_plain_model_of_a_baseline_run(hub_env):
+    # train.py pushes the unwrapped model, which is a plain Transformers model for --baseline runs.
+    hub = hub_env()
+    plain = tiny_repl_model().merge_and_unload()
+    push_to_hub(plain, "user/baseline", results={"accuracy": 0.5, "method": "baseline"}, datasets=["digits"])
+    card = ModelCard(hub.files("user/baseline")["README.md"].decode())
+    assert card.data.library_name == "transformers" and "No block is replaced" in card.text
+    assert {"config.json", "model.safetensors"} <= set(hub.files("user/baseline"))
+
 
 def test_push_merged_loads_with_plain_transformers(hub_env, monkeypatch):
     hub = hub_env()
