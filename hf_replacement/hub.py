@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, ModelCardData, snapshot_download
@@ -30,9 +30,6 @@ from huggingface_hub.errors import (
 from huggingface_hub.repocard_data import EvalResult
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
-
-if TYPE_CHECKING:
-    from .model import ReplacementModel
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ Transformers, the model card, and every failure: server down, 401, 500, missing 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pytest
