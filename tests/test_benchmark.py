@@ -1,0 +1,244 @@
+"""Benchmark: the compared methods are what they claim, the memory meter counts right, a tiny run
+writes every output, and the GPU suite refuses cleanly without CUDA."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hf_replacement import find_blocks
+from hf_replacement.benchmark import (
+    METHODS,
+    BenchmarkError,
+    SavedTensorMeter,
+    add_benchmark_arguments,
+    build_method_model,
+    get_suite,
+    run_benchmark,
+    run_benchmark_from_args,
+    state_memory,
+)
+from hf_replacement.model import ReplacementModel
+
+IMAGE_SIZE = 8
+
+
+def _build(method: str, model_name: str, seed: int = 0):
+    return build_method_model(method, model_name, num_labels=10, image_size=IMAGE_SIZE, num_channels=1, seed=seed)
+
+
+def _pixels(batch: int = 4) -> torch.Tensor:
+    return torch.randn(batch, 1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("model_name", ["vit-mini", "deit-mini", "convnext-mini"])
+@pytest.mark.parametrize("interval", [4, 3])
+def test_drop_removes_the_replaced_blocks_and_runs(model_name, interval, tmp_path):
+    plain = _build("bp", model_name)
+    repl = _build(f"repl-k{interval}", model_name)
+    dropped = _build(f"drop-k{interval}", model_name)
+    assert dropped.affected_blocks == sorted(repl.model.replaced_blocks) and dropped.affected_blocks
+    blocks = find_blocks(dropped.model)  # discovery reads the updated config depths
+    assert len(blocks) == len(find_blocks(plain.model)) - len(dropped.affected_blocks)
+    # The surviving blocks are the plain model's, same init (same seed), in order.
+    kept = [b for b in find_blocks(plain.model) if b.index not in dropped.affected_blocks]
+    for survivor, original in zip(blocks, kept):
+        for (name, p), (_, q) in zip(survivor.module.named_parameters(), original.module.named_parameters()):
+            assert torch.equal(p, q), name
+    removed = sum(p.numel() for b in find_blocks(plain.model) if b.index in dropped.affected_blocks for p in b.module.parameters())
+    assert sum(p.numel() for p in dropped.model.parameters()) == plain.plain_params - removed
+    dropped.model.eval()
+    with torch.no_grad():
+        logits = dropped.model(pixel_values=_pixels()).logits
+    assert logits.shape == (4, 10) and torch.isfinite(logits).all()
+    # The shallower model really skips them: its output differs from the plain model's.
+    with torch.no_grad():
+        assert not torch.allclose(logits, plain.model.eval()(pixel_values=_pixels()).logits)
+    # And it saves/loads as a Transformers model of the new depth.
+    import transformers
+
+    dropped.model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=_pixels()).logits, logits)
+
+
+def test_freeze_counts_and_no_gradients():
+    plain = _build("bp", "vit-mini")
+    frozen = _build("freeze-k3", "vit-mini")
+    blocks = find_blocks(frozen.model)
+    frozen_params = sum(p.numel() for i in frozen.affected_blocks for p in blocks[i].module.parameters())
+    trainable = sum(p.numel() for p in frozen.model.parameters() if p.requires_grad)
+    assert frozen_params > 0
+    assert trainable == plain.plain_params - frozen_params
+    assert sum(p.numel() for p in frozen.model.parameters()) == plain.plain_params
+    frozen.model(pixel_values=_pixels(), labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+    for index in frozen.affected_blocks:
+        assert all(p.grad is None for p in blocks[index].module.parameters())
+    assert all(p.grad is not None for i, b in enumerate(blocks) if i not in frozen.affected_blocks for p in b.module.parameters())
+
+
+def test_lora_trains_adapters_and_classifier_only():
+    lora = _build("lora", "vit-mini")
+    trainable = [n for n, p in lora.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
+    assert any("q_proj.lora_A" in n for n in trainable) and any("v_proj.lora_A" in n for n in trainable)
+    convnext = _build("lora", "convnext-mini")
+    names = [n for n, p in convnext.model.named_parameters() if p.requires_grad]
+    assert any("pwconv1.lora_A" in n for n in names) and any("pwconv2.lora_B" in n for n in names)
+
+
+def test_saved_tensor_meter_counts_a_linear_chain_exactly():
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    meter = SavedTensorMeter(exclude=list(chain.parameters()))
+    with meter:
+        out = chain(x).sum()
+    # Linear 1 saves its input x (for its weight's gradient); ReLU saves its output, which Linear 2
+    # saves again as its input: one storage. The weights are parameters (state), not counted; sum
+    # saves no tensor.
+    assert meter.bytes == x.numel() * 4 + 5 * 16 * 4
+    out.backward()  # the meter's hooks leave the graph intact
+    assert chain[0].weight.grad is not None
+
+
+def test_saved_tensor_meter_sees_recompute_saving_memory():
+    def saved(method: str) -> int:
+        model = _build(method, "vit-mini").model.train()
+        meter = SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
+        with meter:
+            loss = model(pixel_values=_pixels(16), labels=torch.zeros(16, dtype=torch.long)).loss
+        loss.backward()
+        return meter.bytes
+
+    bp, repl, recompute = saved("bp"), saved("repl-k4"), saved("repl-k4-recompute")
+    # RepL keeps the block's activations plus its synthesized weights; recomputing keeps only the
+    # block's input (counted through the checkpoint call).
+    assert repl > bp
+    assert recompute < repl
+    assert recompute > 0.5 * repl
+
+
+def test_state_memory_counts_parameters_gradients_and_adam():
+    model = nn.Linear(10, 10)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 10)).sum().backward()
+    optimizer.step()
+    memory = state_memory(model, optimizer)
+    size = 110 * 4
+    assert memory["parameters"] == size and memory["gradients"] == size
+    assert memory["optimizer"] == 2 * size + 2 * 4  # exp_avg, exp_avg_sq, and a step scalar per parameter
+    assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+
+
+def _tiny_suite(**overrides):
+    suite = get_suite("quick", seeds=1, epochs=1, max_train_samples=48, batch_size=16)
+    return dataclasses.replace(
+        suite,
+        max_test_samples=32,
+        timing_warmup_steps=1,
+        timing_rounds=1,
+        timing_steps_per_round=1,
+        inference_batch_size=8,
+        inference_rounds=1,
+        inference_calls_per_round=1,
+        **overrides,
+    )
+
+
+def test_tiny_run_writes_every_output(tmp_path):
+    suite = _tiny_suite(methods=tuple(m for m in METHODS if m not in ("repl-k3-recompute", "freeze-k3")))
+    results = run_benchmark(suite, tmp_path, command="pytest")
+    for name in ("results.json", "results.md", "accuracy_curves.png", "coefficients.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "accuracy_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["machine"]["torch"] == torch.__version__ and saved["command"] == "pytest"
+    assert set(saved["models"]) == set(suite.models)
+    markdown = (tmp_path / "results.md").read_text()
+    for model_name, model in saved["models"].items():
+        methods = model["methods"]
+        assert list(methods) == list(results["methods"]) and set(methods) == set(suite.methods)
+        bp = methods["bp"]
+        assert bp["step_ratio_vs_bp"] == pytest.approx(1.0)
+        for method, entry in methods.items():
+            assert f"| {method}" in markdown
+            assert 0 < entry["trainable_params"] <= entry["total_params"]
+            assert entry["state_memory_mb"] > 0 and entry["saved_activations_mb"] > 0
+            assert entry["median_step_ms"] > 0 and math.isfinite(entry["median_step_ms"])
+            assert entry["checkpoint_mb"] > 0 and entry["inference_images_per_s"] > 0
+            assert 0 <= entry["accuracy_mean"] <= 1 and entry["accuracy_std"] == 0.0
+            assert len(entry["runs"][0]["accuracy_per_epoch"]) == 1
+        # RepL: fewer trainable parameters and a smaller checkpoint than bp; its merged model is bp's size.
+        for method in ("repl-k4", "repl-k3"):
+            assert methods[method]["trainable_params"] < bp["trainable_params"]
+            assert methods[method]["checkpoint_mb"] < bp["checkpoint_mb"]
+            assert methods[method]["inference_params"] == bp["inference_params"]
+            assert methods[method]["synthesis_percent"] > 0
+            assert methods[method]["runs"][0]["coefficients"]["blocks"]
+        assert methods["repl-k4-recompute"]["synthesis_calls_per_block_per_step"] == pytest.approx(2.0)
+        assert methods["repl-k4"]["synthesis_calls_per_block_per_step"] == pytest.approx(1.0)
+        assert methods["drop-k4"]["inference_params"] < bp["inference_params"]
+        assert methods["freeze-k4"]["total_params"] == bp["total_params"] > methods["freeze-k4"]["trainable_params"]
+        assert methods["lora"]["trainable_params"] < methods["repl-k3"]["trainable_params"]
+        # Recomputing changes memory, not arithmetic: the same losses as repl-k4.
+        assert methods["repl-k4-recompute"]["runs"][0]["train_loss_per_epoch"] == pytest.approx(
+            methods["repl-k4"]["runs"][0]["train_loss_per_epoch"], rel=1e-5
+        )
+        assert methods["repl-k4-recompute"]["saved_activations_mb"] < methods["repl-k4"]["saved_activations_mb"]
+    assert "LoRA adapts a random" in markdown
+
+
+def test_accuracy_methods_subset_trains_only_those(tmp_path):
+    suite = _tiny_suite(models=("vit-mini",), methods=("bp", "repl-k4", "drop-k4"), accuracy_methods=("bp",))
+    results = run_benchmark(suite, tmp_path)
+    methods = results["models"]["vit-mini"]["methods"]
+    assert "runs" in methods["bp"] and "runs" not in methods["repl-k4"]
+    assert "not trained" in (tmp_path / "results.md").read_text()
+
+
+def test_unknown_method_and_model_are_clear_errors():
+    with pytest.raises(BenchmarkError, match="Unknown method 'sgd'"):
+        get_suite("quick", methods=["bp", "sgd"])
+    with pytest.raises(BenchmarkError, match="Unknown model"):
+        get_suite("quick", models=["resnet-9000"])
+    assert get_suite("quick", methods=["bp,drop", "freeze"]).methods == ("bp", "drop-k4", "freeze-k4")
+
+
+def test_cli_flags_and_error_exit(capsys):
+    parser = argparse.ArgumentParser()
+    add_benchmark_arguments(parser)
+    args = parser.parse_args(["--suite", "quick", "--methods", "bp", "nonsense"])
+    assert run_benchmark_from_args(args) == 2
+    assert "Unknown method 'nonsense'" in capsys.readouterr().err
+    args = parser.parse_args([])
+    assert args.suite == "quick" and args.seeds is None and args.output_dir is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_suite_without_cuda_is_a_clear_error(tmp_path):
+    with pytest.raises(BenchmarkError, match="needs a CUDA GPU"):
+        run_benchmark(get_suite("gpu"), tmp_path)
+    assert not any(tmp_path.iterdir())
+    parser = argparse.ArgumentParser()
+    add_benchmark_arguments(parser)
+    assert run_benchmark_from_args(parser.parse_args(["--suite", "gpu", "--output-dir", str(tmp_path)])) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_suite_runs_on_cuda(tmp_path):
+    suite = dataclasses.replace(
+        get_suite("gpu", models=["vit-mini"], methods=["bp", "repl-k4", "repl-k4-recompute", "drop-k4"]),
+        batch_size=8, timing_rounds=1, timing_steps_per_round=2, timing_warmup_steps=1, inference_batch_size=8,
+    )
+    results = run_benchmark(suite, tmp_path)
+    methods = results["models"]["vit-mini"]["methods"]
+    assert methods["bp"]["cuda_peak_mb"] > 0
+    assert methods["repl-k4-recompute"]["cuda_peak_mb"] <= methods["repl-k4"]["cuda_peak_mb"]
