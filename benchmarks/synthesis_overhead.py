@@ -39,7 +39,7 @@ from torch import nn
 
 from hf_replacement import ReplacementConfig, get_replacement_model
 from hf_replacement import layer
-from hf_replacement.benchmark import _atomic_write, machine_info, make_optimizer, train_step
+from hf_replacement.benchmark import atomic_write, machine_info, make_optimizer, train_step
 from hf_replacement.fusion import apply_resample
 from hf_replacement.presets import build_preset_model
 
@@ -329,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         results.append(measure(name, *SETTINGS[name]))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "equality"}), file=sys.stderr, flush=True)
     machine = machine_info(torch.device("cpu"))
-    _atomic_write(os.path.join(args.output_dir, "synthesis_overhead.json"),
-                  json.dumps({"machine": machine, "results": results}, indent=1, default=str) + "\n")
+    atomic_write(os.path.join(args.output_dir, "synthesis_overhead.json"),
+                 json.dumps({"machine": machine, "results": results}, indent=1, default=str) + "\n")
     markdown = render(results, machine)
-    _atomic_write(os.path.join(args.output_dir, "synthesis_overhead.md"), markdown)
+    atomic_write(os.path.join(args.output_dir, "synthesis_overhead.md"), markdown)
     print(markdown)
     return 0
 

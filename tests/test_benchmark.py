@@ -24,7 +24,6 @@ from hf_replacement.benchmark import (
     run_benchmark_from_args,
     state_memory,
 )
-from hf_replacement.model import ReplacementModel
 
 IMAGE_SIZE = 8
 

@@ -1,0 +1,81 @@
+"""`hf-replacement benchmark` and `python -m hf_replacement.benchmark`: flags to suite, run, tables."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+
+from . import __doc__ as PACKAGE_DOC
+from .errors import BenchmarkError
+from .methods import METHODS
+from .report import render_table
+from .runner import run_benchmark
+from .suites import SUITES, SuiteSpec, get_suite
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `hf-replacement benchmark` flags."""
+    parser.add_argument("--suite", choices=list(SUITES), default="quick",
+                        help="quick: digits, mini models, < 10 min on 2 CPU cores; fashion-mnist: tiny models at 28x28, < 1 h; "
+                             "gpu: ViT-B and ConvNeXt-T at 224x224 bf16, memory/time only (needs CUDA)")
+    parser.add_argument("--seeds", type=_positive_int, default=None, help="seeds per trained method (default 3)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: the suite's)")
+    parser.add_argument("--output-dir", default=None, help="where results.json, results.md and the plots go (default benchmarks/<suite>)")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(METHODS)} (space or comma separated)")
+    parser.add_argument("--models", nargs="+", default=None, help="subset of presets (default: the suite's)")
+    parser.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
+    parser.add_argument("--max-train-samples", type=_positive_int, default=None, help="subsample the training set")
+    parser.add_argument("--batch-size", type=_positive_int, default=None)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def suite_from_args(args: argparse.Namespace) -> SuiteSpec:
+    """The suite the flags pick, with the flags given applied (checked)."""
+    models = [name for raw in args.models for name in raw.split(",") if name] if args.models else None
+    return get_suite(
+        args.suite,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        methods=args.methods,
+        models=models,
+        max_train_samples=args.max_train_samples,
+        batch_size=args.batch_size,
+    )
+
+
+def run_benchmark_from_args(args: argparse.Namespace, program: str = "hf-replacement") -> int:
+    """Run the benchmark the flags describe, print the Markdown tables; 0 on success, 2 on a usage error.
+
+    `program` heads the command line recorded in the results: the console script (also for
+    `python -m hf_replacement.cli`), or `python -m hf_replacement.benchmark` from `main`.
+    """
+    command = " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
+    try:
+        suite = suite_from_args(args)
+        results = run_benchmark(suite, args.output_dir, data_dir=args.data_dir, device=args.device, command=command)
+    except BenchmarkError as error:
+        print(f"hf-replacement benchmark: error: {error}", file=sys.stderr)
+        return 2
+    print("\n\n".join(render_table(name, model, results["suite"]) for name, model in results["models"].items()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m hf_replacement.benchmark`: the same flags as `hf-replacement benchmark`."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    parser = argparse.ArgumentParser(prog="python -m hf_replacement.benchmark", description=PACKAGE_DOC.split("\n\n")[0])
+    add_benchmark_arguments(parser)
+    return run_benchmark_from_args(parser.parse_args(argv), program=parser.prog)

@@ -1,0 +1,47 @@
+"""The tensors a suite trains, tests and times on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .suites import SuiteSpec
+
+
+@dataclass
+class TensorData:
+    """A suite's train and test images and labels, held on the CPU and moved a batch at a time."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_labels: int
+    id2label: dict[int, str]
+    description: str
+
+
+def load_tensor_data(suite: SuiteSpec, data_dir: str | None = None) -> TensorData:
+    """The suite's data as in-memory tensors: the sets are small, and a permutation per epoch is all
+    a DataLoader would do here, without its per-batch collation cost."""
+    from ..data import dataset_info, load_image_dataset, prepare_dataset, subsample
+
+    raw = load_image_dataset(suite.dataset, data_dir=data_dir, seed=0)
+    raw = subsample(raw, suite.max_train_samples, suite.max_test_samples, seed=0)
+    num_labels, id2label = dataset_info(raw)
+    prepared = prepare_dataset(raw, suite.image_size, suite.num_channels)
+    tensors = {}
+    for split in ("train", "test"):
+        batch = prepared[split][:]
+        tensors[split] = (torch.stack(list(batch["pixel_values"])), torch.as_tensor(batch["label"], dtype=torch.long))
+    description = f"{suite.dataset}: {len(tensors['train'][1])} train / {len(tensors['test'][1])} test images at {suite.image_size}x{suite.image_size}"
+    return TensorData(*tensors["train"], *tensors["test"], num_labels, id2label, description)
+
+
+def synthetic_batch(suite: SuiteSpec, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed batch of random images and labels (seed 0), for suites that time without data."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch_size, suite.num_channels, suite.image_size, suite.image_size, generator=generator)
+    labels = torch.randint(0, suite.num_labels, (batch_size,), generator=generator)
+    return pixels.to(device), labels.to(device)

@@ -1,0 +1,69 @@
+"""The device a run uses: choosing it, describing it, and running on it (autocast, synchronisation)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from typing import Any
+
+import torch
+
+from .errors import BenchmarkError
+from .suites import SuiteSpec
+
+
+def resolve_device(suite: SuiteSpec, device: str | torch.device | None = None) -> torch.device:
+    """The device to run on; the gpu suite (and an explicit cuda device) needs CUDA and says so."""
+    if suite.requires_cuda and not torch.cuda.is_available():
+        raise BenchmarkError(
+            f"Suite {suite.name!r} measures memory/time at 224x224 in bf16 and needs a CUDA GPU, but "
+            "torch.cuda.is_available() is False here. Run --suite quick or --suite fashion-mnist on CPU."
+        )
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError("device 'cuda' was asked for but torch.cuda.is_available() is False.")
+    return device
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on: CPU, device, library versions."""
+    import peft
+    import transformers
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def autocast(device: torch.device, mixed_precision: str | None) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the suite asks for it, else no change."""
+    if mixed_precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA kernels, so a wall-clock interval covers the work it times."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

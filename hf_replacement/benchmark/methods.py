@@ -1,0 +1,182 @@
+"""The compared methods and how each turns the plain preset into the model it trains."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..blocks import find_blocks
+from ..config import ReplacementConfig
+from ..model import ReplacementModel, get_replacement_model
+from ..presets import build_preset_model
+from ..selection import select_blocks
+from .errors import BenchmarkError
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of training: `kind` is bp, repl, drop, freeze or lora; `interval` the k of RepL's blocks."""
+
+    name: str
+    kind: str
+    interval: int | None = None
+    recompute: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "bp": Method("bp", "bp"),
+    "repl-k4": Method("repl-k4", "repl", 4),
+    "repl-k3": Method("repl-k3", "repl", 3),
+    "repl-k4-recompute": Method("repl-k4-recompute", "repl", 4, recompute=True),
+    "repl-k3-recompute": Method("repl-k3-recompute", "repl", 3, recompute=True),
+    "drop-k4": Method("drop-k4", "drop", 4),
+    "drop-k3": Method("drop-k3", "drop", 3),
+    "freeze-k4": Method("freeze-k4", "freeze", 4),
+    "freeze-k3": Method("freeze-k3", "freeze", 3),
+    "lora": Method("lora", "lora"),
+}
+METHOD_ALIASES = {"repl": "repl-k4", "drop": "drop-k4", "freeze": "freeze-k4", "baseline": "bp"}
+DEFAULT_METHODS = ("bp", "repl-k4", "repl-k3", "repl-k4-recompute", "drop-k4", "drop-k3", "freeze-k4", "lora")
+
+LORA_RANK = 8
+# PEFT has no default LoRA targets for v5 ViT (DESIGN.md §3): name them per architecture.
+LORA_TARGETS = {"vit": ["q_proj", "v_proj"], "deit": ["q_proj", "v_proj"], "convnext": ["pwconv1", "pwconv2"]}
+LORA_FROM_SCRATCH_NOTE = (
+    "from scratch: LoRA adapts a random, frozen network (shown for parameter/memory/time comparison "
+    "only; its accuracy says nothing about LoRA fine-tuning of a pretrained model)"
+)
+
+
+def resolve_methods(names: Sequence[str]) -> list[str]:
+    """Canonical method names, aliases resolved and duplicates dropped; raise on an unknown name."""
+    resolved: list[str] = []
+    for raw in names:
+        for name in (part.strip() for part in raw.split(",")):
+            if not name:
+                continue
+            name = METHOD_ALIASES.get(name, name)
+            if name not in METHODS:
+                raise BenchmarkError(f"Unknown method {name!r}; choose from {', '.join(METHODS)} (aliases: {METHOD_ALIASES}).")
+            if name not in resolved:
+                resolved.append(name)
+    if not resolved:
+        raise BenchmarkError("No method given.")
+    return resolved
+
+
+@dataclass
+class MethodModel:
+    """The module a method trains, and what the method did to the plain model."""
+
+    method: Method
+    model: nn.Module
+    num_blocks: int  # blocks of the plain model
+    affected_blocks: list[int]  # replaced / dropped / frozen block indices (forward order)
+    plain_params: int  # parameters of the plain model before the method was applied
+
+
+def replaced_block_indices(model: nn.Module, interval: int) -> list[int]:
+    """The blocks RepL with `replace_interval=interval` replaces in `model` (planned, nothing changed)."""
+    plans = select_blocks(find_blocks(model), ReplacementConfig(replace_interval=interval))
+    return [plan.block.index for plan in plans]
+
+
+def drop_blocks(model: nn.Module, indices: Sequence[int]) -> nn.Module:
+    """Delete blocks `indices` (forward order) from their `nn.ModuleList`s, in place; return the model.
+
+    HF ViT, DeiT and ConvNeXt iterate their `layers` lists (Transformers 5.23; tested), so the
+    forward runs the remaining blocks. The config's `num_hidden_layers` / `depths` are updated so
+    `save_pretrained` writes a model that loads back with its new depth.
+    """
+    blocks = find_blocks(model)
+    doomed = set(indices)
+    if not doomed <= {block.index for block in blocks}:
+        raise BenchmarkError(f"drop_blocks: {sorted(doomed)} are not all block indices of this {len(blocks)}-block model.")
+    # Group the blocks by their container, keeping container order (ConvNeXt: one list per stage).
+    containers: dict[str, list[int]] = {}
+    for block in blocks:
+        parent, _, position = block.name.rpartition(".")
+        containers.setdefault(parent, [])
+        if block.index in doomed:
+            containers[parent].append(int(position))
+    for parent, positions in containers.items():
+        container = model.get_submodule(parent)
+        if len(positions) == len(container):
+            raise BenchmarkError(f"drop_blocks would empty {parent}; choose fewer blocks.")
+        for position in sorted(positions, reverse=True):  # ModuleList renumbers after each delete
+            del container[position]
+    config = getattr(model, "config", None)
+    if config is not None:
+        if isinstance(getattr(config, "depths", None), (list, tuple)):
+            config.depths = [len(model.get_submodule(parent)) for parent in containers]
+        elif isinstance(getattr(config, "num_hidden_layers", None), int):
+            config.num_hidden_layers = sum(len(model.get_submodule(parent)) for parent in containers)
+    return model
+
+
+def freeze_blocks(model: nn.Module, indices: Sequence[int]) -> nn.Module:
+    """Stop training blocks `indices`: `requires_grad=False` on their parameters (kept at initialisation)."""
+    blocks = find_blocks(model)
+    for index in indices:
+        for parameter in blocks[index].module.parameters():
+            parameter.requires_grad_(False)
+    return model
+
+
+def apply_lora(model: nn.Module, rank: int = LORA_RANK) -> nn.Module:
+    """PEFT LoRA on the architecture's projections; the classifier is trained fully (`modules_to_save`)."""
+    from peft import LoraConfig, get_peft_model
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in LORA_TARGETS:
+        raise BenchmarkError(f"No LoRA target modules known for model type {model_type!r} (known: {sorted(LORA_TARGETS)}).")
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS[model_type], modules_to_save=["classifier"]
+    )
+    return get_peft_model(model, config)
+
+
+def build_method_model(
+    method: Method | str,
+    model_name: str,
+    num_labels: int,
+    image_size: int,
+    num_channels: int,
+    seed: int,
+    id2label: dict[int, str] | None = None,
+) -> MethodModel:
+    """The plain preset built with `seed` (identical for every method), then changed by `method`."""
+    method = METHODS[method] if isinstance(method, str) else method
+    torch.manual_seed(seed)
+    model = build_preset_model(model_name, num_labels, image_size, num_channels, id2label)
+    num_blocks = len(find_blocks(model))
+    plain_params = sum(p.numel() for p in model.parameters())
+    affected: list[int] = []
+    if method.kind in ("drop", "freeze", "repl"):
+        affected = replaced_block_indices(model, method.interval)
+    if method.kind == "repl":
+        model = get_replacement_model(model, ReplacementConfig(replace_interval=method.interval, recompute_replaced=method.recompute))
+    elif method.kind == "drop":
+        model = drop_blocks(model, affected)
+    elif method.kind == "freeze":
+        model = freeze_blocks(model, affected)
+    elif method.kind == "lora":
+        model = apply_lora(model)
+    return MethodModel(method, model, num_blocks, affected, plain_params)
+
+
+def inference_model(built: MethodModel) -> nn.Module:
+    """The model deployed after training: RepL and LoRA merged into the plain architecture."""
+    model = built.model
+    if isinstance(model, ReplacementModel) or built.method.kind == "lora":
+        return model.merge_and_unload()
+    return model
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters held by `model` now."""
+    parameters = list(model.parameters())
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)

@@ -1,0 +1,81 @@
+"""The PNG figures: test accuracy per epoch, and RepL's coefficients over training."""
+
+from __future__ import annotations
+
+import io
+import statistics
+from typing import Any
+
+from .report import method_label
+
+
+def _figure_bytes(figure: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display here or in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_curves(results: dict[str, Any]) -> bytes:
+    """PNG: test accuracy per epoch, mean ± std over seeds, a panel per model."""
+    plt = _pyplot()
+    names = list(results["models"])
+    figure, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for axis, model_name in zip(axes[0], names):
+        plotted = False
+        for method, entry in results["models"][model_name]["methods"].items():
+            curves = [run["accuracy_per_epoch"] for run in entry.get("runs", []) if run["accuracy_per_epoch"]]
+            if not curves:
+                continue
+            epochs = range(1, len(curves[0]) + 1)
+            mean = [statistics.fmean(values) for values in zip(*curves)]
+            std = [statistics.stdev(values) if len(values) > 1 else 0.0 for values in zip(*curves)]
+            line = axis.plot(epochs, mean, marker="o", markersize=3, label=method_label(method, results["suite"]))[0]
+            axis.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.15)
+            plotted = True
+        axis.set_title(model_name)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("test accuracy")
+        axis.grid(alpha=0.3)
+        if plotted:
+            axis.legend(fontsize=7)
+        else:
+            axis.text(0.5, 0.5, "not trained (memory/time only)", ha="center", va="center", transform=axis.transAxes)
+    figure.suptitle(f"suite {results['suite']['name']}: accuracy per epoch (mean ± std over seeds)")
+    return _figure_bytes(figure)
+
+
+def plot_coefficients(results: dict[str, Any]) -> bytes:
+    """PNG: each replaced block's (a, b) over training in seed 0, a panel per trained RepL method."""
+    plt = _pyplot()
+    panels = [
+        (model_name, method, entry["runs"][0]["coefficients"])
+        for model_name, model in results["models"].items()
+        for method, entry in model["methods"].items()
+        if entry.get("runs") and "coefficients" in entry["runs"][0]
+    ]
+    figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.8), squeeze=False)
+    for axis, (model_name, method, trace) in zip(axes[0], panels):
+        for block, values in trace["blocks"].items():
+            line = axis.plot(trace["steps"], values["a"], label=f"{block}: a")[0]
+            axis.plot(trace["steps"], values["b"], linestyle="--", color=line.get_color(), label=f"{block}: b")
+        axis.set_title(f"{model_name} {method}")
+        axis.set_xlabel("step")
+        axis.set_ylabel("coefficient")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no RepL method trained", ha="center", va="center", transform=axes[0][0].transAxes)
+    figure.suptitle("RepL coefficients over training (seed 0): w = a·w(prev) + b·w(next)")
+    return _figure_bytes(figure)

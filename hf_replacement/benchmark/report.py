@@ -1,0 +1,168 @@
+"""The Markdown report: per-model tables, findings computed from them, and what RepL does not save."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .methods import LORA_FROM_SCRATCH_NOTE
+
+
+def _format_count(count: int) -> str:
+    return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
+
+
+def method_label(method: str, suite: dict[str, Any]) -> str:
+    """The method's name, with a † on LoRA where it was trained from scratch (see LORA_FROM_SCRATCH_NOTE)."""
+    return f"{method} †" if method == "lora" and suite.get("dataset") is not None else method
+
+
+def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) -> str:
+    """One model's Markdown table: a row per method."""
+    methods = model["methods"]
+    cuda = any("cuda_peak_mb" in entry for entry in methods.values())
+    header = [
+        "method", "trainable params", "state MB", "saved act. MB", "memory ×bp", *(["CUDA peak MB", "peak ×bp"] if cuda else []),
+        "median step ms", "step ×bp", "synthesis % of step", "accuracy (mean ± std)", "checkpoint MB", "inference img/s",
+    ]
+    lines = [f"### {model_name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, entry in methods.items():
+        accuracy = "not trained"
+        if "accuracy_mean" in entry:
+            accuracy = f"{100 * entry['accuracy_mean']:.1f} ± {100 * entry['accuracy_std']:.1f} (n={len(entry['accuracies'])})"
+        elif method.endswith("-recompute") and "accuracy_mean" in methods.get(method.removesuffix("-recompute"), {}):
+            accuracy = f"= {method.removesuffix('-recompute')} (same arithmetic, not retrained)"
+        synthesis = f"{entry['synthesis_percent']:.1f}" if "synthesis_percent" in entry else "–"
+        ratio = lambda key: f"{entry[key]:.2f}" if key in entry else "–"  # noqa: E731
+        row = [
+            method_label(method, suite),
+            f"{_format_count(entry['trainable_params'])} / {_format_count(entry['total_params'])}",
+            f"{entry['state_memory_mb']:.2f}",
+            f"{entry['saved_activations_mb']:.2f}",
+            ratio("memory_ratio_vs_bp"),
+            *([f"{entry.get('cuda_peak_mb', float('nan')):.0f}", ratio("cuda_peak_ratio_vs_bp")] if cuda else []),
+            f"{entry['median_step_ms']:.1f}",
+            ratio("step_ratio_vs_bp"),
+            synthesis,
+            accuracy,
+            f"{entry['checkpoint_mb']:.2f}",
+            f"{entry['inference_images_per_s']:.0f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    any_entry = next(iter(methods.values()))
+    lines.append("")
+    lines.append(
+        f"{any_entry['num_blocks']} blocks; replaced/dropped/frozen blocks: "
+        + "; ".join(f"{m}: {e['affected_blocks']}" for m, e in methods.items() if e["affected_blocks"])
+        + f". Memory and step time at batch {any_entry['batch_size']}."
+    )
+    return "\n".join(lines)
+
+
+WHERE_REPL_DOES_NOT_SAVE_TIME = (
+    "A replaced block still runs its full forward and backward, with synthesized instead of stored weights: "
+    "RepL removes only that block's weight gradients and AdamW update, and adds the synthesis (a few "
+    "element-wise passes over two neighbours' weights, forward and backward). So a RepL step costs about "
+    "what a bp step costs: it cannot approach the time of dropping the blocks (which skips their compute "
+    "entirely), and `recompute_replaced=True` adds a second forward of each replaced block. What RepL "
+    "saves is memory that scales with parameters (weights, gradients, optimizer state, checkpoint size): "
+    "large when parameters dominate memory (big models, small batches, optimizer state), small when "
+    "activations dominate (small models, large batches, high resolution). Synthesized weights are held "
+    "for backward like activations, so without recompute the saved-activation bytes grow slightly. For "
+    "ConvNeXt, a replaced block next to a stage boundary fuses a neighbour of another width through "
+    "resampling matrices held as buffers (counted in state MB); they can cost more than the parameters "
+    "saved in small models."
+)
+
+
+def _pair_findings(model_name: str, methods: dict[str, Any], interval: int) -> list[str]:
+    repl, drop = methods.get(f"repl-k{interval}"), methods.get(f"drop-k{interval}")
+    recompute = methods.get(f"repl-k{interval}-recompute")
+    bp = methods.get("bp")
+    lines = []
+    if repl is None or bp is None:
+        return lines
+    fewer = 100 * (1 - repl["trainable_params"] / bp["trainable_params"])
+    state = 100 * (repl["state_memory_mb"] / bp["state_memory_mb"] - 1)
+    activations = 100 * (repl["saved_activations_mb"] / bp["saved_activations_mb"] - 1)
+    text = (
+        f"- {model_name}, repl-k{interval}: {fewer:.1f}% fewer trainable parameters than bp; state memory "
+        f"{state:+.1f}%, saved activations {activations:+.1f}%, step time ×{repl['step_ratio_vs_bp']:.2f}"
+    )
+    if "synthesis_percent" in repl:
+        text += f" (synthesis {repl['synthesis_percent']:.1f}% of the step)"
+    if drop is not None:
+        text += f"; drop-k{interval} steps at ×{drop['step_ratio_vs_bp']:.2f}"
+    lines.append(text + ".")
+    if "accuracy_mean" in repl and "accuracy_mean" in bp:
+        parts = [f"accuracy repl-k{interval} {100 * repl['accuracy_mean']:.1f} ± {100 * repl['accuracy_std']:.1f} vs bp "
+                 f"{100 * bp['accuracy_mean']:.1f} ± {100 * bp['accuracy_std']:.1f}"]
+        if drop is not None and "accuracy_mean" in drop:
+            difference = 100 * (repl["accuracy_mean"] - drop["accuracy_mean"])
+            spread = 100 * math.hypot(repl["accuracy_std"], drop["accuracy_std"])
+            verdict = "beats" if difference > spread else "loses to" if difference < -spread else "is within the seed spread of"
+            parts.append(f"vs drop-k{interval} {100 * drop['accuracy_mean']:.1f} ± {100 * drop['accuracy_std']:.1f}: "
+                         f"RepL {verdict} the shallower model ({difference:+.1f} points, spread {spread:.1f})")
+        lines.append(f"- {model_name}: " + "; ".join(parts) + ".")
+    if recompute is not None:
+        saved = repl["saved_activations_mb"] - recompute["saved_activations_mb"]
+        slower = 100 * (recompute["median_step_s"] / repl["median_step_s"] - 1)
+        lines.append(
+            f"- {model_name}, repl-k{interval}-recompute: {saved:.2f} MB fewer saved activations "
+            f"({100 * saved / repl['saved_activations_mb']:.1f}%) for {slower:+.1f}% step time vs repl-k{interval}."
+        )
+    return lines
+
+
+def _findings(model_name: str, model: dict[str, Any]) -> list[str]:
+    methods = model["methods"]
+    return _pair_findings(model_name, methods, 4) + _pair_findings(model_name, methods, 3)
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """results.md: the run's settings, a table per model, findings and the limits of RepL's savings."""
+    suite = results["suite"]
+    machine = results["machine"]
+    phases = results.get("phase_seconds", {})
+    lines = [
+        f"# RepL benchmark: suite `{suite['name']}`",
+        "",
+        f"- command: `{results.get('command') or 'run_benchmark(...)'}`",
+        f"- machine: {machine['cpu']} ({machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads), device {machine['device']}"
+        + (f" ({machine['gpu']})" if "gpu" in machine else "")
+        + f"; torch {machine['torch']}, transformers {machine['transformers']}, peft {machine['peft']}",
+        f"- data: {results['data']}; epochs {suite['epochs']}, batch {suite['batch_size']}, AdamW lr {suite['lr']} "
+        f"(cosine, {suite['warmup_ratio']:.0%} warm-up), weight decay {suite['weight_decay']}, seeds {suite['seeds']}"
+        + (f", {suite['mixed_precision']} autocast" if suite.get("mixed_precision") else ", fp32"),
+        f"- runtime: {phases.get('total', float('nan')):.0f} s in all (memory/time {phases.get('memory_and_speed', float('nan')):.0f} s, "
+        f"training {phases.get('training', float('nan')):.0f} s)",
+        *(f"- {note}" for note in suite.get("notes", ())),
+        "",
+        "Columns: trainable / total parameters held in memory; state MB = parameters + buffers + gradients + AdamW state "
+        "(exact, from the tensors); saved act. MB = bytes autograd keeps for backward during one forward (each storage once, "
+        "parameters excluded); memory ×bp = (state + saved activations) relative to bp; median step = forward + backward + "
+        "AdamW, warm-up excluded, methods interleaved in rounds in this run; synthesis % = time to build the replaced blocks' "
+        "weights (forward + backward, measured alone; twice the forward with recompute) over the median RepL step; checkpoint = "
+        "what save_pretrained writes (RepL: compact, without the replaced blocks; LoRA: adapters + classifier, the base model "
+        "is needed as well); inference = images/s of the deployed model (RepL and LoRA merged), eval, no grad.",
+        "",
+    ]
+    for model_name, model in results["models"].items():
+        lines.append(render_table(model_name, model, suite))
+        lines.append("")
+    findings = [line for model_name, model in results["models"].items() for line in _findings(model_name, model)]
+    if findings:
+        lines += ["## Findings (computed from the numbers above)", "", *findings, ""]
+    lines += ["## Where RepL does not save time", "", WHERE_REPL_DOES_NOT_SAVE_TIME, ""]
+    lines += [
+        "The synthesis cost per model size, and a fused `layer.synthesize` prototype that halves it (one autograd "
+        "node per block; resampling from its structure instead of dense matrices), are measured by "
+        "`benchmarks/synthesis_overhead.py` (results in `benchmarks/synthesis_overhead.md`).",
+        "",
+    ]
+    if "lora" in results["methods"] and suite.get("dataset") is not None:
+        lines.append(f"† {LORA_FROM_SCRATCH_NOTE}.")
+        lines.append("")
+    lines.append("Plots: `accuracy_curves.png` (test accuracy per epoch, mean ± std over seeds), `coefficients.png` (a, b of each replaced block over training, seed 0).")
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""One benchmark run: data, memory/time of every method, training over seeds, derived numbers, outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import load_tensor_data, synthetic_batch
+from .device import machine_info, resolve_device
+from .measure import measure_memory, measure_speed
+from .methods import resolve_methods
+from .output import write_outputs
+from .suites import SuiteSpec, validate_suite
+from .training import train_run
+
+logger = logging.getLogger(__name__)
+
+MB = 2**20
+
+
+def run_benchmark(
+    suite: SuiteSpec,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    data_dir: str | None = None,
+    device: str | torch.device | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run `suite`; write results.json, results.md, accuracy_curves.png, coefficients.png to
+    `output_dir` (default `benchmarks/<suite>`) and return the results."""
+    validate_suite(suite)
+    device = resolve_device(suite, device)
+    output_dir = os.fspath(output_dir or os.path.join("benchmarks", suite.name))
+    methods = resolve_methods(suite.methods)
+    if "bp" in methods:  # bp first: the ratio columns are against it
+        methods = ["bp"] + [m for m in methods if m != "bp"]
+    trained = [m for m in suite.trained_methods() if m in methods]
+    run_started = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    data = None
+    if suite.trains:
+        started = time.perf_counter()
+        data = load_tensor_data(suite, data_dir)
+        phases["data"] = time.perf_counter() - started
+        logger.info("Data: %s", data.description)
+    num_labels = data.num_labels if data is not None else suite.num_labels
+    timing_batch_size = suite.timing_batch_size or suite.batch_size
+    if data is not None:
+        batch = (data.train_x[:timing_batch_size].to(device), data.train_y[:timing_batch_size].to(device))
+        if len(batch[1]) < timing_batch_size:
+            logger.warning("Only %d training images: timing uses batches of %d.", len(batch[1]), len(batch[1]))
+    else:
+        batch = synthetic_batch(suite, timing_batch_size, device)
+
+    results: dict[str, Any] = {
+        "suite": dataclasses.asdict(suite),
+        "methods": methods,
+        "trained_methods": trained,
+        "command": command,
+        "machine": machine_info(device),
+        "data": data.description if data is not None else f"random tensors {suite.num_channels}x{suite.image_size}x{suite.image_size}",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "models": {},
+    }
+    models: dict[str, Any] = results["models"]
+
+    started = time.perf_counter()
+    for model_name in tqdm(suite.models, desc="memory/time", disable=None):
+        per_method: dict[str, dict[str, Any]] = {}
+        for method in methods:
+            per_method[method] = {"method": method, **measure_memory(suite, model_name, method, batch, num_labels, device)}
+        for method, speed in measure_speed(suite, model_name, methods, batch, num_labels, device).items():
+            per_method[method].update(speed)
+        models[model_name] = {"methods": per_method}
+        logger.info("%s: measured %s", model_name, ", ".join(f"{m} {per_method[m]['median_step_s'] * 1e3:.1f} ms" for m in methods))
+    phases["memory_and_speed"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    runs = [(seed, model_name, method) for seed in range(suite.seeds) for model_name in suite.models for method in trained]
+    for seed, model_name, method in tqdm(runs, desc="train", disable=None):
+        run = train_run(suite, model_name, method, seed, data, device)
+        models[model_name]["methods"][method].setdefault("runs", []).append(run)
+        logger.info("%s %s seed %d: accuracy %.4f (%.1f s)", model_name, method, seed, run["accuracy"], run["train_seconds"])
+    phases["training"] = time.perf_counter() - started
+
+    _summarize(results)
+    phases["total"] = time.perf_counter() - run_started
+    results["phase_seconds"] = phases
+    results["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    write_outputs(results, output_dir)
+    logger.info("Wrote %s (%.0f s)", output_dir, phases["total"])
+    return results
+
+
+def _summarize(results: dict[str, Any]) -> None:
+    """Derived fields: MB, ms, ratios against bp of the same run, accuracy mean ± std."""
+    for model in results["models"].values():
+        methods = model["methods"]
+        bp = methods.get("bp")
+        for entry in methods.values():
+            entry["state_memory_mb"] = entry["state_memory_bytes"]["total"] / MB
+            entry["saved_activations_mb"] = entry["saved_activation_bytes"] / MB
+            entry["training_memory_mb"] = entry["state_memory_mb"] + entry["saved_activations_mb"]
+            entry["median_step_ms"] = 1e3 * entry["median_step_s"]
+            entry["checkpoint_mb"] = entry["checkpoint"]["bytes"] / MB
+            if "cuda_peak_bytes" in entry:
+                entry["cuda_peak_mb"] = entry["cuda_peak_bytes"] / MB
+            runs = entry.get("runs", [])
+            if runs:
+                accuracies = [run["accuracy"] for run in runs]
+                entry["accuracy_mean"] = statistics.fmean(accuracies)
+                entry["accuracy_std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+                entry["accuracies"] = accuracies
+            if bp is not None:
+                entry["step_ratio_vs_bp"] = entry["median_step_s"] / bp["median_step_s"]
+                entry["memory_ratio_vs_bp"] = entry["training_memory_mb"] / bp["training_memory_mb"]
+                entry["trainable_ratio_vs_bp"] = entry["trainable_params"] / bp["trainable_params"]
+                if "cuda_peak_mb" in entry and "cuda_peak_mb" in bp:
+                    entry["cuda_peak_ratio_vs_bp"] = entry["cuda_peak_mb"] / bp["cuda_peak_mb"]

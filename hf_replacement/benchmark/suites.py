@@ -1,0 +1,146 @@
+"""What one benchmark run does: the suite specification, the standard suites and their checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..presets import PRESETS
+from .errors import BenchmarkError
+from .methods import DEFAULT_METHODS, resolve_methods
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    """Everything one benchmark run does; `SUITES` holds the standard ones, `dataclasses.replace` tunes them.
+
+    `methods` are all measured (memory, time, checkpoint, throughput); `accuracy_methods` (default:
+    all of them) are also trained over `seeds` seeds. `dataset=None` uses random tensors and trains
+    nothing (memory/time only).
+    """
+
+    name: str
+    models: tuple[str, ...]
+    dataset: str | None
+    image_size: int
+    num_channels: int = 1
+    num_labels: int = 10  # synthetic data only; a data set brings its own
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    accuracy_methods: tuple[str, ...] | None = None
+    seeds: int = 3
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.05
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+    timing_batch_size: int | None = None  # default: batch_size
+    timing_warmup_steps: int = 3
+    timing_rounds: int = 4
+    timing_steps_per_round: int = 5
+    inference_batch_size: int = 256
+    inference_rounds: int = 5
+    inference_calls_per_round: int = 3
+    mixed_precision: str | None = None  # "bf16": autocast
+    requires_cuda: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def trains(self) -> bool:
+        return self.dataset is not None and self.epochs > 0
+
+    def trained_methods(self) -> list[str]:
+        wanted = self.methods if self.accuracy_methods is None else self.accuracy_methods
+        return [m for m in self.methods if m in wanted] if self.trains else []
+
+
+SUITES: dict[str, SuiteSpec] = {
+    # 2 CPU cores, under 10 minutes in all (measured: see benchmarks/quick/results.md).
+    "quick": SuiteSpec(
+        name="quick",
+        models=("vit-mini", "convnext-mini"),
+        dataset="digits",
+        image_size=8,
+        epochs=8,
+        batch_size=64,
+        lr=1e-3,
+        warmup_ratio=0.2,
+        accuracy_methods=tuple(m for m in DEFAULT_METHODS if not m.endswith("-recompute")),
+        notes=("digits: 1437 train / 360 test images (scikit-learn, 8x8 grayscale), split fixed (seed 0); "
+               "seeds vary the initialisation and the data order.",
+               "repl-k4-recompute does the same arithmetic as repl-k4 (identical losses, checked in "
+               "tests/test_benchmark.py): measured for memory/time, not retrained, to keep the suite under 10 minutes."),
+    ),
+    # 2 CPU cores, under an hour: the 12-block ViT/DeiT-tiny take ~1 s per step of 64 at 28x28 and
+    # ConvNeXt-tiny (stem stride 1 at 28 px) ~3.7 s, so a full 60k epoch (15-60 min per run) cannot
+    # fit: a stratum of the training set, and the methods that differ in accuracy are trained.
+    "fashion-mnist": SuiteSpec(
+        name="fashion-mnist",
+        models=("vit-tiny", "deit-tiny", "convnext-tiny"),
+        dataset="fashion-mnist",
+        image_size=28,
+        methods=DEFAULT_METHODS,
+        accuracy_methods=("bp", "repl-k4", "drop-k4"),
+        epochs=2,
+        batch_size=64,
+        max_train_samples=1024,
+        max_test_samples=500,
+        timing_rounds=2,
+        timing_steps_per_round=2,
+        timing_warmup_steps=2,
+        inference_batch_size=64,
+        inference_rounds=3,
+        notes=("Fashion-MNIST subsampled to 1024 training / 500 test images (2 epochs = 32 steps) so the suite "
+               "fits an hour on 2 CPU cores (estimated ~40 min: ConvNeXt-tiny at 28 px, stem stride 1, takes "
+               "~3.7 s per step of 64); accuracies are therefore far below full-data numbers.",
+               "Trained for accuracy: bp, repl-k4 and the ablation it must beat, drop-k4; the other methods are "
+               "measured (memory, time, checkpoint, throughput) only. repl-k4-recompute does the same arithmetic "
+               "as repl-k4; lora would adapt a random network."),
+    ),
+    # CUDA only: memory and time at 224x224 in bf16 autocast, random data, nothing trained.
+    "gpu": SuiteSpec(
+        name="gpu",
+        models=("vit-base", "convnext-tiny"),
+        dataset=None,
+        image_size=224,
+        num_channels=3,
+        num_labels=1000,
+        epochs=0,
+        batch_size=64,
+        timing_rounds=5,
+        timing_steps_per_round=5,
+        timing_warmup_steps=5,
+        inference_batch_size=256,
+        mixed_precision="bf16",
+        requires_cuda=True,
+        notes=("Random 224x224 RGB tensors, bf16 autocast, fp32 master weights and AdamW state.",),
+    ),
+}
+
+
+def get_suite(name: str, **overrides: Any) -> SuiteSpec:
+    """`SUITES[name]` with the non-None `overrides` applied (checked)."""
+    if name not in SUITES:
+        raise BenchmarkError(f"Unknown suite {name!r}; choose one of {', '.join(SUITES)}.")
+    changes = {key: value for key, value in overrides.items() if value is not None}
+    if "methods" in changes:
+        changes["methods"] = tuple(resolve_methods(changes["methods"]))
+    if "models" in changes:
+        changes["models"] = tuple(changes["models"])
+    suite = dataclasses.replace(SUITES[name], **changes)
+    validate_suite(suite)
+    return suite
+
+
+def validate_suite(suite: SuiteSpec) -> None:
+    """Raise `BenchmarkError` for an unknown method or model or an impossible setting."""
+    resolve_methods(suite.methods)
+    unknown = [m for m in suite.models if m not in PRESETS]
+    if unknown:
+        raise BenchmarkError(f"Unknown model(s) {unknown}; the benchmark builds presets: {', '.join(sorted(PRESETS))}.")
+    if suite.seeds < 1 or suite.batch_size < 1 or suite.epochs < 0:
+        raise BenchmarkError(f"seeds and batch size must be >= 1 and epochs >= 0 (got {suite.seeds}, {suite.batch_size}, {suite.epochs}).")
+    if suite.mixed_precision not in (None, "bf16"):
+        raise BenchmarkError(f"mixed_precision={suite.mixed_precision!r}: only None or 'bf16' are supported.")
