@@ -1,6 +1,7 @@
 """hf_replacement: Replacement Learning (RepL) for Hugging Face Transformers vision models."""
 
 from .blocks import Block, BlockDiscoveryError, find_blocks
+from .callback import ReplacementCallback
 from .config import CONFIG_NAME, ReplacementConfig, ReplacementConfigError
 from .fusion import FusionError
 from .model import ReplacementModel, get_replacement_model
@@ -12,6 +13,7 @@ __all__ = [
     "BlockDiscoveryError",
     "CONFIG_NAME",
     "FusionError",
+    "ReplacementCallback",
     "ReplacementConfig",
     "ReplacementConfigError",
     "ReplacementModel",

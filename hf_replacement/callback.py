@@ -40,7 +40,7 @@ from transformers.utils import logging
 
 from .checkpoint import write_checkpoint
 from .config import CONFIG_NAME
-from .model import ReplacementModel
+from .model import LOG_PREFIX, ReplacementModel, coefficient_logs
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 MERGED_DIR_NAME = "merged"
-LOG_PREFIX = "replacement/"
 _COEFFICIENTS_PREFIX = "replacement_coefficients."
 
 
@@ -280,16 +279,6 @@ def _replacement_model_of(trainer: "Trainer") -> ReplacementModel:
             "defer_replacement=True) with start_step) before building the Trainer."
         )
     return model
-
-
-def coefficient_logs(model: ReplacementModel) -> dict[str, float]:
-    """`replacement/a/block_<i>`, `replacement/b/block_<i>`: each replaced block's coefficients (means)."""
-    logs = {}
-    for index, parameter in model.replacement_coefficients.named_parameters():
-        a, b = parameter.detach().float().mean(dim=1).tolist()
-        logs[f"{LOG_PREFIX}a/block_{index}"] = a
-        logs[f"{LOG_PREFIX}b/block_{index}"] = b
-    return logs
 
 
 def write_replacement_files(model: ReplacementModel, directory: str | os.PathLike) -> None:

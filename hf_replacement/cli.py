@@ -107,17 +107,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(results: dict, output_dir: str) -> None:
-    saved = 100 * (1 - results["trainable_params"] / results["total_params_unreplaced"]) if results.get("total_params_unreplaced") else None
-    lines = [
-        f"accuracy: {results['accuracy']:.4f}",
-        f"trainable params: {results['trainable_params']:,d} of {results['total_params']:,d}",
-    ]
-    if saved is not None:
-        lines.append(f"parameters saved vs. ordinary training: {saved:.1f}%")
+    trainable, unreplaced = results["trainable_params"], results["total_params_unreplaced"]
     if results.get("replaced_blocks"):
-        lines.append(f"replaced blocks: {results['replaced_blocks']}")
-    lines.append(f"median step: {results['median_step_seconds']:.4f} s; peak memory: {results['peak_memory_mb']:.0f} MB")
-    lines.append(f"saved: {output_dir} (model, results.json)")
+        savings = f"(the model without RepL trains {unreplaced:,d}: {100 * (1 - trainable / unreplaced):.1f}% fewer)"
+        blocks = ", ".join(f"{index} ({name})" for index, name in results["replaced_blocks"].items())
+        lines = [f"trainable params: {trainable:,d} {savings}", f"replaced blocks: {blocks}"]
+    else:
+        lines = [f"trainable params: {trainable:,d} (ordinary training)"]
+    lines += [
+        f"median step: {results['median_step_seconds']:.4f} s; peak memory: {results['peak_memory_mb']:.0f} MB",
+        f"saved: {output_dir} (model, results.json)",
+        f"accuracy: {results['accuracy']:.4f}",
+    ]
     print("\n".join(lines))
 
 

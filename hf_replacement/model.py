@@ -20,6 +20,8 @@ from .selection import select_blocks
 
 logger = logging.getLogger(__name__)
 
+LOG_PREFIX = "replacement/"
+
 
 class ReplacementModel(nn.Module):
     """A model trained with Replacement Learning.
@@ -257,6 +259,21 @@ def _load_exact(model: ReplacementModel, state_dict: dict[str, torch.Tensor], pa
             "or replacement config?"
         )
     model.load_state_dict(state_dict, strict=True)
+
+
+def coefficient_logs(model: nn.Module) -> dict[str, float]:
+    """`replacement/a/block_<i>`, `replacement/b/block_<i>`: each replaced block's coefficients (means).
+
+    Empty for a model without replaced blocks, so a baseline run logs the same way.
+    """
+    if not isinstance(model, ReplacementModel):
+        return {}
+    logs = {}
+    for index, parameter in model.replacement_coefficients.named_parameters():
+        a, b = parameter.detach().float().mean(dim=1).tolist()
+        logs[f"{LOG_PREFIX}a/block_{index}"] = a
+        logs[f"{LOG_PREFIX}b/block_{index}"] = b
+    return logs
 
 
 def get_replacement_model(model: nn.Module, config: ReplacementConfig | None = None) -> ReplacementModel:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -29,7 +30,7 @@ from .checkpoint import WEIGHTS_NAME, write_checkpoint
 from .config import ReplacementConfig
 from .data import collate_fn, dataset_info, load_image_dataset, prepare_dataset, subsample
 from .metrics import load_accuracy
-from .model import ReplacementModel, get_replacement_model
+from .model import ReplacementModel, coefficient_logs, get_replacement_model
 from .presets import PRESETS, build_preset_model
 from .training_state import load_training_state, save_training_state
 
@@ -113,6 +114,7 @@ def _image_geometry(options: TrainingOptions, model_config: Any | None, sample_i
 def train(options: TrainingOptions) -> dict[str, Any]:
     """Train, evaluate, save and return the results (also written to `output_dir/results.json`)."""
     replacement_config = None if options.baseline else options.replacement_config()  # validate flags first
+    _forget_previous_single_process_state()
     accelerator = Accelerator(
         mixed_precision=options.mixed_precision,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
@@ -150,8 +152,13 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     updates_per_epoch = math.ceil(len(train_loader) / options.gradient_accumulation_steps)
     total_updates = max(1, math.ceil(options.epochs * updates_per_epoch))
+    # The prepared scheduler steps once per process on every update (Accelerate assumes the global
+    # batch grew with the process count), so the schedule is laid out in those units.
     scheduler = get_scheduler(
-        "cosine", optimizer, num_warmup_steps=int(options.warmup_ratio * total_updates), num_training_steps=total_updates
+        "cosine",
+        optimizer,
+        num_warmup_steps=int(options.warmup_ratio * total_updates) * accelerator.num_processes,
+        num_training_steps=total_updates * accelerator.num_processes,
     )
     scheduler = accelerator.prepare(scheduler)
     if options.report_to:
@@ -191,7 +198,7 @@ def train(options: TrainingOptions) -> dict[str, Any]:
             step_times.append(time.perf_counter() - started)
             progress_bar.update(1)
             if options.report_to:
-                accelerator.log({"train/loss": loss.item(), **_coefficient_logs(accelerator.unwrap_model(model))}, step=step)
+                accelerator.log({"train/loss": loss.item(), **coefficient_logs(accelerator.unwrap_model(model))}, step=step)
             if options.checkpointing_steps and step % options.checkpointing_steps == 0:
                 _save_checkpoint(accelerator, model, optimizer, scheduler, options, step, epoch, batch_in_epoch, len(train_loader))
             started = time.perf_counter()
@@ -210,7 +217,7 @@ def train(options: TrainingOptions) -> dict[str, Any]:
         "total_params_unreplaced": unreplaced_total,
         "method": "baseline" if options.baseline else "replacement",
         "replaced_blocks": getattr(unwrapped, "replaced_blocks", {}),
-        "coefficients": _coefficient_logs(unwrapped),
+        "coefficients": coefficient_logs(unwrapped),
         "peak_memory_mb": _peak_memory_mb(accelerator),
         "median_step_seconds": statistics.median(step_times) if step_times else None,
         "updates": step,
@@ -234,18 +241,18 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     return results
 
 
+def _forget_previous_single_process_state() -> None:
+    """Lets a second `train()` in one Python process (a notebook, the tests) pick its own precision.
+
+    Accelerate keeps its state process-wide and refuses a different `mixed_precision` later. Under
+    a distributed launch the state belongs to the launcher and is left alone.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
-
-
-def _coefficient_logs(model: torch.nn.Module) -> dict[str, float]:
-    if not isinstance(model, ReplacementModel):
-        return {}
-    logs = {}
-    for index, parameter in model.replacement_coefficients.named_parameters():
-        logs[f"replacement/a/block_{index}"] = parameter[0].mean().item()
-        logs[f"replacement/b/block_{index}"] = parameter[1].mean().item()
-    return logs
 
 
 @torch.no_grad()

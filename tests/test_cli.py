@@ -131,8 +131,12 @@ def _compare_with_single_process(tmp_path, distributed_dir) -> None:
     multi = load_file(distributed_dir / "model.safetensors")
     results = json.loads((distributed_dir / "results.json").read_text())
     assert results["num_processes"] == 2
+    # AdamW divides by the gradient's magnitude, so where a gradient is ~0 (a key bias's is exactly
+    # zero: softmax ignores a shift of every score) it turns summation-order rounding into steps of
+    # size lr. 8 updates at lr 3e-3 move a weight by up to 2.4e-2; a wrong data split or LR schedule
+    # moved weights apart by 3e-3 to 7e-3 (measured), rounding by under 1e-4.
     for key in single:
-        torch.testing.assert_close(multi[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(multi[key], single[key], rtol=0, atol=2e-4, msg=key)
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
