@@ -12,41 +12,15 @@ import logging
 import sys
 from typing import Sequence
 
+from .argtypes import block_list, positive_float, positive_int
 from .config import FUSION_MODES, GRANULARITIES
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
-    return value
-
-
-def _block_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block indices, e.g. 3,7") from None
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="digits", help="digits (embedded), fashion-mnist, a Hub id, or a local imagefolder / save_to_disk dir")
     parser.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--max-eval-samples", type=_positive_int)
-    parser.add_argument("--batch-size", type=_positive_int, default=64)
+    parser.add_argument("--max-eval-samples", type=positive_int)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -57,24 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model with RepL (or --baseline) and evaluate it")
     train.add_argument("--model", default="vit-mini", help="preset (vit-mini, vit-tiny, deit-small, convnext-tiny, ...), Hub id or local model dir")
     _add_data_arguments(train)
-    train.add_argument("--image-size", type=_positive_int, help="input resolution (default: the data's, or the pretrained model's)")
-    train.add_argument("--max-train-samples", type=_positive_int)
+    train.add_argument("--image-size", type=positive_int, help="input resolution (default: the data's, or the pretrained model's)")
+    train.add_argument("--max-train-samples", type=positive_int)
     selection = train.add_mutually_exclusive_group()
     selection.add_argument("--replace-interval", type=int, default=4, help="replace every k-th block (paper: 4)")
-    selection.add_argument("--replaced-blocks", type=_block_list, help="explicit block indices, e.g. 3,7")
+    selection.add_argument("--replaced-blocks", type=block_list, help="explicit block indices, e.g. 3,7")
     selection.add_argument("--baseline", action="store_true", help="ordinary training, everything else the same")
     train.add_argument("--coefficient-granularity", choices=GRANULARITIES, default="block")
     train.add_argument("--fusion", choices=FUSION_MODES, default="resample")
     train.add_argument("--detach-neighbors", action="store_true")
     train.add_argument("--recompute-replaced", action="store_true")
     train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    train.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1)
-    train.add_argument("--epochs", type=_positive_float, default=10)
-    train.add_argument("--lr", type=_positive_float, default=1e-3)
+    train.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
+    train.add_argument("--epochs", type=positive_float, default=10)
+    train.add_argument("--lr", type=positive_float, default=1e-3)
     train.add_argument("--weight-decay", type=float, default=0.05)
     train.add_argument("--output-dir", default="outputs/repl")
     train.add_argument("--resume-from", help="a checkpoint-<step> directory written with --checkpointing-steps")
-    train.add_argument("--checkpointing-steps", type=_positive_int)
+    train.add_argument("--checkpointing-steps", type=positive_int)
     train.add_argument("--report-to", nargs="*", default=[], help="trackers for Accelerate: tensorboard, wandb, ...")
     train.add_argument("--push-to-hub", action="store_true")
     train.add_argument("--hub-model-id")

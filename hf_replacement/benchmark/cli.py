@@ -8,6 +8,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from ..argtypes import positive_int
 from . import __doc__ as PACKAGE_DOC
 from .errors import BenchmarkError
 from .methods import METHODS
@@ -16,29 +17,19 @@ from .runner import run_benchmark
 from .suites import SUITES, SuiteSpec, get_suite
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     """The `hf-replacement benchmark` flags."""
     parser.add_argument("--suite", choices=list(SUITES), default="quick",
                         help="quick: digits, mini models, < 10 min on 2 CPU cores; fashion-mnist: tiny models at 28x28, < 1 h; "
                              "gpu: ViT-B and ConvNeXt-T at 224x224 bf16, memory/time only (needs CUDA)")
-    parser.add_argument("--seeds", type=_positive_int, default=None, help="seeds per trained method (default 3)")
-    parser.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: the suite's)")
+    parser.add_argument("--seeds", type=positive_int, default=None, help="seeds per trained method (default 3)")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: the suite's)")
     parser.add_argument("--output-dir", default=None, help="where results.json, results.md and the plots go (default benchmarks/<suite>)")
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(METHODS)} (space or comma separated)")
     parser.add_argument("--models", nargs="+", default=None, help="subset of presets (default: the suite's)")
     parser.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
-    parser.add_argument("--max-train-samples", type=_positive_int, default=None, help="subsample the training set")
-    parser.add_argument("--batch-size", type=_positive_int, default=None)
+    parser.add_argument("--max-train-samples", type=positive_int, default=None, help="subsample the training set")
+    parser.add_argument("--batch-size", type=positive_int, default=None)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
