@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 
-import datasets
-import numpy as np
 import torch
-from sklearn.datasets import load_digits
 from transformers import EvalPrediction, Trainer, TrainingArguments, ViTForImageClassification
 
 from hf_replacement import ReplacementConfig, ReplacementModel
 from hf_replacement.callback import ReplacementCallback
+from hf_replacement.data import collate_fn, load_image_dataset, prepare_dataset
 from hf_replacement.presets import build_preset_model
 
 
@@ -44,20 +42,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def digits_splits(seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """80/20 split of the 1,797 8x8 digits, as `pixel_values` (1x8x8, scaled to [-1, 1]) + `labels`."""
-    digits = load_digits()
-    images = (digits.images.astype(np.float32) / 16.0 - 0.5) / 0.5
-    order = np.random.default_rng(seed).permutation(len(images))
-    cut = int(0.8 * len(images))
-
-    def subset(indices: np.ndarray) -> datasets.Dataset:
-        columns = {"pixel_values": images[indices, None].tolist(), "labels": digits.target[indices].tolist()}
-        return datasets.Dataset.from_dict(columns).with_format("torch")
-
-    return subset(order[:cut]), subset(order[cut:])
-
-
 def accuracy(prediction: EvalPrediction) -> dict[str, float]:
     return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
@@ -65,7 +49,9 @@ def accuracy(prediction: EvalPrediction) -> dict[str, float]:
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
-    train, test = digits_splits(args.seed)
+    # The launcher's pipeline: `image` + `label` columns, transformed lazily to `pixel_values`.
+    data = prepare_dataset(load_image_dataset("digits", seed=args.seed), image_size=8, num_channels=1)
+    train, test = data["train"], data["test"]
     base = build_preset_model("vit-mini", num_labels=10, image_size=8, num_channels=1)
     # With --start-step the blocks are replaced by the callback at that step, not now.
     model = ReplacementModel(
@@ -92,11 +78,13 @@ def main() -> None:
         seed=args.seed,
         data_seed=args.seed,
         dataloader_num_workers=0,
+        remove_unused_columns=False,  # the lazy transform needs `image`; collate_fn picks the model's inputs
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,
     )
     trainer = Trainer(
-        model=model, args=training_args, train_dataset=train, eval_dataset=test, compute_metrics=accuracy
+        model=model, args=training_args, train_dataset=train, eval_dataset=test, data_collator=collate_fn,
+        compute_metrics=accuracy,
     )
     # Registers itself with the trainer. Coefficients are logged once per epoch here (the default,
     # every step, suits TensorBoard/W&B better than this console).
@@ -111,7 +99,7 @@ def main() -> None:
 
     reloaded = ReplacementModel.from_pretrained(final_dir)
     merged = ViTForImageClassification.from_pretrained(callback.merged_dir)
-    images = test[:]["pixel_values"]
+    images = torch.stack(test[:]["pixel_values"])
     with torch.no_grad():
         agree = (reloaded(pixel_values=images).logits.argmax(-1) == merged.eval()(pixel_values=images).logits.argmax(-1))
     trainable, total = model.get_nb_trainable_parameters()
