@@ -22,6 +22,7 @@ setup(
         "scikit-learn>=1.3",
         "pillow>=10",
         "tqdm>=4.60",
+        "Jinja2>=3",  # model card template
     ],
     extras_require={
         "test": ["pytest>=8", "matplotlib>=3.7"],
