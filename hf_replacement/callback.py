@@ -26,6 +26,16 @@ Why the callback holds the trainer (design notes):
   `ReplacementModel.state_dict()`'s.
 * `start_step`. Replacing blocks mid-training frees parameters the optimizer holds and creates the
   coefficients it lacks: the callback edits the trainer's optimizer in place (see below).
+* The Hub. With `push_to_hub=True` the Trainer itself creates the repo (in `__init__`) and uploads
+  `output_dir` (all but `checkpoint-*` and `_*`) at every save (per `hub_strategy`; in the
+  background, skipping a save while the previous upload runs), on `save_model` and on
+  `trainer.push_to_hub()`. Left alone, a checkpoint push holds only `config.json`,
+  `model.safetensors` and `training_args.bin` (no `replacement_config.json`: not a RepL
+  checkpoint), and `push_to_hub()` adds Transformers' generic card (`library_name: transformers`,
+  no base model, no coefficients). Rather than push a second time on its own, the callback makes
+  what the Trainer uploads right: `on_push_begin` (fired before every push) writes
+  `replacement_config.json` and the card, and `trainer.create_model_card` (which `push_to_hub()`
+  calls) renders `hf_replacement`'s card. One push path: no two uploads race for the repo.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from transformers.utils import logging
 
 from .checkpoint import write_checkpoint
 from .config import CONFIG_NAME
+from .hub import render_model_card
 from .model import LOG_PREFIX, ReplacementModel, coefficient_logs
 
 if TYPE_CHECKING:
@@ -48,6 +59,9 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 MERGED_DIR_NAME = "merged"
+_CARD_NAME = "README.md"
+# Timings the Trainer logs with every evaluation: noise in a model card's results.
+_SPEED_METRICS = ("_runtime", "_per_second")
 _COEFFICIENTS_PREFIX = "replacement_coefficients."
 
 
@@ -83,6 +97,22 @@ class ReplacementCallback(TrainerCallback):
     Once per `train()` call (and again when `start_step` replaces the blocks) it logs
     `replacement/trainable_params`, `replacement/total_params` and `replacement/num_replaced_blocks`,
     and the replaced block names through the `hf_replacement` logger.
+
+    Sharing on the Hub: set `TrainingArguments(push_to_hub=True, hub_model_id="user/name")` and,
+    after training, call `trainer.push_to_hub()` as with any Transformers model (the Trainer's
+    checkpoint pushes during training, per `hub_strategy`, are complete too). Every push is the
+    compact RepL checkpoint (`replacement_config.json`, `config.json`, `model.safetensors`) with
+    `hf_replacement`'s model card, which `ReplacementModel.from_pretrained("user/name")` loads.
+    The card's results are the metrics of the last evaluation (of the best one once
+    `load_best_model_at_end` has loaded it), with `eval_` dropped; `push_to_hub(finetuned_from=...,
+    dataset_tags=..., tags=..., license=...)` fill its metadata, as for the Trainer's own card.
+    Only the main process writes and uploads. The Trainer uploads everything else in
+    `output_dir` as well (e.g. `runs/`, and with `merge_at_end` the merged model in `merged/`,
+    which `AutoModelForImageClassification.from_pretrained(repo_id, subfolder="merged")` loads).
+    For the merged model alone, or a push outside the Trainer, use
+    `trainer.model.push_to_hub(repo_id, merged=True)`. Prefer `hf auth login` or `HF_TOKEN` to
+    `hub_token`: the Trainer pickles its arguments, `hub_token` included, into
+    `training_args.bin`, which it uploads with every push.
     """
 
     def __init__(
@@ -137,8 +167,15 @@ class ReplacementCallback(TrainerCallback):
             # optimizer the Trainer builds next matches the saved one.
             model.register_load_state_dict_pre_hook(_match_checkpoint_replacement)
         self._trainer = trainer
-        if not getattr(trainer, "_replacement_save_hooked", False):
+        if not getattr(trainer, "_replacement_hooked", False):
             _hook_trainer_save(trainer)
+            _hook_model_card(trainer)
+            trainer._replacement_hooked = True
+        if trainer.args.push_to_hub and trainer.args.hub_token and trainer.is_world_process_zero():
+            logger.warning(
+                "RepL: TrainingArguments.hub_token is pickled into training_args.bin, which the Trainer uploads "
+                "to the Hub with every push: log in with `hf auth login` or set HF_TOKEN instead."
+            )
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
         return self
@@ -205,6 +242,15 @@ class ReplacementCallback(TrainerCallback):
             processing_class.save_pretrained(directory)
         self.merged_dir = directory
         logger.info("RepL: merged plain %s saved to %s", type(merged).__name__, directory)
+
+    def on_push_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        # A checkpoint push uploads output_dir after copying only the checkpoint's config.json and
+        # weights there: the RepL files and the card must be there too. (Before push_to_hub(), which
+        # then saves and writes the card itself, this is redundant and cheap.)
+        if not state.is_world_process_zero:
+            return
+        write_replacement_files(self._replacement_model(), args.output_dir)
+        self._trainer.create_model_card()
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -302,7 +348,64 @@ def _hook_trainer_save(trainer: "Trainer") -> None:
             write_replacement_files(model, output_dir if output_dir is not None else trainer.args.output_dir)
 
     trainer._save = _save
-    trainer._replacement_save_hooked = True
+
+
+def _hook_model_card(trainer: "Trainer") -> None:
+    """Make `trainer.create_model_card` (which `trainer.push_to_hub` calls) write `hf_replacement`'s card.
+
+    Same parameters as `Trainer.create_model_card`; `tasks` and `dataset_args` have no place in the
+    card (its task is image classification).
+    """
+
+    def create_model_card(
+        language: str | list[str] | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        if not trainer.is_world_process_zero():
+            return
+        card = render_model_card(
+            _replacement_model_of(trainer),
+            _evaluation_results(trainer),
+            base_model=finetuned_from,
+            datasets=_as_list(dataset_tags) or _as_list(dataset),
+            # hub_model_id is the full "user/name" once init_hf_repo ran: the card's loading snippet uses it.
+            repo_id=trainer.hub_model_id or trainer.args.hub_model_id or model_name,
+        )
+        card.data.language = language
+        card.data.license = license
+        card.data.tags = list(dict.fromkeys(card.data.tags + _as_list(tags)))
+        card.save(os.path.join(trainer.args.output_dir, _CARD_NAME))
+
+    trainer.create_model_card = create_model_card
+
+
+def _evaluation_results(trainer: "Trainer") -> dict[str, Any] | None:
+    """The metrics of the evaluation of the model being pushed, without `eval_` (`accuracy`, `loss`).
+
+    That is the last evaluation; after training with `load_best_model_at_end`, the best model's.
+    """
+    state = trainer.state
+    best_step = state.best_global_step if trainer.args.load_best_model_at_end and not trainer.is_in_train else None
+    for logs in reversed(state.log_history):
+        metrics = {
+            key.removeprefix("eval_"): value
+            for key, value in logs.items()
+            if key.startswith("eval_") and not key.endswith(_SPEED_METRICS)
+        }
+        if metrics and best_step in (None, logs["step"]):
+            return metrics | {"updates": logs["step"]}
+    return None
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
 
 
 def _match_checkpoint_replacement(

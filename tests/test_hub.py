@@ -2,21 +2,29 @@
 
 Push (compact and merged), download with `ReplacementModel.from_pretrained` and with plain
 Transformers, the model card, and every failure: server down, 401, 500, missing repo/revision.
+The same push from the Trainer (`ReplacementCallback`) and from the launcher (`--push-to-hub`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+import transformers.utils.hub
 from huggingface_hub import ModelCard, constants
+from transformers import Trainer, TrainingArguments
 
 from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model
+from hf_replacement.callback import ReplacementCallback
+from hf_replacement.cli import main
 from hf_replacement.hub import TEMPLATE_PATH, HubDownloadError, HubPushError, push_to_hub, render_model_card
 from hub_server import FakeHub
+from test_trainer import dataset, repl_vit, training_args
+from test_trainer import logits as logits_of
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_TestWriteToken1234567890abcd"
@@ -62,6 +70,21 @@ def hub_env(tmp_path, monkeypatch):
     yield start
     for hub in hubs:
         hub.close()
+
+
+@pytest.fixture
+def trainer_hub(hub_env, monkeypatch):
+    """A FakeHub (with TOKEN) that the Trainer's own uploads reach too.
+
+    Transformers pushes through one shared HfApi, whose endpoint is huggingface_hub's import-time
+    constant: point the constants at the server (as HF_ENDPOINT set before the import would) and
+    let the HfApi be built anew.
+    """
+    hub = hub_env(token=TOKEN)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
+    return hub
 
 
 def test_template_copy_in_model_cards_is_identical():
@@ -221,3 +244,100 @@ def test_download_errors(hub_env, tmp_path):
     with pytest.raises(HubDownloadError, match="check the network connection"):
         ReplacementModel.from_pretrained("user/other")
     assert len(hub.requests) == requests
+
+
+# ---- the Trainer and the launcher ----------------------------------------------------------------
+
+
+def accuracy(prediction) -> dict[str, float]:
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+def test_trainer_pushes_repl_checkpoints_with_our_card(trainer_hub, tmp_path, caplog):
+    args = training_args(
+        tmp_path, push_to_hub=True, hub_model_id="user/trainer-repl", hub_token=TOKEN,
+        eval_strategy="steps", eval_steps=2,
+    )
+    trainer = Trainer(repl_vit(), args, train_dataset=dataset(), eval_dataset=dataset(8), compute_metrics=accuracy)
+    ReplacementCallback(trainer)
+    assert "hub_token is pickled into training_args.bin" in caplog.text  # Transformers uploads it: a warning
+    trainer.train()
+    # The Trainer's own checkpoint pushes (one or two: it skips one while the previous is uploading)
+    # are complete RepL checkpoints with our card.
+    repo = trainer_hub.repos["user/trainer-repl"]
+    pushed = [files for files in repo.commits.values() if "model.safetensors" in files]
+    assert pushed and all("replacement_config.json" in files for files in pushed)
+    assert all(ModelCard(files["README.md"].decode()).data.library_name == "hf-replacement" for files in pushed)
+
+    trainer.push_to_hub(dataset_tags="digits", tags="my-run", license="mit")
+    files = trainer_hub.files("user/trainer-repl")
+    assert {"README.md", "config.json", "model.safetensors", "replacement_config.json"} <= set(files)
+    card = ModelCard(files["README.md"].decode())
+    last_eval = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry][-1]
+    assert card.data.library_name == "hf-replacement" and "generated_from_trainer" not in card.data.tags
+    assert {"replacement-learning", "my-run"} <= set(card.data.tags) and card.data.license == "mit"
+    assert card.data.datasets == ["digits"]
+    assert card.data.eval_results[0].metric_value == last_eval["eval_accuracy"]
+    assert "| updates | 4 |" in card.text and "`vit.layers.1`" in card.text
+    assert 'ReplacementModel.from_pretrained("user/trainer-repl")' in card.text
+
+    loaded = ReplacementModel.from_pretrained("user/trainer-repl", token=TOKEN)
+    images = dataset(8)[:]["pixel_values"]
+    assert torch.equal(logits_of(loaded, images), logits_of(trainer.model, images))
+
+
+def test_trainer_card_reports_the_best_model_it_holds(tmp_path):
+    scores = iter([1.0, 0.0])  # the evaluation at step 2 is the best one
+    args = training_args(
+        tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="score",
+    )
+    trainer = Trainer(
+        repl_vit(), args, train_dataset=dataset(), eval_dataset=dataset(8), compute_metrics=lambda _: {"score": next(scores)}
+    )
+    ReplacementCallback(trainer)
+    trainer.train()
+    trainer.create_model_card()  # what trainer.push_to_hub() uploads as README.md
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "| score | 1 |" in card.text and "| updates | 2 |" in card.text
+
+
+def test_trainer_pushes_from_the_main_process_only(trainer_hub, tmp_path, monkeypatch):
+    args = training_args(tmp_path, push_to_hub=True, hub_model_id="user/repo", hub_token=TOKEN)
+    trainer = Trainer(repl_vit(), args, train_dataset=dataset())
+    ReplacementCallback(trainer)
+    # As on the process of rank 1 of a distributed run.
+    monkeypatch.setattr(TrainingArguments, "process_index", property(lambda self: 1))
+    trainer.state.is_world_process_zero = False
+    requests = len(trainer_hub.requests)
+    trainer.push_to_hub()
+    assert len(trainer_hub.requests) == requests
+    assert not list(tmp_path.iterdir())
+
+
+def test_launcher_pushes_the_trained_checkpoint(hub_env, tmp_path, capsys, caplog):
+    hub = hub_env(token=TOKEN)
+    caplog.set_level(logging.DEBUG)
+    out = tmp_path / "run"
+    assert main([
+        "train", "--model", "vit-mini", "--dataset", "digits", "--max-train-samples", "64", "--max-eval-samples", "32",
+        "--epochs", "1", "--batch-size", "32", "--output-dir", str(out),
+        "--push-to-hub", "--hub-model-id", "user/launcher-repl", "--hub-token", TOKEN,
+    ]) == 0
+    files = hub.files("user/launcher-repl")
+    assert {"README.md", "config.json", "model.safetensors", "replacement_config.json", "results.json"} <= set(files)
+    results = json.loads((out / "results.json").read_text())
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.datasets == ["digits"] and card.data.eval_results[0].metric_value == results["accuracy"]
+    assert "| accuracy |" in card.text
+
+    local = ReplacementModel.from_pretrained(out)
+    pushed = ReplacementModel.from_pretrained("user/launcher-repl", token=TOKEN)
+    size, channels = local.config.image_size, local.config.num_channels
+    images = torch.randn(4, channels, size, size, generator=torch.Generator().manual_seed(0))
+    assert pushed.replaced_blocks == local.replaced_blocks != {}
+    assert torch.equal(logits_of(pushed, images), logits_of(local, images))
+
+    printed = capsys.readouterr()
+    assert TOKEN not in printed.out + printed.err and TOKEN not in caplog.text
+    assert not [name for name, content in files.items() if TOKEN.encode() in content]
+    assert not [path for path in out.rglob("*") if path.is_file() and TOKEN.encode() in path.read_bytes()]
