@@ -92,7 +92,7 @@ SUITES: dict[str, SuiteSpec] = {
         timing_warmup_steps=2,
         inference_batch_size=64,
         inference_rounds=3,
-        notes=("Fashion-MNIST subsampled (stratified, seed 0) so the suite fits an hour on 2 CPU cores "
+        notes=("Fashion-MNIST subsampled (a random subset, seed 0) so the suite fits an hour on 2 CPU cores "
                "(ConvNeXt-tiny at 28 px, stem stride 1, takes ~3.4 s per step of 64): about a hundred updates "
                "from scratch, so accuracies are far below full-data numbers.",
                "Trained for accuracy: bp, repl-k4 and the ablation it must beat, drop-k4; the other methods are "
