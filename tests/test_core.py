@@ -1,8 +1,8 @@
 """The core matrix: architectures × coefficient granularity × fusion × detach, against a reference.
 
-The reference is written here independently of `hf_replacement.layer`: the replaced block's
-weights are computed from the neighbours' tensors with the formula and fed to an untouched copy
-of the model through `torch.func.functional_call`.
+The reference is written here independently of `hf_replacement.layer` and `.fusion`: the replaced
+block's weights are computed from the neighbours' tensors with the formula (and the resampling rule as
+a dense matrix) and fed to an untouched copy of the model through `torch.func.functional_call`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gc
 import itertools
+import math
 import os
 import weakref
 
@@ -19,8 +20,9 @@ from safetensors import safe_open
 from torch.func import functional_call
 
 import tiny_models
-from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model
-from hf_replacement.fusion import resample_matrix
+from hf_replacement import ReplacementConfig, ReplacementModel, fusion, get_replacement_model
+from hf_replacement.fusion import DimResample, resample_matrix
+from hf_replacement.layer import _Synthesis
 
 ARCHITECTURES = list(tiny_models.ARCHITECTURES)
 GRANULARITIES = ["block", "tensor", "channel"]
@@ -47,10 +49,28 @@ def make(arch: str, granularity: str = "block", fusion: str = "resample", detach
     return model, reference
 
 
+def dense_rule(source: int, target: int, fan_in: bool) -> torch.Tensor:
+    """The resampling rule of fusion.py's docstring as a dense float64 matrix: linear interpolation
+    (align_corners), each row's deviation from the mean rescaled by 1/||row||, sqrt(n/m) on fan-in."""
+    if target == 1:
+        positions = torch.tensor([(source - 1) / 2], dtype=torch.float64)
+    else:
+        positions = torch.arange(target, dtype=torch.float64) * (source - 1) / (target - 1)
+    interpolation = torch.zeros(target, source, dtype=torch.float64)
+    for row, position in enumerate(positions.tolist()):
+        lower = min(math.floor(position), source - 1)
+        upper = min(lower + 1, source - 1)
+        interpolation[row, lower] += 1 - (position - lower)
+        interpolation[row, upper] += position - lower
+    row_scale = interpolation.norm(dim=1, keepdim=True).reciprocal()
+    matrix = row_scale * interpolation + (1 - row_scale) / source
+    return matrix * math.sqrt(source / target) if fan_in else matrix
+
+
 def resample_reference(tensor: torch.Tensor, shape: torch.Size, fan_in: set[int]) -> torch.Tensor:
     for dim, (source, target) in enumerate(zip(tensor.shape, shape)):
         if source != target:
-            matrix = resample_matrix(source, target, dim in fan_in).to(tensor.dtype)
+            matrix = dense_rule(source, target, dim in fan_in).to(tensor.dtype)
             moved = tensor.movedim(dim, 0)
             rows = (matrix @ moved.reshape(source, -1)).reshape(target, *moved.shape[1:])
             tensor = rows.movedim(0, dim)
@@ -110,30 +130,50 @@ def loss_of(output: torch.Tensor) -> torch.Tensor:
     return (output * probe).sum()
 
 
-@pytest.mark.parametrize("case", MATRIX, ids=matrix_id)
-def test_forward_and_gradients_match_reference(case):
-    arch, granularity, fusion, detach = case
-    model, reference = make(arch, granularity, fusion, detach)
+def assert_matches_reference(model, reference, fusion_mode: str, detach: bool, logits_atol: float, grad_atol: float) -> None:
+    """The RepL model's logits and every gradient equal autograd through the formula, fed to `reference`."""
     x = tiny_models.inputs()
-
     loss_of(tiny_models.logits(model(pixel_values=x))).backward()
     replacement_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
 
-    weights = reference_weights(model, reference, fusion, detach)
+    weights = reference_weights(model, reference, fusion_mode, detach)
     expected = tiny_models.logits(functional_call(reference, weights, kwargs={"pixel_values": x}))
-    torch.testing.assert_close(tiny_models.logits(model(pixel_values=x)), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tiny_models.logits(model(pixel_values=x)), expected, rtol=0, atol=logits_atol)
     loss_of(expected).backward()
     reference_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     assert replacement_grads.keys() == reference_grads.keys()
     for name in reference_grads:
-        torch.testing.assert_close(replacement_grads[name], reference_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(replacement_grads[name], reference_grads[name], rtol=1e-5, atol=grad_atol, msg=name)
     coefficient_names = {f"replacement_coefficients.{i}" for i in model.replaced_blocks}
     assert coefficient_names <= reference_grads.keys()
     neighbour_prefixes = {f"base_model.{model._blocks[i + d].name}." for i in model.replaced_blocks for d in (-1, 1)}
     neighbour_grads = [name for name in reference_grads if any(name.startswith(p) for p in neighbour_prefixes)]
     assert bool(neighbour_grads)  # the downstream loss always reaches the neighbours' own use
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=matrix_id)
+def test_forward_and_gradients_match_reference(case):
+    arch, granularity, fusion_mode, detach = case
+    model, reference = make(arch, granularity, fusion_mode, detach)
+    assert_matches_reference(model, reference, fusion_mode, detach, logits_atol=1e-6, grad_atol=1e-6)
+
+
+RESAMPLED_ARCHITECTURES = ["convnext", "convnextv2", "swin", "resnet"]
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("arch", RESAMPLED_ARCHITECTURES)
+def test_structured_resampling_matches_reference(arch, granularity, monkeypatch):
+    """The tiny models' tensors are small enough for dense resampling; force the structured form."""
+    monkeypatch.setattr(fusion, "DENSE_LIMIT", 0)
+    model, reference = make(arch, granularity)
+    steps = [step for block in model._blocks if hasattr(block.module, "_replacement")
+             for term in block.module._replacement.program.terms for step, _ in term.resample]
+    assert steps and not any(step.dense for step in steps)
+    # Gathers and a mean instead of a matrix product: equal up to float32 rounding.
+    assert_matches_reference(model, reference, "resample", False, logits_atol=1e-5, grad_atol=1e-5)
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=matrix_id)
@@ -287,6 +327,10 @@ def test_bf16_autocast_and_half_model_keep_fp32_coefficients():
     out = model(pixel_values=x.bfloat16()).logits
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), fp32, rtol=0.05, atol=0.05)
+    fp32_grad, coefficients.grad = coefficients.grad, None
+    loss_of(out.float()).backward()
+    assert coefficients.grad.dtype == torch.float32
+    torch.testing.assert_close(coefficients.grad, fp32_grad, rtol=0.05, atol=0.05)
 
 
 def test_torch_compile_matches_eager():
@@ -300,6 +344,77 @@ def test_torch_compile_matches_eager():
     loss_of(out).backward()
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+RESAMPLE_CASES = [
+    # (tensor shape, dim, target size): up- and downsampling, equal size, 1 entry, each position of dim
+    ((7,), 0, 12), ((12,), 0, 7), ((5,), 0, 5), ((6,), 0, 1), ((1,), 0, 4),
+    ((9, 4), 0, 16), ((16, 4), 0, 9), ((4, 9), 1, 16), ((4, 16), 1, 9), ((4, 8), 1, 8),
+    ((3, 10, 2, 2), 1, 6), ((3, 6, 2, 2), 1, 10), ((10, 1, 3, 3), 0, 20), ((2, 3, 5), 2, 11),
+]
+
+
+@pytest.mark.parametrize("fan_in", [False, True])
+@pytest.mark.parametrize("case", RESAMPLE_CASES, ids=str)
+def test_structured_resampling_equals_dense_rule(case, fan_in):
+    shape, dim, target = case
+    source = shape[dim]
+    matrix = dense_rule(source, target, fan_in)
+    torch.testing.assert_close(resample_matrix(source, target, fan_in), matrix, rtol=0, atol=1e-12)
+    generator = torch.Generator().manual_seed(0)
+    tensor = torch.randn(shape, generator=generator)
+    expected = torch.tensordot(matrix.float(), tensor, dims=([1], [dim])).movedim(0, dim)
+    grad = torch.randn(expected.shape, generator=generator)
+    expected_transposed = torch.tensordot(matrix.T.float(), grad, dims=([1], [dim])).movedim(0, dim)
+    for dense in (False, True):
+        step = DimResample(dim, source, target, fan_in, dense, len(shape))
+        tables = step.tables(torch.float32)
+        torch.testing.assert_close(step.apply(tensor, tables), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(step.apply_transposed(grad, tables), expected_transposed, rtol=0, atol=1e-6)
+
+
+class StagedBlock(torch.nn.Module):
+    """Every kind of tensor a block holds: vector, linear and convolution weights, a 0-dim scale."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.linear = torch.nn.Linear(width, 2 * width)
+        self.conv = torch.nn.Conv2d(width, width, 2)
+        self.scale = torch.nn.Parameter(torch.randn(()))
+
+
+class StagedModel(torch.nn.Module):
+    def __init__(self, widths: tuple[int, ...]) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(StagedBlock(width) for width in widths)
+
+
+@pytest.mark.parametrize("form", ["dense", "structured"])
+@pytest.mark.parametrize("fusion_mode", ["resample", "nearest"])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_synthesis_gradcheck(granularity, fusion_mode, form, monkeypatch):
+    """The fused synthesis node's backward against finite differences, float64, small tensors."""
+    monkeypatch.setattr(fusion, "DENSE_LIMIT", 2**40 if form == "dense" else 0)
+    torch.manual_seed(0)
+    # Block 1: previous neighbour narrower (upsampled), next wider (downsampled); block 3: next the same.
+    # With fusion="nearest" a tensor of a neighbour of another width is left out (one term).
+    widths = (2, 3, 5, 4, 4) if fusion_mode == "resample" else (3, 3, 5, 4, 4)
+    model = get_replacement_model(StagedModel(widths), ReplacementConfig(
+        block_path="blocks", replaced_blocks=[1, 3], coefficient_granularity=granularity, fusion=fusion_mode))
+    for index in (1, 3):
+        module = model.base_model.blocks[index]
+        state = module._replacement
+        coefficients = torch.rand(state.coefficients.get_parameter(str(index)).shape, dtype=torch.float64) + 0.25
+        sources = [owner._parameters[attr].detach().double() for owner, attr in state.neighbours]
+        tables = [module._buffers[name].double() if module._buffers[name].is_floating_point() else module._buffers[name]
+                  for name in state.table_names]
+        inputs = [coefficients.requires_grad_(), *(s.requires_grad_() for s in sources)]
+        assert torch.autograd.gradcheck(
+            lambda *args: _Synthesis.apply(state.program, *args, *tables), inputs, eps=1e-6, atol=1e-8
+        )
+        shapes = [tuple(p.shape) for p in StagedBlock(widths[index]).parameters()]
+        assert [tuple(w.shape) for w in _Synthesis.apply(state.program, *inputs, *tables)] == shapes
 
 
 def test_fused_linear_keeps_output_scale():
