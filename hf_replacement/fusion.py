@@ -33,12 +33,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# A resampling step costing up to this many multiply-adds as a dense product (m·n·other sizes) is
-# applied as one matrix product, a costlier one in the structured form. Measured on the 2-core CPU
-# (fp32, forward + transposed, 1 and 2 threads): both cost about the same (~50 µs) between 1M and 2M;
-# below, dense wins by up to 4x (one BLAS call against about ten calls for a vector or a 7x7 kernel);
-# above, structured wins by 15-80x on a ConvNeXt-T stage-3 MLP weight (384 -> 768 channels).
+# A resampling step is applied as one dense matrix product while it costs at most DENSE_LIMIT
+# multiply-adds (m·n·other) and its matrix has at most DENSE_TABLE_LIMIT entries, else in the
+# structured form. Measured on the 2-core CPU (fp32, forward + transposed): the structured form costs
+# a floor of ~30 µs (about ten ATen calls) per step; below it dense wins by up to 4x (a vector or a
+# 7x7 kernel of a few hundred channels); beyond ~1M multiply-adds, or a 512x256 matrix on a vector,
+# structured is as fast or faster (15-80x on a ConvNeXt-T stage-3 MLP weight). The table limit keeps
+# the matrices, held as buffers of every replaced block, from eating the memory RepL saves
+# (32 KB per fp32 table; a 256x128 matrix would save ~15 µs a step).
 DENSE_LIMIT = 2**20
+DENSE_TABLE_LIMIT = 2**13
 
 
 class FusionError(ValueError):
@@ -95,9 +99,8 @@ class DimResample:
         return f"{self.source_size}to{self.target_size}{'_fan_in' if self.fan_in else ''}_{form}"
 
     def tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        if self.dense:  # M and a contiguous Mᵀ (for the backward)
-            matrix = resample_matrix(self.source_size, self.target_size, self.fan_in).to(dtype)
-            return matrix, matrix.T.contiguous()
+        if self.dense:  # backward multiplies by a transposed view: BLAS reads it as is, no copy kept
+            return (resample_matrix(self.source_size, self.target_size, self.fan_in).to(dtype),)
         index, weights = _resample_table(self.source_size, self.target_size, self.fan_in)
         return index, weights.to(dtype).view(3, -1, *(1,) * (self.ndim - 1 - self.dim))
 
@@ -111,7 +114,7 @@ class DimResample:
 
     def apply_transposed(self, grad: torch.Tensor, tables: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.dense:
-            return _matrix_along(tables[1], grad, self.dim)
+            return _matrix_along(tables[0].T, grad, self.dim)
         (lower, upper), (w_lower, w_upper, w_mean) = tables[0].unbind(), tables[1].unbind()
         source_shape = list(grad.shape)
         source_shape[self.dim] = self.source_size
@@ -145,7 +148,8 @@ def fan_in_dims(owner: nn.Module, attr: str, ndim: int) -> set[int]:
 def resample_plan(source_shape: torch.Size, target_shape: torch.Size, fan_in: set[int]) -> tuple[DimResample, ...]:
     """The resampling of each dimension where the source differs from the target, in dimension order.
 
-    Each step is dense or structured by its cost at the size the earlier steps leave (`DENSE_LIMIT`).
+    Each step is dense or structured by its cost at the size the earlier steps leave and by the size
+    of its matrix (`DENSE_LIMIT`, `DENSE_TABLE_LIMIT`).
     """
     if len(source_shape) != len(target_shape):
         raise FusionError(f"cannot resample a tensor of shape {tuple(source_shape)} to {tuple(target_shape)}")
@@ -155,7 +159,7 @@ def resample_plan(source_shape: torch.Size, target_shape: torch.Size, fan_in: se
         source = shape[dim]
         if source != target:
             other = math.prod(shape) // source
-            dense = source * target * other <= DENSE_LIMIT
+            dense = source * target * other <= DENSE_LIMIT and source * target <= DENSE_TABLE_LIMIT
             steps.append(DimResample(dim, source, target, dim in fan_in, dense, len(shape)))
             shape[dim] = target
     return tuple(steps)

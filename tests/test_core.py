@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 import tiny_models
 from hf_replacement import ReplacementConfig, ReplacementModel, fusion, get_replacement_model
-from hf_replacement.fusion import DimResample, resample_matrix
+from hf_replacement.fusion import DimResample, resample_matrix, resample_plan
 from hf_replacement.layer import _Synthesis
 
 ARCHITECTURES = list(tiny_models.ARCHITECTURES)
@@ -174,6 +174,19 @@ def test_structured_resampling_matches_reference(arch, granularity, monkeypatch)
     assert steps and not any(step.dense for step in steps)
     # Gathers and a mean instead of a matrix product: equal up to float32 rounding.
     assert_matches_reference(model, reference, "resample", False, logits_atol=1e-5, grad_atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "source, target, dense",
+    [((64,), (32,), True), ((128,), (64,), True), ((256,), (128,), False), ((64, 64), (32, 32), True),
+     ((768, 3072), (384, 1536), False)],
+)
+def test_dense_resampling_only_with_a_small_table(source, target, dense):
+    """A dense matrix is kept as a buffer of the replaced block: only while it is small and cheap."""
+    steps = resample_plan(torch.Size(source), torch.Size(target), set())
+    assert [step.dense for step in steps] == [dense] * len(steps)
+    tables = [table for step in steps for table in step.tables(torch.float32)]
+    assert sum(table.numel() for table in tables) <= len(steps) * fusion.DENSE_TABLE_LIMIT
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=matrix_id)
