@@ -1,0 +1,76 @@
+"""RepL on a CUDA device: same numbers as on the CPU, bf16 autocast, checkpoints across devices.
+
+Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest -q tests/test_cuda.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tiny_models
+from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+ARCHITECTURES = ["vit", "convnext"]
+
+
+def replacement_model(arch: str) -> ReplacementModel:
+    model = tiny_models.build(arch)
+    return get_replacement_model(model, ReplacementConfig(replace_interval=3, block_path=tiny_models.block_path(arch)))
+
+
+def forward_backward(model: ReplacementModel, device: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    logits = tiny_models.logits(model(pixel_values=tiny_models.inputs().to(device)))
+    logits.pow(2).mean().backward()
+    return logits.detach().cpu(), {name: p.grad.detach().cpu() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cuda_matches_cpu(arch):
+    cpu_model = replacement_model(arch)
+    cuda_model = copy.deepcopy(cpu_model).cuda()
+    # TF32 matmuls would differ from the CPU by ~1e-3: compare full fp32.
+    torch.backends.cuda.matmul.allow_tf32, previous = False, torch.backends.cuda.matmul.allow_tf32
+    try:
+        cpu_logits, cpu_grads = forward_backward(cpu_model, "cpu")
+        cuda_logits, cuda_grads = forward_backward(cuda_model, "cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    torch.testing.assert_close(cuda_logits, cpu_logits, rtol=1e-4, atol=1e-5)
+    assert cuda_grads.keys() == cpu_grads.keys()
+    for name, grad in cpu_grads.items():
+        torch.testing.assert_close(cuda_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cuda_bf16_autocast_keeps_fp32_coefficients(arch):
+    model = replacement_model(arch).cuda()
+    with torch.no_grad():
+        fp32 = tiny_models.logits(model(pixel_values=tiny_models.inputs().cuda()))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = tiny_models.logits(model(pixel_values=tiny_models.inputs().cuda()))
+    out.float().pow(2).mean().backward()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), fp32, rtol=0.05, atol=0.05)
+    for coefficients in model.replacement_coefficients.parameters():
+        assert coefficients.dtype == torch.float32
+        assert coefficients.grad is not None and torch.isfinite(coefficients.grad).all() and coefficients.grad.abs().sum() > 0
+
+
+def test_cuda_checkpoint_loads_on_cpu(tmp_path):
+    model = replacement_model("vit").cuda()
+    model.save_pretrained(tmp_path)
+    loaded = ReplacementModel.from_pretrained(tmp_path)
+    for (name, expected), (_, actual) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=0, atol=0, msg=name)
+    x = tiny_models.inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tiny_models.logits(loaded(pixel_values=x)), tiny_models.logits(model(pixel_values=x.cuda())).cpu(),
+            rtol=1e-4, atol=1e-5,
+        )
