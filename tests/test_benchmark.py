@@ -7,12 +7,14 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 
 import pytest
 import torch
 from torch import nn
 
 from hf_replacement import find_blocks
+from hf_replacement.benchmark import report
 from hf_replacement.benchmark import (
     METHODS,
     BenchmarkError,
@@ -241,3 +243,24 @@ def test_gpu_suite_runs_on_cuda(tmp_path):
     methods = results["models"]["vit-mini"]["methods"]
     assert methods["bp"]["cuda_peak_mb"] > 0
     assert methods["repl-k4-recompute"]["cuda_peak_mb"] <= methods["repl-k4"]["cuda_peak_mb"]
+
+
+@pytest.mark.parametrize(
+    "repl_accuracies, drop_accuracies, verdict",
+    [([0.80, 0.82, 0.84], [0.70, 0.72, 0.71], "RepL beats the shallower model (+11.0 points, spread 2.2)"),
+     ([0.70, 0.72, 0.71], [0.80, 0.82, 0.84], "RepL loses to the shallower model (-11.0 points, spread 2.2)"),
+     ([0.70, 0.80, 0.75], [0.74, 0.72, 0.76], "RepL is within the seed spread of the shallower model (+1.0 points"),
+     ([0.80], [0.70], "+10.0 points with one seed, no spread to judge by: not evidence either way")],
+)
+def test_findings_judge_repl_against_drop_by_the_seed_spread(repl_accuracies, drop_accuracies, verdict):
+    def method(trainable: int, accuracies: list[float]) -> dict:
+        return {"trainable_params": trainable, "state_memory_mb": trainable / 1e5, "saved_activations_mb": 1.0,
+                "step_ratio_vs_bp": 1.0, "median_step_s": 0.1, "accuracies": accuracies,
+                "accuracy_mean": statistics.mean(accuracies),
+                "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0}
+
+    methods = {"bp": method(400, [0.75, 0.75, 0.75][: len(repl_accuracies)]),
+               "repl-k4": method(300, repl_accuracies), "drop-k4": method(300, drop_accuracies)}
+    text = "\n".join(report._pair_findings("vit-mini", methods, 4))
+    assert "- vit-mini, repl-k4: 25.0% fewer trainable parameters than bp" in text
+    assert verdict in text

@@ -46,6 +46,7 @@ def plot_accuracy_curves(results: dict[str, Any]) -> bytes:
             plotted = True
         axis.set_title(model_name)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         axis.set_ylabel("test accuracy")
         axis.grid(alpha=0.3)
         if plotted:

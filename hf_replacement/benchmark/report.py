@@ -100,10 +100,13 @@ def _pair_findings(model_name: str, methods: dict[str, Any], interval: int) -> l
                  f"{100 * bp['accuracy_mean']:.1f} ± {100 * bp['accuracy_std']:.1f}"]
         if drop is not None and "accuracy_mean" in drop:
             difference = 100 * (repl["accuracy_mean"] - drop["accuracy_mean"])
-            spread = 100 * math.hypot(repl["accuracy_std"], drop["accuracy_std"])
-            verdict = "beats" if difference > spread else "loses to" if difference < -spread else "is within the seed spread of"
-            parts.append(f"vs drop-k{interval} {100 * drop['accuracy_mean']:.1f} ± {100 * drop['accuracy_std']:.1f}: "
-                         f"RepL {verdict} the shallower model ({difference:+.1f} points, spread {spread:.1f})")
+            versus = f"vs drop-k{interval} {100 * drop['accuracy_mean']:.1f} ± {100 * drop['accuracy_std']:.1f}: "
+            if min(len(repl["accuracies"]), len(drop["accuracies"])) < 2:
+                parts.append(versus + f"{difference:+.1f} points with one seed, no spread to judge by: not evidence either way")
+            else:
+                spread = 100 * math.hypot(repl["accuracy_std"], drop["accuracy_std"])
+                verdict = "beats" if difference > spread else "loses to" if difference < -spread else "is within the seed spread of"
+                parts.append(versus + f"RepL {verdict} the shallower model ({difference:+.1f} points, spread {spread:.1f})")
         lines.append(f"- {model_name}: " + "; ".join(parts) + ".")
     if recompute is not None:
         saved = repl["saved_activations_mb"] - recompute["saved_activations_mb"]

@@ -100,7 +100,7 @@ SUITES: dict[str, SuiteSpec] = {
         inference_batch_size=64,
         inference_rounds=3,
         notes=("Fashion-MNIST subsampled (a random subset, seed 0) so the suite fits an hour on 2 CPU cores "
-               "(ConvNeXt-tiny at 28 px, stem stride 1, takes ~3.4 s per step of 64): about two hundred updates "
+               "(ConvNeXt-tiny at 28 px, stem stride 1, takes ~1.6 s per step of 32): about two hundred updates "
                "from scratch, so accuracies are far below full-data numbers.",
                "Trained for accuracy: bp, repl-k4 and the ablation it must beat, drop-k4; the other methods are "
                "measured (memory, time, checkpoint, throughput) only. repl-k4-recompute does the same arithmetic "
