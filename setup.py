@@ -25,7 +25,7 @@ setup(
         "Jinja2>=3",  # model card template
     ],
     extras_require={
-        "test": ["pytest>=8", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "matplotlib>=3.7", "tensorboard>=2.14"],  # tensorboard: the logging tests read its event files
         "benchmark": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["hf-replacement=hf_replacement.cli:main"]},
