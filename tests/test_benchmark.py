@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from hf_replacement import find_blocks
-from hf_replacement.benchmark import report
 from hf_replacement.benchmark import (
     METHODS,
     BenchmarkError,
@@ -22,6 +21,7 @@ from hf_replacement.benchmark import (
     add_benchmark_arguments,
     build_method_model,
     get_suite,
+    report,
     run_benchmark,
     run_benchmark_from_args,
     state_memory,

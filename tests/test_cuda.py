@@ -35,7 +35,8 @@ def test_cuda_matches_cpu(arch):
     cpu_model = replacement_model(arch)
     cuda_model = copy.deepcopy(cpu_model).cuda()
     # TF32 matmuls would differ from the CPU by ~1e-3: compare full fp32.
-    torch.backends.cuda.matmul.allow_tf32, previous = False, torch.backends.cuda.matmul.allow_tf32
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
         cpu_logits, cpu_grads = forward_backward(cpu_model, "cpu")
         cuda_logits, cuda_grads = forward_backward(cuda_model, "cuda")
