@@ -76,9 +76,9 @@ SUITES: dict[str, SuiteSpec] = {
                "repl-k4-recompute does the same arithmetic as repl-k4 (identical losses, checked in "
                "tests/test_benchmark.py): measured for memory/time, not retrained, to keep the suite under 10 minutes."),
     ),
-    # 2 CPU cores, under an hour: the 12-block ViT/DeiT-tiny take ~0.8 s per step of 64 at 28x28 and
-    # ConvNeXt-tiny (stem stride 1 at 28 px) ~3.4 s, so a full 60k epoch (15-60 min per run) cannot
-    # fit: a stratum of the training set, and the methods that differ in accuracy are trained.
+    # 2 CPU cores, under an hour (measured: 31 min): the 12-block ViT/DeiT-tiny take ~0.4 s per step
+    # of 32 at 28x28 and ConvNeXt-tiny (stem stride 1 at 28 px) ~1.6 s, so a full 60k epoch (15-50 min
+    # per run) cannot fit: a random subset of the data, and the methods that differ in accuracy are trained.
     "fashion-mnist": SuiteSpec(
         name="fashion-mnist",
         models=("vit-tiny", "deit-tiny", "convnext-tiny"),
