@@ -181,12 +181,15 @@ def measure(model_name: str, image_size: int, batch_size: int, rounds: int, step
     return result
 
 
-SETTINGS = {  # model: (image size, batch, rounds, steps per round, synthesis repeats)
-    "vit-mini": (8, 64, 6, 5, 30),
-    "convnext-mini": (8, 64, 6, 5, 30),
-    "vit-tiny": (28, 64, 4, 3, 20),
-    "convnext-tiny": (28, 32, 3, 2, 10),
-}
+# (model, image size, batch, rounds, steps per round, synthesis repeats). ConvNeXt-tiny twice: at
+# 56 px each weight is used on 4x the positions of 28 px, for the same synthesis work.
+SETTINGS = (
+    ("vit-mini", 8, 64, 6, 5, 30),
+    ("convnext-mini", 8, 64, 6, 5, 30),
+    ("vit-tiny", 28, 64, 4, 3, 20),
+    ("convnext-tiny", 28, 32, 3, 2, 10),
+    ("convnext-tiny", 56, 32, 3, 2, 10),
+)
 
 
 def render(results: list[dict], machine: dict, load: dict[str, list[float]]) -> str:
@@ -216,12 +219,17 @@ def render(results: list[dict], machine: dict, load: dict[str, list[float]]) -> 
         )
     lines += [
         "",
-        "Where the time goes: on large tensors synthesis is memory traffic (a few passes over the replaced "
-        "blocks' weights and their gradients), so its share of a step is small. On tiny blocks (the -mini presets "
-        "at 8 px: tens of thousands of synthesized values, steps of a few tens of ms) it is the fixed cost of each "
-        "ATen call (a few µs on this CPU), about ten per resampled tensor per step (gathers, matrix products and "
-        "their transposes in backward, dot products for the coefficients) even in one autograd node; a block at "
-        "a stage boundary, where every tensor of one neighbour is resampled, costs the most.",
+        "Where the time goes: synthesis does the same work per replaced weight whatever the input (a few "
+        "passes over the block's weights, its neighbours' and their gradients, forward and backward), while a "
+        "step's work per weight grows with the batch and the number of positions each weight is applied to. "
+        "On large tensors synthesis is memory traffic: a small share where each weight sees many positions "
+        "(ViT-tiny's 50 tokens, ConvNeXt-tiny at 56 px), a few percent where it sees few (ConvNeXt-tiny at "
+        "28 px, whose last stages run at 3x3 and 1x1, where its largest replaced block sits). On "
+        "tiny blocks (the -mini presets at 8 px: tens of thousands of synthesized values, steps of a few tens "
+        "of ms) it is the fixed cost of each ATen call (a few µs on this CPU), about ten per resampled tensor "
+        "per step (gathers, matrix products and their transposes in backward, dot products for the "
+        "coefficients) even in one autograd node; a block at a stage boundary, where every tensor of one "
+        "neighbour is resampled, costs the most.",
     ]
     lines += [
         "",
@@ -233,7 +241,7 @@ def render(results: list[dict], machine: dict, load: dict[str, list[float]]) -> 
     for r in results:
         other = r["other_granularities_synthesis_ms"]
         lines.append(
-            f"| {r['model']} | " + " | ".join(f"{other[g]['fused']:.2f} / {other[g]['unfused']:.2f}" for g in ("tensor", "channel")) + " |"
+            f"| {r['model']} ({r['image_size']}px) | " + " | ".join(f"{other[g]['fused']:.2f} / {other[g]['unfused']:.2f}" for g in ("tensor", "channel")) + " |"
         )
     lines.append("")
     return "\n".join(lines)
@@ -241,13 +249,14 @@ def render(results: list[dict], machine: dict, load: dict[str, list[float]]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    models = sorted({setting[0] for setting in SETTINGS})
+    parser.add_argument("--models", nargs="+", default=models, choices=models)
     parser.add_argument("--output-dir", default=HERE)
     args = parser.parse_args(argv)
     load = {"before": list(os.getloadavg())}
     results = []
-    for name in args.models:
-        results.append(measure(name, *SETTINGS[name]))
+    for setting in [setting for setting in SETTINGS if setting[0] in args.models]:
+        results.append(measure(*setting))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "equality"}), file=sys.stderr, flush=True)
     load["after"] = list(os.getloadavg())
     machine = machine_info(torch.device("cpu"))
