@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load = {"before": list(os.getloadavg())}
     results = []
-    for setting in [setting for setting in SETTINGS if setting[0] in args.models]:
+    for setting in filter(lambda setting: setting[0] in args.models, SETTINGS):
         results.append(measure(*setting))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "equality"}), file=sys.stderr, flush=True)
     load["after"] = list(os.getloadavg())
