@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["hf_replacement", "hf_replacement.*"]),
-    package_data={"hf_replacement": ["metrics/*/*.py", "templates/*.md"]},
+    package_data={"hf_replacement": ["templates/*.md"]},
     python_requires=">=3.10",
     # torch is pinned below 2.15: install the CPU or CUDA build you want first (see README).
     install_requires=[
@@ -15,7 +15,6 @@ setup(
         "transformers>=4.56,<6",
         "accelerate>=1.0",
         "datasets>=3.0",
-        "evaluate>=0.4",
         "peft>=0.17",
         "safetensors>=0.4",
         "huggingface_hub>=0.34",
@@ -25,7 +24,8 @@ setup(
         "Jinja2>=3",  # model card template
     ],
     extras_require={
-        "test": ["pytest>=8", "matplotlib>=3.7", "tensorboard>=2.14"],  # tensorboard: the logging tests read its event files
+        # tensorboard: the logging tests read its event files; ruff: the linter CI runs
+        "test": ["pytest>=8", "matplotlib>=3.7", "tensorboard>=2.14", "ruff>=0.6"],
         "benchmark": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["hf-replacement=hf_replacement.cli:main"]},

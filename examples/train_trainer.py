@@ -1,4 +1,4 @@
-"""Train a ViT with Replacement Learning on scikit-learn's digits, with the Transformers Trainer.
+"""Train a ViT with Replacement Learning on scikit-learn's digits, with `ReplacementTrainer` (a Transformers Trainer).
 
     python examples/train_trainer.py --output-dir outputs/trainer-digits --epochs 30
 
@@ -12,7 +12,7 @@ checkpoint, and leaves:
     <output-dir>/merged/         the same model as a plain ViTForImageClassification
 
 `--start-step N` trains the full model for N steps first, then replaces the blocks (see
-ReplacementCallback). `--report-to tensorboard` sends the coefficient curves to TensorBoard.
+docs/trainer.md). `--report-to tensorboard` sends the coefficient curves to TensorBoard.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import argparse
 import os
 
 import torch
-from transformers import EvalPrediction, Trainer, TrainingArguments, ViTForImageClassification
+from transformers import EvalPrediction, TrainingArguments, ViTForImageClassification
 
-from hf_replacement import ReplacementConfig, ReplacementModel
-from hf_replacement.callback import ReplacementCallback
+from hf_replacement import ReplacementConfig, ReplacementModel, ReplacementTrainer
 from hf_replacement.data import collate_fn, load_image_dataset, prepare_dataset
 from hf_replacement.presets import build_preset_model
 
@@ -53,7 +52,7 @@ def main() -> None:
     data = prepare_dataset(load_image_dataset("digits", seed=args.seed), image_size=8, num_channels=1)
     train, test = data["train"], data["test"]
     base = build_preset_model("vit-mini", num_labels=10, image_size=8, num_channels=1)
-    # With --start-step the blocks are replaced by the callback at that step, not now.
+    # With --start-step the blocks are replaced by the trainer at that step, not now.
     model = ReplacementModel(
         base, ReplacementConfig(replace_interval=args.replace_interval), defer_replacement=args.start_step is not None
     )
@@ -82,14 +81,18 @@ def main() -> None:
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,
     )
-    trainer = Trainer(
-        model=model, args=training_args, train_dataset=train, eval_dataset=test, data_collator=collate_fn,
+    # Coefficients are logged once per epoch here (the default, every step, suits TensorBoard/W&B
+    # better than this console).
+    trainer = ReplacementTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=test,
+        data_collator=collate_fn,
         compute_metrics=accuracy,
-    )
-    # Registers itself with the trainer. Coefficients are logged once per epoch here (the default,
-    # every step, suits TensorBoard/W&B better than this console).
-    callback = ReplacementCallback(
-        trainer, merge_at_end=True, start_step=args.start_step, coefficient_logging_steps=steps_per_epoch
+        replacement_start_step=args.start_step,
+        merge_at_end=True,
+        coefficient_logging_steps=steps_per_epoch,
     )
     trainer.train()
 
@@ -98,19 +101,29 @@ def main() -> None:
     trainer.save_model(final_dir)
 
     reloaded = ReplacementModel.from_pretrained(final_dir)
-    merged = ViTForImageClassification.from_pretrained(callback.merged_dir)
+    merged = ViTForImageClassification.from_pretrained(trainer.merged_dir)
     images = torch.stack(test[:]["pixel_values"])
     with torch.no_grad():
-        agree = (reloaded(pixel_values=images).logits.argmax(-1) == merged.eval()(pixel_values=images).logits.argmax(-1))
-    trainable, total = model.get_nb_trainable_parameters()
+        agree = reloaded(pixel_values=images).logits.argmax(-1) == merged.eval()(pixel_values=images).logits.argmax(-1)
+    _, total = model.get_nb_trainable_parameters()
     unreplaced = sum(p.numel() for p in merged.parameters())
-    print(f"test accuracy: {metrics['eval_accuracy']:.4f} (best of {trainer.state.num_train_epochs} epochs: {trainer.state.best_model_checkpoint})")
-    print(f"replaced blocks: {sorted(model.replaced_blocks)} of {model.num_blocks}; coefficients: "
-          + ", ".join(f"{name}: a={c['a'].mean():.3f} b={c['b'].mean():.3f}" for name, c in model.get_coefficients().items()))
-    print(f"parameters: {total:,d} trained ({unreplaced:,d} in the merged model, {100 * (1 - total / unreplaced):.1f}% fewer)")
+    coefficients = ", ".join(
+        f"{name}: a={c['a'].mean():.3f} b={c['b'].mean():.3f}" for name, c in model.get_coefficients().items()
+    )
+    print(
+        f"test accuracy: {metrics['eval_accuracy']:.4f} "
+        f"(best of {trainer.state.num_train_epochs} epochs: {trainer.state.best_model_checkpoint})"
+    )
+    print(f"replaced blocks: {sorted(model.replaced_blocks)} of {model.num_blocks}; coefficients: {coefficients}")
+    print(
+        f"parameters: {total:,d} trained ({unreplaced:,d} in the merged model, "
+        f"{100 * (1 - total / unreplaced):.1f}% fewer)"
+    )
     print(f"RepL checkpoint: {final_dir} (ReplacementModel.from_pretrained)")
-    print(f"merged model:    {callback.merged_dir} (ViTForImageClassification.from_pretrained; "
-          f"same predictions on {int(agree.sum())}/{len(agree)} test images)")
+    print(
+        f"merged model:    {trainer.merged_dir} (ViTForImageClassification.from_pretrained; "
+        f"same predictions on {int(agree.sum())}/{len(agree)} test images)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """hf_replacement: Replacement Learning (RepL) for Hugging Face Transformers vision models."""
 
 from .blocks import Block, BlockDiscoveryError, find_blocks
-from .callback import ReplacementCallback
 from .config import CONFIG_NAME, ReplacementConfig, ReplacementConfigError
 from .fusion import FusionError
 from .model import ReplacementModel, get_replacement_model
+from .trainer import ReplacementCallback, ReplacementTrainer
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "ReplacementConfig",
     "ReplacementConfigError",
     "ReplacementModel",
+    "ReplacementTrainer",
     "find_blocks",
     "get_replacement_model",
     "__version__",

@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import math
+
+
+def _bounded(text: str, parse: type, low: float, strict: bool) -> int | float:
+    kind = "an integer" if parse is int else "a number"
+    try:
+        value = parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+    above_low = value > low if strict else value >= low
+    if not (above_low and value < math.inf):
+        bound = f"{'an integer' if parse is int else 'a finite number'} {'>' if strict else '>='} {low}"
+        raise argparse.ArgumentTypeError(f"{value} must be {bound}")
+    return value
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+    return _bounded(text, int, 1, strict=False)
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
-    return value
+    return _bounded(text, float, 0, strict=True)
+
+
+def non_negative_float(text: str) -> float:
+    return _bounded(text, float, 0, strict=False)
 
 
 def block_list(text: str) -> list[int]:

@@ -13,7 +13,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from torch import nn
-
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
 import tempfile
-from typing import Union
+from collections.abc import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -12,36 +15,113 @@ from safetensors.torch import save_file
 WEIGHTS_NAME = "model.safetensors"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# Saved models and results are shared files: the mode an ordinary `open(path, "w")` would give.
+FILE_MODE = 0o666 & ~_UMASK
+# What `write_checkpoint` leaves behind only when it is killed: `.<name>.<random>.tmp` / `.backup`.
+_LEFTOVER = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.(tmp|backup)$")
 
-FileContent = Union[str, dict[str, torch.Tensor]]
+FileContent = str | bytes | dict[str, torch.Tensor]
 
 
 def write_checkpoint(directory: str | os.PathLike, files: dict[str, FileContent]) -> None:
-    """Write `files` (name -> text, or a state dict saved as safetensors) into `directory`.
+    """Write `files` (name -> text, bytes, or a state dict saved as safetensors) into `directory`.
 
     Each file is first written under a temporary name in the same directory; only when all of
-    them are complete are they renamed into place (`os.replace` is atomic on one file system).
-    If anything fails before that, the temporary files are removed and the directory is untouched.
+    them are complete are they renamed into place (`os.replace` is atomic on one file system). If
+    anything fails, the files already renamed are rolled back to what they were, the temporary files
+    are removed and the directory is as before. Leftovers of a writer that was killed are removed first.
     """
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
+    _remove_leftovers(directory)
     staged: list[tuple[str, str]] = []
     try:
         for name, content in files.items():
             handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
             os.close(handle)
-            os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp creates 0600; saved models are shared files
             staged.append((temporary, os.path.join(directory, name)))
-            if isinstance(content, str):
-                with open(temporary, "w", encoding="utf-8") as stream:
-                    stream.write(content)
-            else:
+            if isinstance(content, dict):
                 tensors = {key: value.detach().contiguous() for key, value in content.items()}
                 save_file(tensors, temporary, metadata={"format": "pt"})
-    except BaseException:
+            else:
+                with open(temporary, "wb") as stream:
+                    stream.write(content.encode("utf-8") if isinstance(content, str) else content)
+            # After writing: safetensors replaces the file it writes, with mode 0600.
+            os.chmod(temporary, FILE_MODE)
+        _replace_all(staged)
+    finally:
         for temporary, _ in staged:
-            if os.path.exists(temporary):
+            with contextlib.suppress(OSError):  # a failed clean-up must not hide the error that caused it
                 os.remove(temporary)
+
+
+def _replace_all(staged: list[tuple[str, str]]) -> None:
+    """Rename every staged file into place, or none: earlier renames are undone if a later one fails."""
+    backups: list[tuple[str, str | None]] = []  # (final, backup of what it held, or None: it did not exist)
+    try:
+        for temporary, final in staged:
+            backup = None
+            if os.path.exists(final):
+                backup = f"{os.path.dirname(final)}/.{os.path.basename(final)}.{os.urandom(6).hex()[:8]}.backup"
+                try:
+                    os.link(final, backup)  # a second name: `final` stays readable until the replace
+                except OSError:  # a file system without hard links
+                    shutil.copy2(final, backup)
+            backups.append((final, backup))
+            os.replace(temporary, final)
+    except BaseException:
+        for final, backup in reversed(backups):
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, final)
+                elif os.path.exists(final):
+                    os.remove(final)
         raise
-    for temporary, final in staged:
-        os.replace(temporary, final)
+    finally:
+        for _, backup in backups:
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(backup)
+
+
+def _remove_leftovers(directory: str) -> None:
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if _LEFTOVER.match(name):
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+
+@contextlib.contextmanager
+def staged_directory(directory: str | os.PathLike) -> Iterator[str]:
+    """A temporary directory beside `directory`, renamed to it when the block succeeds, removed if not.
+
+    A directory of several files (a training checkpoint) thus appears whole or not at all; one
+    already there is replaced as a unit.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    _remove_leftovers(parent)
+    staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes it private
+        if os.path.exists(directory):
+            retired = tempfile.mkdtemp(prefix=f".{name}.", suffix=".backup", dir=parent)
+            os.replace(directory, os.path.join(retired, name))
+            os.replace(staging, directory)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def atomic_write(path: str | os.PathLike, content: FileContent) -> None:
+    """Write one file atomically (see `write_checkpoint`): readers never see it half-written."""
+    directory, name = os.path.split(os.fspath(path))
+    write_checkpoint(directory or ".", {name: content})

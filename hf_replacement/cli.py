@@ -1,4 +1,4 @@
-"""`hf-replacement` command line: train, evaluate, merge, benchmark.
+"""`hf-replacement` command line: train, evaluate, merge.
 
 Run it as the console script, as `python -m hf_replacement.cli`, or under
 `accelerate launch -m hf_replacement.cli train ...` for several processes or nodes.
@@ -7,45 +7,93 @@ Run it as the console script, as `python -m hf_replacement.cli`, or under
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from .argtypes import block_list, positive_float, positive_int
-from .config import FUSION_MODES, GRANULARITIES
+from .argtypes import block_list, non_negative_float, positive_float, positive_int
+from .config import ReplacementConfig
+from .hub import HubError
+from .steps import NonFiniteLossError
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="digits", help="digits (embedded), fashion-mnist, a Hub id, or a local imagefolder / save_to_disk dir")
-    parser.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--max-eval-samples", type=positive_int, help="evaluate on a random subset of the test split (seeded)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="per process (global batch: x processes x accumulation)")
+    parser.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits (embedded), fashion-mnist, a Hub id, or a local imagefolder / save_to_disk dir",
+    )
+    parser.add_argument(
+        "--data-dir", help="directory with the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)"
+    )
+    parser.add_argument(
+        "--max-eval-samples", type=positive_int, help="evaluate on a random subset of the test split (seeded)"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=64, help="per process (global batch: x processes x accumulation)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="initialisation, data order and the digits split")
 
 
+# Which blocks to replace: one way at a time (or --baseline, none).
+_SELECTION_FIELDS = ("replace_interval", "replaced_blocks")
+_VALUE_PARSERS = {"replaced_blocks": block_list}
+
+
+def _replacement_fields() -> list[dataclasses.Field]:
+    return [spec for spec in dataclasses.fields(ReplacementConfig) if spec.metadata.get("cli")]
+
+
+def _add_replacement_arguments(parser: argparse.ArgumentParser, selection: argparse._MutuallyExclusiveGroup) -> None:
+    """One flag per `ReplacementConfig` field marked for the CLI: help, choices and defaults come from the config."""
+    for spec in _replacement_fields():
+        target = selection if spec.name in _SELECTION_FIELDS else parser
+        flag = "--" + spec.name.replace("_", "-")
+        if isinstance(spec.default, bool):
+            target.add_argument(flag, action="store_true", dest=spec.name, help=spec.metadata["help"])
+            continue
+        target.add_argument(
+            flag,
+            dest=spec.name,
+            default=spec.default,
+            type=_VALUE_PARSERS.get(spec.name, type(spec.default) if spec.default is not None else str),
+            choices=spec.metadata.get("choices"),
+            help=f"{spec.metadata['help']} (default: {spec.default})",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-replacement", description="Replacement Learning (RepL) for Transformers vision models.")
+    parser = argparse.ArgumentParser(
+        prog="hf-replacement", description="Replacement Learning (RepL) for Transformers vision models."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model with RepL (or --baseline) and evaluate it")
-    train.add_argument("--model", default="vit-mini", help="preset (vit-mini, vit-tiny, deit-small, convnext-tiny, ...), Hub id or local model dir")
+    train.add_argument(
+        "--model",
+        default="vit-mini",
+        help="preset (vit-mini, vit-tiny, deit-small, convnext-tiny, ...), Hub id or local model dir",
+    )
     _add_data_arguments(train)
-    train.add_argument("--image-size", type=positive_int, help="input resolution (default: the data's, or the pretrained model's)")
+    train.add_argument(
+        "--image-size", type=positive_int, help="input resolution (default: the data's, or the pretrained model's)"
+    )
     train.add_argument("--max-train-samples", type=positive_int, help="train on a random subset (seeded)")
     selection = train.add_mutually_exclusive_group()
-    selection.add_argument("--replace-interval", type=int, default=4, help="replace every k-th block (paper: 4)")
-    selection.add_argument("--replaced-blocks", type=block_list, help="explicit block indices, e.g. 3,7")
+    _add_replacement_arguments(train, selection)
     selection.add_argument("--baseline", action="store_true", help="ordinary training, everything else the same")
-    train.add_argument("--coefficient-granularity", choices=GRANULARITIES, default="block", help="one (a, b) per block (paper), per tensor or per output channel")
-    train.add_argument("--fusion", choices=FUSION_MODES, default="resample", help="neighbours of another shape: resample, use the matching one, or refuse")
-    train.add_argument("--detach-neighbors", action="store_true", help="no gradient from a replaced block into its neighbours")
-    train.add_argument("--recompute-replaced", action="store_true", help="recompute replaced blocks in backward (less memory, more time)")
-    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast; coefficients and master weights stay fp32")
+    train.add_argument(
+        "--mixed-precision",
+        choices=["no", "fp16", "bf16"],
+        default="no",
+        help="autocast; coefficients and master weights stay fp32",
+    )
     train.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
     train.add_argument("--epochs", type=positive_float, default=10, help="may be fractional")
     train.add_argument("--lr", type=positive_float, default=1e-3)
-    train.add_argument("--weight-decay", type=float, default=0.05)
+    train.add_argument("--weight-decay", type=non_negative_float, default=0.05)
     train.add_argument("--output-dir", default="outputs/repl", help="model, results.json and checkpoint-N/ go here")
     train.add_argument("--resume-from", help="a checkpoint-<step> directory written with --checkpointing-steps")
     train.add_argument("--checkpointing-steps", type=positive_int, help="write checkpoint-N/ every N updates")
@@ -61,17 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="write a RepL checkpoint as a plain Transformers model")
     merge.add_argument("checkpoint")
     merge.add_argument("output_dir")
-
-    from .benchmark import add_benchmark_arguments
-
-    add_benchmark_arguments(commands.add_parser("benchmark", help="RepL against ordinary training and the alternatives"))
     return parser
 
 
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainingOptions, train
 
-    options = TrainingOptions(**{k: v for k, v in vars(args).items() if k != "command"})
+    values = {key: value for key, value in vars(args).items() if key != "command"}
+    replacement = ReplacementConfig(**{spec.name: values.pop(spec.name) for spec in _replacement_fields()})
+    options = TrainingOptions(replacement=replacement, **values)
     results = train(options)
     from accelerate import PartialState
 
@@ -99,7 +145,9 @@ def _report(results: dict, output_dir: str) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.batch_size, args.max_eval_samples, args.seed)
+    result = evaluate_checkpoint(
+        args.checkpoint, args.dataset, args.data_dir, args.batch_size, args.max_eval_samples, args.seed
+    )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -117,13 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": _train, "evaluate": _evaluate, "merge": _merge}
-    if args.command == "benchmark":
-        from .benchmark import run_benchmark_from_args
-
-        return run_benchmark_from_args(args)
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, NonFiniteLossError, HubError) as error:
         parser.exit(2, f"hf-replacement {args.command}: error: {error}\n")
 
 

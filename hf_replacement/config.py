@@ -13,7 +13,13 @@ CONFIG_NAME = "replacement_config.json"
 FORMAT_VERSION = 1
 
 GRANULARITIES = ("block", "tensor", "channel")
+_FLOAT32_MAX = 3.4028234663852886e38  # the coefficients are float32: a larger initial value is inf
 FUSION_MODES = ("resample", "nearest", "error")
+
+
+def _option(default: Any, help: str, choices: tuple[str, ...] | None = None, cli: bool = True) -> Any:
+    """A config field whose help (and choices) `hf-replacement train` turns into a flag when `cli`."""
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
 
 
 class ReplacementConfigError(ValueError):
@@ -41,32 +47,44 @@ class ReplacementConfig:
             discovery does not know (e.g. "encoder.blocks").
     """
 
-    replace_interval: int = 4
-    replaced_blocks: list[int] | None = None
-    coefficient_granularity: str = "block"
-    coefficient_init: tuple[float, float] = (0.5, 0.5)
-    fusion: str = "resample"
-    detach_neighbors: bool = False
-    recompute_replaced: bool = False
-    block_path: str | None = None
+    replace_interval: int = _option(4, "replace every k-th block (blocks k-1, 2k-1, ...; the paper uses 4)")
+    replaced_blocks: list[int] | None = _option(None, "explicit block indices to replace instead, e.g. 3,7")
+    coefficient_granularity: str = _option(
+        "block", "one (a, b) per block (the paper), per tensor or per output channel", choices=GRANULARITIES
+    )
+    coefficient_init: tuple[float, float] = _option((0.5, 0.5), "initial (a, b)", cli=False)
+    fusion: str = _option(
+        "resample", "neighbours of another shape: resample, use only the matching one, or refuse", choices=FUSION_MODES
+    )
+    detach_neighbors: bool = _option(False, "no gradient from a replaced block into its neighbours")
+    recompute_replaced: bool = _option(False, "recompute replaced blocks in backward (less memory, more time)")
+    block_path: str | None = _option(None, "dotted path of the nn.ModuleList holding the blocks", cli=False)
     format_version: int = field(default=FORMAT_VERSION, repr=False)
 
     def __post_init__(self) -> None:
-        self.coefficient_init = tuple(self.coefficient_init)  # JSON gives a list
-        if self.replaced_blocks is not None:
+        # JSON gives lists; anything not iterable is left for validate() to name.
+        if isinstance(self.coefficient_init, (list, tuple)):
+            self.coefficient_init = tuple(self.coefficient_init)
+        if isinstance(self.replaced_blocks, (tuple, range)):
             self.replaced_blocks = list(self.replaced_blocks)
         self.validate()
 
     def validate(self) -> None:
         """Check each field's type and range; raise `ReplacementConfigError` naming the first bad one."""
-        if isinstance(self.replace_interval, bool) or not isinstance(self.replace_interval, int) or self.replace_interval < 2:
+        if (
+            isinstance(self.replace_interval, bool)
+            or not isinstance(self.replace_interval, int)
+            or self.replace_interval < 2
+        ):
             raise ReplacementConfigError(
                 f"replace_interval={self.replace_interval!r} is invalid: it must be an integer >= 2 "
                 "(1 would replace adjacent blocks); the paper uses 4."
             )
         if self.replaced_blocks is not None:
-            if not self.replaced_blocks or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in self.replaced_blocks
+            if (
+                not isinstance(self.replaced_blocks, list)
+                or not self.replaced_blocks
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.replaced_blocks)
             ):
                 raise ReplacementConfigError(
                     f"replaced_blocks={self.replaced_blocks!r} is invalid: give a non-empty list of block "
@@ -81,16 +99,22 @@ class ReplacementConfig:
         if self.fusion not in FUSION_MODES:
             raise ReplacementConfigError(f"fusion={self.fusion!r} is invalid: choose one of {FUSION_MODES}.")
         init = self.coefficient_init
-        if len(init) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in init):
+        if (
+            not isinstance(init, tuple)
+            or len(init) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= _FLOAT32_MAX for v in init)
+        ):
             raise ReplacementConfigError(
-                f"coefficient_init={init!r} is invalid: give two numbers (a, b), e.g. (0.5, 0.5)."
+                f"coefficient_init={init!r} is invalid: give two finite numbers (a, b) within float32 range, "
+                "e.g. (0.5, 0.5)."
             )
         for name in ("detach_neighbors", "recompute_replaced"):
             if not isinstance(getattr(self, name), bool):
                 raise ReplacementConfigError(f"{name}={getattr(self, name)!r} is invalid: it must be True or False.")
         if self.block_path is not None and (not isinstance(self.block_path, str) or not self.block_path):
             raise ReplacementConfigError(
-                f"block_path={self.block_path!r} is invalid: give the dotted path of an nn.ModuleList, e.g. 'encoder.layers'."
+                f"block_path={self.block_path!r} is invalid: give the dotted path of an nn.ModuleList, "
+                "e.g. 'encoder.layers'."
             )
         if self.format_version != FORMAT_VERSION:
             raise ReplacementConfigError(
@@ -104,7 +128,7 @@ class ReplacementConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ReplacementConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ReplacementConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -118,7 +142,7 @@ class ReplacementConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "ReplacementConfig":
+    def from_json_file(cls, path: str | os.PathLike) -> ReplacementConfig:
         try:
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
@@ -127,7 +151,7 @@ class ReplacementConfig:
                 f"{path} not found: a RepL checkpoint directory needs {CONFIG_NAME} "
                 "(written by ReplacementModel.save_pretrained)."
             ) from error
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ReplacementConfigError(f"{path} is not valid JSON ({error}); the checkpoint is corrupt.") from error
         if not isinstance(data, dict):
             raise ReplacementConfigError(f"{path} must hold a JSON object, found {type(data).__name__}.")

@@ -24,7 +24,18 @@ from PIL import Image as PILImage
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 # split -> (images, labels) file names, without the optional ".gz"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -54,7 +65,9 @@ def load_image_dataset(name: str, data_dir: str | None = None, seed: int = 0) ->
         dataset = _load_local_dir(name)
     elif key == "imagefolder":
         if not data_dir or not os.path.isdir(data_dir):
-            raise DataError(f"imagefolder needs --data-dir DIR with one sub-folder of images per class (got {data_dir!r}).")
+            raise DataError(
+                f"imagefolder needs --data-dir DIR with one sub-folder of images per class (got {data_dir!r})."
+            )
         dataset = _load_local_dir(data_dir)
     else:
         dataset = _load_hub(name, data_dir)
@@ -128,7 +141,9 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(shape)) + offset
     if len(raw) != expected:
-        raise DataError(f"{path} holds {len(raw)} bytes but its header {shape} needs {expected}: the file is truncated or corrupt.")
+        raise DataError(
+            f"{path} holds {len(raw)} bytes but its header {shape} needs {expected}: the file is truncated or corrupt."
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
 
 
@@ -136,12 +151,18 @@ def _load_fashion_mnist(directory: str) -> DatasetDict:
     paths = {
         split: tuple(_find_idx_file(directory, base) for base in bases) for split, bases in FASHION_MNIST_FILES.items()
     }
-    missing = [base + "[.gz]" for split, bases in FASHION_MNIST_FILES.items() for base, path in zip(bases, paths[split]) if path is None]
+    missing = [
+        base + "[.gz]"
+        for split, bases in FASHION_MNIST_FILES.items()
+        for base, path in zip(bases, paths[split])
+        if path is None
+    ]
     if missing:
         files = ", ".join(base + ".gz" for bases in FASHION_MNIST_FILES.values() for base in bases)
         where = "does not exist" if not os.path.isdir(directory) else f"lacks {', '.join(missing)}"
         raise DataError(
-            f"Fashion-MNIST not found: {directory} {where}. Install it with `sudo apt-get install dataset-fashion-mnist` "
+            f"Fashion-MNIST not found: {directory} {where}. "
+            "Install it with `sudo apt-get install dataset-fashion-mnist` "
             f"(files go to {FASHION_MNIST_DIR}), or pass --data-dir DIR holding the four IDX files ({files})."
         )
     splits = {}
@@ -164,12 +185,29 @@ def _load_local_dir(path: str) -> DatasetDict | Dataset:
         except (OSError, ValueError) as error:
             raise DataError(f"Could not read the saved data set in {path}: {error}") from error
     try:
-        return load_dataset("imagefolder", data_dir=path)
+        dataset = load_dataset("imagefolder", data_dir=path)
     except (OSError, ValueError) as error:
         raise DataError(
             f"Could not read {path} as an image folder ({error}). A local directory must be a `save_to_disk` "
             "directory or hold one sub-folder of images per class (optionally under train/ and test/)."
         ) from error
+    _check_images(path)
+    return dataset
+
+
+def _check_images(path: str) -> None:
+    """Read every image's header now: a corrupt file would otherwise stop training when first drawn."""
+    extensions = tuple(PILImage.registered_extensions())
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            if not name.lower().endswith(extensions):
+                continue
+            file = os.path.join(root, name)
+            try:
+                with PILImage.open(file) as image:
+                    image.verify()
+            except (OSError, SyntaxError) as error:  # PIL reports a damaged file as either
+                raise DataError(f"{file} is not a readable image ({error}); remove or replace it.") from None
 
 
 def _load_hub(name: str, data_dir: str | None) -> DatasetDict | Dataset:
@@ -213,13 +251,21 @@ def _normalise(dataset: DatasetDict | Dataset, name: str, seed: int) -> DatasetD
             f"and a label column (label, labels or fine_label) for image classification."
         )
     if not isinstance(dataset["train"].features["image"], Image):
-        raise DataError(f"Data set {name!r}: column 'image' is {dataset['train'].features['image']}, expected datasets.Image.")
+        raise DataError(
+            f"Data set {name!r}: column 'image' is {dataset['train'].features['image']}, expected datasets.Image."
+        )
     if "test" not in dataset:
         if "validation" in dataset:
             dataset = DatasetDict(train=dataset["train"], test=dataset["validation"])
         else:
             dataset = DatasetDict(train=dataset["train"])  # set below
-    dataset = DatasetDict({split: part.select_columns(["image", "label"]) for split, part in dataset.items() if split in ("train", "test")})
+    dataset = DatasetDict(
+        {
+            split: part.select_columns(["image", "label"])
+            for split, part in dataset.items()
+            if split in ("train", "test")
+        }
+    )
     if not isinstance(dataset["train"].features["label"], ClassLabel):
         # Integer or string labels: encode over all splits together so ids agree between splits.
         dataset = dataset.class_encode_column("label")
@@ -250,7 +296,9 @@ def subsample(dataset: DatasetDict, max_train: int | None, max_test: int | None,
         limit = limits.get(split)
         if limit is not None and limit < 1:
             raise DataError(f"max samples for {split} must be at least 1, got {limit}.")
-        result[split] = part.shuffle(seed=seed).select(range(limit)) if limit is not None and limit < len(part) else part
+        result[split] = (
+            part.shuffle(seed=seed).select(range(limit)) if limit is not None and limit < len(part) else part
+        )
     return DatasetDict(result)
 
 
@@ -289,7 +337,9 @@ def image_transform(
     return transform
 
 
-def prepare_dataset(dataset: DatasetDict, image_size: int, num_channels: int, image_processor: Any = None) -> DatasetDict:
+def prepare_dataset(
+    dataset: DatasetDict, image_size: int, num_channels: int, image_processor: Any = None
+) -> DatasetDict:
     """Lazily map `image` to normalised `pixel_values` (C, H, W) for every split; `label` is kept.
 
     Normalises with the image processor's image_mean/image_std when one is given (none when its

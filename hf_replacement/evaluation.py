@@ -11,29 +11,35 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME
+from .loading import load_image_classifier
 from .model import ReplacementModel
 
 
 def load_checkpoint(directory: str) -> nn.Module:
     """A RepL checkpoint (has `replacement_config.json`) or a plain Transformers model directory."""
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{directory} is not a checkpoint directory (written by train, save_pretrained or merge).")
+        raise FileNotFoundError(
+            f"{directory} is not a checkpoint directory (written by train, save_pretrained or merge)."
+        )
     if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         return ReplacementModel.from_pretrained(directory)
-    from transformers import AutoModelForImageClassification
-
-    return AutoModelForImageClassification.from_pretrained(directory, use_safetensors=True).eval()
+    return load_image_classifier(directory).eval()
 
 
 def evaluate_checkpoint(
-    directory: str, dataset: str, data_dir: str | None = None, batch_size: int = 64, max_eval_samples: int | None = None, seed: int = 0
+    directory: str,
+    dataset: str,
+    data_dir: str | None = None,
+    batch_size: int = 64,
+    max_eval_samples: int | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Accuracy of the checkpoint on the data set's test split (one process)."""
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
     from .data import collate_fn, load_image_dataset, prepare_dataset, subsample
-    from .train import evaluate_accuracy
+    from .train import evaluate_loader
 
     model = load_checkpoint(directory)
     config = model.config
@@ -41,14 +47,14 @@ def evaluate_checkpoint(
     data = prepare_dataset(raw, int(config.image_size), int(config.num_channels))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, loader = accelerator.prepare(model, DataLoader(data["test"], batch_size=batch_size, collate_fn=collate_fn))
-    accuracy = evaluate_accuracy(model, loader, accelerator)
+    accuracy = evaluate_loader(model, loader, accelerator)
     return {"checkpoint": directory, "dataset": dataset, "accuracy": accuracy, "samples": len(data["test"])}
 
 
 def merge_checkpoint(directory: str, output_dir: str) -> None:
     """Write a RepL checkpoint as a plain Transformers model (loads without hf_replacement)."""
     if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise FileExistsError(f"{output_dir} exists and is not empty; choose a new output directory.")
+        raise ValueError(f"{output_dir} exists and is not empty; choose a new output directory.")
     model = load_checkpoint(directory)
     if not isinstance(model, ReplacementModel):
         raise ValueError(f"{directory} is already a plain model (no {CONFIG_NAME}); nothing to merge.")

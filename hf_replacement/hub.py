@@ -7,7 +7,6 @@ mirror or a test server can be chosen after import.
 
 from __future__ import annotations
 
-import copy
 import importlib.metadata
 import json
 import logging
@@ -15,11 +14,19 @@ import math
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, ModelCardData, snapshot_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    snapshot_download,
+)
 from huggingface_hub.errors import (
     HfHubHTTPError,
     HFValidationError,
@@ -31,6 +38,8 @@ from huggingface_hub.repocard_data import EvalResult
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
+from .utils import count_parameters
+
 logger = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "replacement_model_card.md"
@@ -38,7 +47,9 @@ TEMPLATE_PATH = Path(__file__).parent / "templates" / "replacement_model_card.md
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.md"]
 # Files a previous push may have left that would contradict the new one (a merged push over a compact
 # one must drop replacement_config.json, or ReplacementModel.from_pretrained would misread the repo).
-_STALE_FILES = re.compile(r"^(replacement_config\.json|results\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?)$")
+_STALE_FILES = re.compile(
+    r"^(replacement_config\.json|results\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?)$"
+)
 _KNOWN_METRICS = ("accuracy", "top5_accuracy", "f1", "precision", "recall")
 # Nested or bulky entries of results.json that belong in the JSON file, not in the card's table.
 _RESULT_KEYS_NOT_SHOWN = {"options", "replacement_config", "coefficients", "replaced_blocks"}
@@ -60,6 +71,33 @@ class HubDownloadError(HubError):
     """A checkpoint could not be downloaded from the Hub."""
 
 
+@dataclass(frozen=True)
+class CardFacts:
+    """What a model card says about a model: `ReplacementModel.card_facts()` for a RepL model,
+    `CardFacts.of_plain_model` for any other."""
+
+    architecture: str
+    config: Any
+    trainable_params: int
+    total_params: int
+    unreplaced_params: int
+    granularity: str = "block"
+    replaced_blocks: tuple[dict[str, Any], ...] = ()  # {"index", "name", "a", "b"}
+    num_blocks: int = 0
+    is_replacement: bool = False
+
+    @classmethod
+    def of_plain_model(cls, model: nn.Module) -> CardFacts:
+        trainable, total = count_parameters(model)
+        return cls(type(model).__name__, getattr(model, "config", None), trainable, total, total)
+
+
+def card_facts(model: nn.Module) -> CardFacts:
+    """A RepL model describes itself (`card_facts()`); any other model is described as plain."""
+    describe = getattr(model, "card_facts", None)
+    return describe() if callable(describe) else CardFacts.of_plain_model(model)
+
+
 def hub_endpoint() -> str | None:
     """`HF_ENDPOINT` as set now (None: huggingface_hub's default)."""
     endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
@@ -68,7 +106,13 @@ def hub_endpoint() -> str | None:
 
 def looks_like_repo_id(name: str) -> bool:
     """Whether `name` can be a Hub repo id ("user/name" or "name"), as opposed to a filesystem path."""
-    if not name or os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+    if (
+        not name
+        or os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or os.sep in name.replace("/", "")
+    ):
         return False
     try:
         validate_repo_id(name)
@@ -93,31 +137,13 @@ def render_model_card(
     `results` is the training results dict or a path to `results.json`; `merged` says whether the
     repository will hold the merged Transformers model rather than the compact RepL checkpoint.
     """
-    from . import __version__
-    from .model import ReplacementModel
-
+    facts = card_facts(model)
     results = _load_results(results)
     datasets = [d for d in (datasets or []) if d]
-    is_repl = isinstance(model, ReplacementModel)
-    base = model.base_model if is_repl else model
-    architecture = type(base).__name__
-    base_model = base_model or _base_model_from_config(getattr(base, "config", None))
+    base_model = base_model or _base_model_from_config(facts.config)
     repo_id = repo_id or "<user>/<repo>"
-
-    if is_repl:
-        trainable, total = model.get_nb_trainable_parameters()
-        full = model._num_unreplaced_parameters
-        granularity = model.replacement_config.coefficient_granularity
-        coefficients = model.get_coefficients()
-        blocks = [
-            {"index": index, "name": name, "a": _fmt(coefficients[name]["a"]), "b": _fmt(coefficients[name]["b"])}
-            for index, name in sorted(model.replaced_blocks.items())
-        ]
-        num_blocks = model.num_blocks
-    else:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = full = sum(p.numel() for p in model.parameters())
-        granularity, blocks, num_blocks = "block", [], 0
+    blocks = [block | {"a": _fmt(block["a"]), "b": _fmt(block["b"])} for block in facts.replaced_blocks]
+    trainable, total, full = facts.trainable_params, facts.total_params, facts.unreplaced_params
     saved = 100 * (1 - total / full) if full else None
 
     metrics = [key for key in _KNOWN_METRICS if results and key in results] or ["accuracy"]
@@ -134,8 +160,9 @@ def render_model_card(
             )
         ]
     card_data = ModelCardData(
-        library_name="transformers" if merged or not is_repl else "hf-replacement",
-        tags=["hf-replacement", "replacement-learning", "image-classification", "vision"] + (["merged"] if merged else []),
+        library_name="transformers" if merged or not facts.is_replacement else "hf-replacement",
+        tags=["hf-replacement", "replacement-learning", "image-classification", "vision"]
+        + (["merged"] if merged else []),
         base_model=base_model,
         datasets=datasets or None,
         metrics=metrics,
@@ -143,20 +170,25 @@ def render_model_card(
         model_name=repo_id.split("/")[-1],
         eval_results=eval_results,
     )
-    rows = [(key, _fmt(value)) for key, value in (results or {}).items() if key not in _RESULT_KEYS_NOT_SHOWN and _is_scalar(value)]
-    versions = [("hf_replacement", __version__)] + [
-        (name, _version(name)) for name in ("transformers", "torch", "huggingface_hub", "safetensors")
+    rows = [
+        (key, _fmt(value))
+        for key, value in (results or {}).items()
+        if key not in _RESULT_KEYS_NOT_SHOWN and _is_scalar(value)
     ]
+    packages = {"hf_replacement": "hf-replacement"} | {
+        name: name for name in ("transformers", "torch", "huggingface_hub", "safetensors")
+    }
+    versions = [(name, _version(distribution)) for name, distribution in packages.items()]
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
         merged=merged,
-        architecture=architecture,
+        architecture=facts.architecture,
         replaced_blocks=blocks,
-        num_blocks=num_blocks,
-        granularity=granularity,
+        num_blocks=facts.num_blocks,
+        granularity=facts.granularity,
         trainable_params=f"{trainable:,d}",
         total_params=f"{total:,d}",
         full_params=f"{full:,d}",
@@ -230,15 +262,13 @@ def push_to_hub(
     `results` (a dict or the path of `results.json`) fills the card's results section and is
     uploaded as `results.json`. Raises `HubPushError` when the Hub cannot be reached or refuses.
     """
-    from .model import ReplacementModel
-
     validate_repo_id(repo_id)  # a ValueError for a malformed id, before any work
-    if not isinstance(model, ReplacementModel) and not hasattr(model, "save_pretrained"):
+    if not hasattr(model, "save_pretrained"):
         raise TypeError(f"push_to_hub needs a ReplacementModel or a Transformers model, got {type(model).__name__}.")
     results = _load_results(results)
     endpoint = hub_endpoint()
     api = HfApi(endpoint=endpoint, token=token)
-    kind = "merged model" if merged or not isinstance(model, ReplacementModel) else "RepL checkpoint"
+    kind = "merged model" if merged or not card_facts(model).is_replacement else "RepL checkpoint"
     with tempfile.TemporaryDirectory(prefix="hf_replacement_push_") as folder:
         # Everything is staged in a temporary folder: the caller's own saved checkpoint is never touched.
         card = render_model_card(model, results, base_model, datasets, merged=merged, repo_id=repo_id)
@@ -270,17 +300,11 @@ def push_to_hub(
 
 
 def _save_for_push(model: nn.Module, folder: str, merged: bool) -> None:
-    from .model import ReplacementModel
-
-    if not isinstance(model, ReplacementModel):
-        model.save_pretrained(folder)
-    elif merged:
-        # merge_and_unload writes into the blocks and drops the coefficients: work on a copy so the
-        # caller's RepL model keeps training. This holds a second copy of the weights for a moment.
-        plain = copy.deepcopy(model).merge_and_unload()
-        if not hasattr(plain, "save_pretrained"):
-            raise TypeError(f"merged=True needs a Transformers base model; {type(plain).__name__} has no save_pretrained.")
-        plain.save_pretrained(folder)
+    # A RepL model writes its merged form without changing itself (`save_merged`); a plain model is
+    # already merged.
+    save_merged = getattr(model, "save_merged", None)
+    if merged and callable(save_merged):
+        save_merged(folder)
     else:
         model.save_pretrained(folder)
 
@@ -289,9 +313,13 @@ def _operations(api: HfApi, repo_id: str, folder: str, revision: str | None) -> 
     # create_commit, not upload_folder: with hf_xet installed upload_folder goes through a pipeline
     # that retries a failed commit with backoff for ~30 s, and it cannot drop stale files by name.
     files = sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
-    operations: list = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name)) for name in files]
+    operations: list = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name)) for name in files
+    ]
     remote = api.list_repo_files(repo_id, revision=revision)
-    operations += [CommitOperationDelete(path_in_repo=name) for name in remote if _STALE_FILES.match(name) and name not in files]
+    operations += [
+        CommitOperationDelete(path_in_repo=name) for name in remote if _STALE_FILES.match(name) and name not in files
+    ]
     return operations
 
 
@@ -333,7 +361,9 @@ def _scrub(text: str, token: str | bool | None) -> str:
 def _push_error(error: BaseException, repo_id: str, endpoint: str, token: str | bool | None) -> HubPushError:
     status = _status(error)
     if status is None and not isinstance(error, HfHubHTTPError) and not isinstance(error, ValueError):
-        advice = f"could not connect to {endpoint}: check the network connection (and HF_ENDPOINT if set), then push again."
+        advice = (
+            f"could not connect to {endpoint}: check the network connection (and HF_ENDPOINT if set), then push again."
+        )
     elif status == 401 or isinstance(error, RepositoryNotFoundError) and status in (401, 404):
         advice = (
             f"the Hub refused the credentials (HTTP {status}): log in with `hf auth login` or pass "
@@ -364,7 +394,10 @@ def _push_error(error: BaseException, repo_id: str, endpoint: str, token: str | 
 
 
 def download_checkpoint(
-    repo_id: str, revision: str | None = None, token: str | bool | None = None, cache_dir: str | os.PathLike | None = None
+    repo_id: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> str:
     """Download a checkpoint's JSON, safetensors and card files from the Hub; return the local folder.
 
@@ -378,10 +411,17 @@ def download_checkpoint(
     folder = ""
     try:
         folder = snapshot_download(
-            repo_id, revision=revision, token=token, endpoint=endpoint, cache_dir=cache_dir, allow_patterns=DOWNLOAD_PATTERNS
+            repo_id,
+            revision=revision,
+            token=token,
+            endpoint=endpoint,
+            cache_dir=cache_dir,
+            allow_patterns=DOWNLOAD_PATTERNS,
         )
     except RevisionNotFoundError:
-        failure = HubDownloadError(f"Hub repo {repo_id!r} has no revision {revision!r}: check the branch, tag or commit.", 404)
+        failure = HubDownloadError(
+            f"Hub repo {repo_id!r} has no revision {revision!r}: check the branch, tag or commit.", 404
+        )
     except RepositoryNotFoundError as error:
         failure = HubDownloadError(
             f"Hub repo {repo_id!r} was not found at {endpoint or 'https://huggingface.co'} (HTTP {_status(error)}): "
@@ -391,12 +431,14 @@ def download_checkpoint(
     except LocalEntryNotFoundError as error:  # snapshot_download's answer to no connection (or a 5xx)
         failure = HubDownloadError(
             f"Could not download {where} from {endpoint or 'https://huggingface.co'} and it is not in the local cache: "
-            f"check the network connection (and HF_ENDPOINT if set). Cause: {_scrub(str(error).splitlines()[0], token)[:300]}",
+            "check the network connection (and HF_ENDPOINT if set). "
+            f"Cause: {_scrub(str(error).splitlines()[0], token)[:300]}",
             _status(error),
         )
     except _network_errors() as error:
         failure = HubDownloadError(
-            f"Downloading {where} failed: {type(error).__name__}: {_scrub(str(error).strip()[:300], token)}", _status(error)
+            f"Downloading {where} failed: {type(error).__name__}: {_scrub(str(error).strip()[:300], token)}",
+            _status(error),
         )
     if failure is not None:
         raise failure  # outside the except block, for the same reason as in push_to_hub

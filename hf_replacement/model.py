@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -15,8 +16,17 @@ from torch import nn
 from .blocks import find_blocks
 from .checkpoint import WEIGHTS_NAME, write_checkpoint
 from .config import CONFIG_NAME, ReplacementConfig
-from .layer import ReplacementCoefficients, apply_plan, is_replaced, materialize, plan_block, synthesize
+from .hub import (
+    CardFacts,
+    HubDownloadError,
+    download_checkpoint,
+    looks_like_repo_id,
+    push_to_hub,
+)
+from .layer import ReplacementCoefficients, apply_plan, is_replaced, materialize
 from .selection import select_blocks
+from .synthesis import synthesize
+from .utils import count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +47,12 @@ class ReplacementModel(nn.Module):
         self, base_model: nn.Module, replacement_config: ReplacementConfig, *, defer_replacement: bool = False
     ) -> None:
         super().__init__()
+        if not isinstance(replacement_config, ReplacementConfig):
+            raise TypeError(
+                f"replacement_config must be a ReplacementConfig, got {type(replacement_config).__name__}: "
+                "build one with ReplacementConfig(**options) (or ReplacementConfig.from_dict(data))."
+            )
+        replacement_config.validate()  # fields may have been changed since the config was built
         if isinstance(base_model, ReplacementModel) or any(is_replaced(m) for m in base_model.modules()):
             raise ValueError("This model already has replaced blocks; call get_replacement_model on a plain model.")
         blocks = find_blocks(base_model, replacement_config.block_path)
@@ -47,7 +63,7 @@ class ReplacementModel(nn.Module):
         self._blocks = blocks
         self._num_unreplaced_parameters = sum(p.numel() for p in base_model.parameters())
         # `defer_replacement`: the config is validated now, the blocks are replaced by `replace_blocks()`
-        # later (ReplacementCallback's `start_step`: train ordinarily first).
+        # later (ReplacementTrainer's `replacement_start_step`: train ordinarily first).
         if not defer_replacement:
             for plan in plans:
                 apply_plan(plan, self.replacement_coefficients, replacement_config)
@@ -66,7 +82,7 @@ class ReplacementModel(nn.Module):
 
         The blocks' own parameters are freed and `replacement_coefficients` gains one parameter per
         replaced block: an optimizer built earlier must drop the former and take the latter
-        (`ReplacementCallback(start_step=...)` does this for a Trainer). Returns `replaced_blocks`.
+        (`ReplacementTrainer(replacement_start_step=...)` does this). Returns `replaced_blocks`.
         """
         if self.replaced_blocks:
             raise ValueError(f"Blocks {sorted(self.replaced_blocks)} are already replaced.")
@@ -119,8 +135,7 @@ class ReplacementModel(nn.Module):
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters) as held in memory now."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -143,7 +158,13 @@ class ReplacementModel(nn.Module):
             del self.replacement_coefficients._parameters[key]
         return base_model
 
-    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **_: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        **_: Any,
+    ) -> None:
         """Write `replacement_config.json`, the base `config.json` and the compact `model.safetensors`.
 
         All files are written to temporary names first and renamed into place only once every file
@@ -153,10 +174,40 @@ class ReplacementModel(nn.Module):
             return
         files: dict[str, Any] = {CONFIG_NAME: self.replacement_config.to_json_string()}
         if self.config is not None and hasattr(self.config, "to_json_string"):
-            self.config.architectures = [type(self.base_model).__name__]
-            files["config.json"] = self.config.to_json_string()
-        files[WEIGHTS_NAME] = self.state_dict()
+            config = copy.deepcopy(self.config)  # the architecture to rebuild, without touching the live config
+            config.architectures = [type(self.base_model).__name__]
+            files["config.json"] = config.to_json_string()
+        files[WEIGHTS_NAME] = _without_tied_copies(self.state_dict() if state_dict is None else state_dict)[0]
         write_checkpoint(save_directory, files)
+
+    def save_merged(self, save_directory: str | os.PathLike) -> None:
+        """Save the merged plain Transformers model (`merge_and_unload` of a copy); this model is unchanged."""
+        plain = copy.deepcopy(self).merge_and_unload()
+        if not hasattr(plain, "save_pretrained"):
+            raise TypeError(
+                f"a merged save needs a Transformers base model; {type(plain).__name__} has no save_pretrained."
+            )
+        plain.save_pretrained(save_directory)
+
+    def card_facts(self) -> CardFacts:
+        """What the model card reports: architecture, parameter counts, replaced blocks and coefficients."""
+        trainable, total = self.get_nb_trainable_parameters()
+        coefficients = self.get_coefficients()
+        blocks = tuple(
+            {"index": index, "name": name, "a": coefficients[name]["a"], "b": coefficients[name]["b"]}
+            for index, name in sorted(self.replaced_blocks.items())
+        )
+        return CardFacts(
+            architecture=type(self.base_model).__name__,
+            config=self.config,
+            trainable_params=trainable,
+            total_params=total,
+            unreplaced_params=self._num_unreplaced_parameters,
+            granularity=self.replacement_config.coefficient_granularity,
+            replaced_blocks=blocks,
+            num_blocks=self.num_blocks,
+            is_replacement=True,
+        )
 
     def push_to_hub(
         self,
@@ -171,8 +222,6 @@ class ReplacementModel(nn.Module):
         """Push the compact RepL checkpoint (or with `merged=True` the plain merged Transformers model)
         and its model card to the Hub; return the commit URL. See `hf_replacement.hub.push_to_hub`
         for `revision`, `results`, `base_model` and `datasets`; raises `hub.HubPushError` on failure."""
-        from .hub import push_to_hub
-
         return push_to_hub(
             self, repo_id, private=private, token=token, commit_message=commit_message, merged=merged, **kwargs
         )
@@ -185,7 +234,7 @@ class ReplacementModel(nn.Module):
         revision: str | None = None,
         token: str | bool | None = None,
         **_: Any,
-    ) -> "ReplacementModel":
+    ) -> ReplacementModel:
         """Load a RepL checkpoint written by `save_pretrained`, from a directory or a Hub repo id.
 
         `model` is a fresh instance of the base architecture; when omitted it is built from the
@@ -194,20 +243,22 @@ class ReplacementModel(nn.Module):
         """
         directory = os.fspath(pretrained_path)
         if not os.path.isdir(directory):
-            from .hub import HubDownloadError, download_checkpoint, looks_like_repo_id
-
             if looks_like_repo_id(directory):
                 try:
                     directory = download_checkpoint(directory, revision=revision, token=token)
                 except HubDownloadError as error:
-                    raise HubDownloadError(f"{directory} is no local directory; as a Hub repo: {error}", error.status_code) from None
+                    raise HubDownloadError(
+                        f"{directory} is no local directory; as a Hub repo: {error}", error.status_code
+                    ) from None
                 if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
                     raise FileNotFoundError(
                         f"Hub repo {os.fspath(pretrained_path)} has no {CONFIG_NAME}: it is not a RepL checkpoint. "
                         "A merged model loads with transformers.AutoModelForImageClassification.from_pretrained."
                     )
         if not os.path.isdir(directory):
-            raise FileNotFoundError(f"{directory} is not a directory holding a RepL checkpoint ({CONFIG_NAME}, {WEIGHTS_NAME}).")
+            raise FileNotFoundError(
+                f"{directory} is not a directory holding a RepL checkpoint ({CONFIG_NAME}, {WEIGHTS_NAME})."
+            )
         replacement_config = ReplacementConfig.from_json_file(os.path.join(directory, CONFIG_NAME))
         if model is None:
             model = _build_base_model(directory)
@@ -217,8 +268,10 @@ class ReplacementModel(nn.Module):
         except FileNotFoundError:
             raise FileNotFoundError(f"{weights_path} is missing: the checkpoint is incomplete.") from None
         except (SafetensorError, OSError) as error:
-            raise ValueError(f"{weights_path} is not a readable safetensors file ({error}); the checkpoint is corrupt.") from None
-        # A checkpoint saved before a deferred replacement (ReplacementCallback's start_step) has no
+            raise ValueError(
+                f"{weights_path} is not a readable safetensors file ({error}); the checkpoint is corrupt."
+            ) from None
+        # A checkpoint saved before a deferred replacement (`replacement_start_step`) has no
         # coefficients yet: it loads as a model whose replacement is still deferred.
         deferred = not any(key.startswith("replacement_coefficients.") for key in state_dict)
         replacement_model = cls(model, replacement_config, defer_replacement=deferred)
@@ -235,20 +288,45 @@ def _build_base_model(directory: str) -> nn.Module:
             f"{config_path} is missing: pass model=<a fresh instance of the base architecture> "
             "to ReplacementModel.from_pretrained for a model that is not a Transformers model."
         )
-    config = transformers.AutoConfig.from_pretrained(directory)
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{config_path} is not a readable Transformers config ({first_line[:200]}).") from None
     architectures = getattr(config, "architectures", None) or []
+    # Only a model class is built: an arbitrary transformers attribute (AutoModel, pipeline) is never called.
     model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if model_class is None:
-        raise ValueError(f"{config_path} names no known Transformers architecture ({architectures}).")
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise ValueError(
+            f"{config_path} names no Transformers model class in 'architectures' ({architectures}); "
+            "it should name the base model's class, e.g. ['ViTForImageClassification']."
+        )
     from transformers.initialization import no_init_weights
 
     with no_init_weights():  # every weight is loaded from the checkpoint just after
         model = model_class(config)
+    model.tie_weights()  # as from_pretrained does: tied copies were saved once
     return model
 
 
+def _without_tied_copies(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The state dict with each tied tensor (sharing another's memory, e.g. GPT-2's `lm_head.weight`)
+    kept once, under its first name, as Transformers saves it; and the names left out."""
+    first_names: dict[tuple, str] = {}
+    kept, tied = {}, set()
+    for key, tensor in state_dict.items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
+        if tensor.numel() and identity in first_names:
+            tied.add(key)
+            continue
+        first_names[identity] = key
+        kept[key] = tensor
+    return kept, tied
+
+
 def _load_exact(model: ReplacementModel, state_dict: dict[str, torch.Tensor], path: str) -> None:
-    expected = model.state_dict()
+    # A freshly built model ties its weights itself: the tied copies are left out on both sides.
+    expected, tied = _without_tied_copies(model.state_dict())
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
@@ -258,7 +336,8 @@ def _load_exact(model: ReplacementModel, state_dict: dict[str, torch.Tensor], pa
             f"unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}. Was it saved from another model "
             "or replacement config?"
         )
-    model.load_state_dict(state_dict, strict=True)
+    result = model.load_state_dict(state_dict, strict=False)
+    assert set(result.missing_keys) == tied and not result.unexpected_keys, result
 
 
 def coefficient_logs(model: nn.Module) -> dict[str, float]:

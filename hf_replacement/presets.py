@@ -7,7 +7,7 @@ so a 28×28 Fashion-MNIST image still yields enough tokens / spatial positions.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import transformers
 from transformers import PretrainedConfig, PreTrainedModel
@@ -30,6 +30,10 @@ _CONVNEXT_SIZES = {
 
 class UnknownPresetError(ValueError):
     """`--model` names neither a preset, a local directory nor a Hub model."""
+
+
+# The smallest image every preset takes: ConvNeXt's stem (stride 1 below 16 px) and 3 halvings leave 1 px.
+MIN_IMAGE_SIZE = 8
 
 
 def _vit_patch(image_size: int) -> int:
@@ -80,10 +84,19 @@ PRESETS: dict[str, tuple[Callable[..., PretrainedConfig], str]] = {
 }
 
 
-def build_preset_model(name: str, num_labels: int, image_size: int, num_channels: int, id2label: dict[int, str] | None = None) -> PreTrainedModel:
+def build_preset_model(
+    name: str, num_labels: int, image_size: int, num_channels: int, id2label: dict[int, str] | None = None
+) -> PreTrainedModel:
     """A randomly initialised model of preset `name` for `num_labels` classes."""
     if name not in PRESETS:
-        raise UnknownPresetError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}, or a Hub id / local model directory.")
+        raise UnknownPresetError(
+            f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}, or a Hub id / local model directory."
+        )
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"image size {image_size} is too small for preset {name!r}: presets take images of at least "
+            f"{MIN_IMAGE_SIZE} px (ConvNeXt halves them three times); use --image-size {MIN_IMAGE_SIZE} or more."
+        )
     build_config, architecture = PRESETS[name]
     id2label = id2label or {i: str(i) for i in range(num_labels)}
     config = build_config(

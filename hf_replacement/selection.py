@@ -7,7 +7,7 @@ import logging
 from .blocks import Block
 from .config import ReplacementConfig, ReplacementConfigError
 from .fusion import FusionError
-from .layer import BlockPlan, plan_block
+from .planning import BlockPlan, plan_block
 
 logger = logging.getLogger(__name__)
 

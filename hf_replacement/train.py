@@ -13,6 +13,7 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,15 +25,23 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
-from .checkpoint import WEIGHTS_NAME, write_checkpoint
+from .checkpoint import WEIGHTS_NAME, staged_directory, write_checkpoint
 from .config import ReplacementConfig
-from .data import collate_fn, dataset_info, load_image_dataset, prepare_dataset, subsample
-from .metrics import load_accuracy
-from .model import ReplacementModel, coefficient_logs, get_replacement_model
+from .data import (
+    collate_fn,
+    dataset_info,
+    load_image_dataset,
+    prepare_dataset,
+    subsample,
+)
+from .hub import push_to_hub
+from .loading import load_image_classifier, load_pretrained_config
+from .model import coefficient_logs, get_replacement_model
 from .presets import PRESETS, build_preset_model
-from .training_state import load_training_state, save_training_state
+from .steps import check_finite, evaluate_accuracy, make_optimizer, make_scheduler, train_step
+from .training_state import check_resumable, load_training_state, save_training_state
+from .utils import count_parameters
 
 logger = get_logger(__name__)
 
@@ -41,7 +50,7 @@ RESULTS_NAME = "results.json"
 
 @dataclass
 class TrainingOptions:
-    """Everything `hf-replacement train` accepts; the CLI flags map one to one."""
+    """Everything `hf-replacement train` accepts; the CLI flags map one to one (RepL's through `replacement`)."""
 
     model: str = "vit-mini"
     dataset: str = "digits"
@@ -49,12 +58,7 @@ class TrainingOptions:
     image_size: int | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
-    replace_interval: int = 4
-    replaced_blocks: list[int] | None = None
-    coefficient_granularity: str = "block"
-    fusion: str = "resample"
-    detach_neighbors: bool = False
-    recompute_replaced: bool = False
+    replacement: ReplacementConfig = field(default_factory=ReplacementConfig)
     baseline: bool = False
     mixed_precision: str = "no"
     gradient_accumulation_steps: int = 1
@@ -72,30 +76,23 @@ class TrainingOptions:
     hub_model_id: str | None = None
     hub_token: str | None = None
 
-    def replacement_config(self) -> ReplacementConfig:
-        return ReplacementConfig(
-            replace_interval=self.replace_interval,
-            replaced_blocks=self.replaced_blocks,
-            coefficient_granularity=self.coefficient_granularity,
-            fusion=self.fusion,
-            detach_neighbors=self.detach_neighbors,
-            recompute_replaced=self.recompute_replaced,
-        )
 
-
-def build_model(options: TrainingOptions, num_labels: int, id2label: dict[int, str], image_size: int, num_channels: int):
+def build_model(
+    options: TrainingOptions, num_labels: int, id2label: dict[int, str], image_size: int, num_channels: int
+):
     """(model, image processor or None): a preset from scratch, or a pretrained Hub/local model."""
     if options.model in PRESETS:
         return build_preset_model(options.model, num_labels, image_size, num_channels, id2label), None
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoImageProcessor
 
     if not os.path.isdir(options.model) and "/" not in options.model:
         raise ValueError(
             f"--model {options.model!r} is not a preset, a local directory or a Hub id (user/name); "
             f"presets: {', '.join(sorted(PRESETS))}."
         )
-    model = AutoModelForImageClassification.from_pretrained(
+    model = load_image_classifier(
         options.model,
+        new_head=True,
         num_labels=num_labels,
         id2label=id2label,
         label2id={v: k for k, v in id2label.items()},
@@ -113,7 +110,8 @@ def _image_geometry(options: TrainingOptions, model_config: Any | None, sample_i
 
 def train(options: TrainingOptions) -> dict[str, Any]:
     """Train, evaluate, save and return the results (also written to `output_dir/results.json`)."""
-    replacement_config = None if options.baseline else options.replacement_config()  # validate flags first
+    replacement_config = None if options.baseline else options.replacement
+    _check_output_dir(options.output_dir)
     _forget_previous_single_process_state()
     accelerator = Accelerator(
         mixed_precision=options.mixed_precision,
@@ -128,37 +126,32 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     set_seed(options.seed)
     raw = load_image_dataset(options.dataset, data_dir=options.data_dir, seed=options.seed)
     raw = subsample(raw, options.max_train_samples, options.max_eval_samples, seed=options.seed)
+    _check_training_batches(len(raw["train"]), options.batch_size, accelerator.num_processes)
     num_labels, id2label = dataset_info(raw)
     sample_image = raw["train"][0]["image"]
     pretrained_config = None
-    if options.model not in PRESETS:
-        from transformers import AutoConfig
-
-        if os.path.isdir(options.model) or "/" in options.model:
-            pretrained_config = AutoConfig.from_pretrained(options.model)
+    if options.model not in PRESETS and (os.path.isdir(options.model) or "/" in options.model):
+        pretrained_config = load_pretrained_config(options.model)
     image_size, num_channels = _image_geometry(options, pretrained_config, sample_image)
     model, image_processor = build_model(options, num_labels, id2label, image_size, num_channels)
-    unreplaced_total = _parameter_counts(model)[1]
+    unreplaced_total = count_parameters(model)[1]
     if replacement_config is not None:
         model = get_replacement_model(model, replacement_config)
-    trainable, total = _parameter_counts(model)
+    trainable, total = count_parameters(model)
 
     data = prepare_dataset(raw, image_size, num_channels, image_processor)
-    train_loader = DataLoader(data["train"], batch_size=options.batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True)
-    eval_loader = DataLoader(data["test"], batch_size=options.batch_size, collate_fn=collate_fn)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=options.lr, weight_decay=options.weight_decay
+    train_loader = DataLoader(
+        data["train"], batch_size=options.batch_size, shuffle=True, collate_fn=collate_fn, drop_last=True
     )
+    eval_loader = DataLoader(data["test"], batch_size=options.batch_size, collate_fn=collate_fn)
+    optimizer = make_optimizer(model, options.lr, options.weight_decay)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     updates_per_epoch = math.ceil(len(train_loader) / options.gradient_accumulation_steps)
     total_updates = max(1, math.ceil(options.epochs * updates_per_epoch))
     # The prepared scheduler steps once per process on every update (Accelerate assumes the global
     # batch grew with the process count), so the schedule is laid out in those units.
-    scheduler = get_scheduler(
-        "cosine",
-        optimizer,
-        num_warmup_steps=int(options.warmup_ratio * total_updates) * accelerator.num_processes,
-        num_training_steps=total_updates * accelerator.num_processes,
+    scheduler = make_scheduler(
+        optimizer, total_updates, options.warmup_ratio, steps_per_update=accelerator.num_processes
     )
     scheduler = accelerator.prepare(scheduler)
     if options.report_to:
@@ -166,10 +159,13 @@ def train(options: TrainingOptions) -> dict[str, Any]:
 
     step, start_epoch, skip_batches = 0, 0, 0
     if options.resume_from:
-        accelerator.unwrap_model(model).load_state_dict(_load_model_weights(options.resume_from))
+        check_resumable(options.resume_from, _run_identity(options))
+        accelerator.unwrap_model(model).load_state_dict(load_file(os.path.join(options.resume_from, WEIGHTS_NAME)))
         progress = load_training_state(options.resume_from, optimizer.optimizer, scheduler.scheduler)
         step, start_epoch, skip_batches = progress["step"], progress["epoch"], progress["batch_in_epoch"]
-        logger.info(f"Resumed from {options.resume_from} at update {step} (epoch {start_epoch}).", main_process_only=True)
+        logger.info(
+            f"Resumed from {options.resume_from} at update {step} (epoch {start_epoch}).", main_process_only=True
+        )
 
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -180,17 +176,19 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     while not finished:
         model.train()
         train_loader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        loader = (
+            _resumed_batches(accelerator.skip_first_batches(train_loader, skip_batches))
+            if skip_batches
+            else train_loader
+        )
         batch_in_epoch = skip_batches
         skip_batches = 0
         started = time.perf_counter()
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                loss = train_step(model, optimizer, batch, scheduler=scheduler, backward=accelerator.backward)
+            # Every process must see a divergence on any one, or the others would wait in the next collective.
+            check_finite(accelerator.reduce(loss, reduction="sum") if accelerator.num_processes > 1 else loss, step + 1)
             batch_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
@@ -198,9 +196,13 @@ def train(options: TrainingOptions) -> dict[str, Any]:
             step_times.append(time.perf_counter() - started)
             progress_bar.update(1)
             if options.report_to:
-                accelerator.log({"train/loss": loss.item(), **coefficient_logs(accelerator.unwrap_model(model))}, step=step)
+                accelerator.log(
+                    {"train/loss": loss.item(), **coefficient_logs(accelerator.unwrap_model(model))}, step=step
+                )
             if options.checkpointing_steps and step % options.checkpointing_steps == 0:
-                _save_checkpoint(accelerator, model, optimizer, scheduler, options, step, epoch, batch_in_epoch, len(train_loader))
+                _save_checkpoint(
+                    accelerator, model, optimizer, scheduler, options, step, epoch, batch_in_epoch, len(train_loader)
+                )
             started = time.perf_counter()
             if step >= total_updates:
                 finished = True
@@ -208,7 +210,7 @@ def train(options: TrainingOptions) -> dict[str, Any]:
         epoch += 1
     progress_bar.close()
 
-    accuracy = evaluate_accuracy(model, eval_loader, accelerator)
+    accuracy = evaluate_loader(model, eval_loader, accelerator)
     unwrapped = accelerator.unwrap_model(model)
     results = {
         "accuracy": accuracy,
@@ -224,7 +226,7 @@ def train(options: TrainingOptions) -> dict[str, Any]:
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "device": accelerator.device.type,
-        "options": dataclasses.asdict(options) | {"hub_token": None},
+        "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "replacement"} | {"hub_token": None},
         "replacement_config": replacement_config.to_dict() if replacement_config else None,
     }
     if options.report_to:
@@ -233,12 +235,54 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped.save_pretrained(options.output_dir)
-        write_checkpoint(options.output_dir, {RESULTS_NAME: json.dumps(results, indent=2, default=str)})
+        write_checkpoint(
+            options.output_dir, {RESULTS_NAME: json.dumps(results, indent=2, default=str, allow_nan=False)}
+        )
         logger.info(f"Saved the model and {RESULTS_NAME} to {options.output_dir}", main_process_only=True)
         if options.push_to_hub:
             _push(unwrapped, options, results)
     accelerator.wait_for_everyone()
     return results
+
+
+def _resumed_batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """`loader`'s batches, leaving the global torch RNG as restored from the checkpoint.
+
+    Starting to iterate a loader draws its worker seed from the global RNG. The straight run drew
+    it at the start of the epoch, before the checkpoint's RNG state was saved; a resumed run
+    starting mid-epoch would draw it again and shift every later dropout mask.
+    """
+    state = torch.get_rng_state()
+    batches = iter(loader)
+    first = next(batches, None)
+    torch.set_rng_state(state)
+    if first is not None:
+        yield first
+        yield from batches
+
+
+def _check_output_dir(directory: str) -> None:
+    """Fail before training, not after it, when the results could not be saved."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"--output-dir {directory} is a file, not a directory: choose a directory.")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"--output-dir {directory} cannot be created ({error.strerror}): choose a writable directory."
+        ) from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"--output-dir {directory} is not writable: choose a writable directory.")
+
+
+def _check_training_batches(num_images: int, batch_size: int, num_processes: int) -> None:
+    """The loader drops an incomplete last batch: with fewer images than one global batch nothing trains."""
+    if num_images < batch_size * num_processes:
+        raise ValueError(
+            f"no training batch: {num_images} training images, but one update takes --batch-size {batch_size} "
+            f"x {num_processes} process(es) = {batch_size * num_processes} images (incomplete batches are dropped). "
+            "Lower --batch-size or train on more images."
+        )
 
 
 def _forget_previous_single_process_state() -> None:
@@ -251,20 +295,10 @@ def _forget_previous_single_process_state() -> None:
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def evaluate_accuracy(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> float:
+def evaluate_loader(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> float:
     """Top-1 accuracy over the whole evaluation set, gathered across processes."""
-    model.eval()
-    metric = load_accuracy()
-    for batch in tqdm(loader, disable=not accelerator.is_local_main_process, desc="eval", leave=False):
-        predictions = model(pixel_values=batch["pixel_values"]).logits.argmax(-1)
-        predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
-        metric.add_batch(predictions=predictions.cpu(), references=references.cpu())
-    return float(metric.compute()["accuracy"])
+    batches = tqdm(loader, disable=not accelerator.is_local_main_process, desc="eval", leave=False)
+    return evaluate_accuracy(model, batches, gather=accelerator.gather_for_metrics)
 
 
 def _peak_memory_mb(accelerator: Accelerator) -> float:
@@ -274,31 +308,34 @@ def _peak_memory_mb(accelerator: Accelerator) -> float:
 
 
 def _flat_config(options: TrainingOptions) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dataclasses.asdict(options).items() if k != "hub_token"}
+    return {
+        k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+        for k, v in dataclasses.asdict(options).items()
+        if k != "hub_token"
+    }
 
 
-def _save_checkpoint(accelerator, model, optimizer, scheduler, options, step, epoch, batch_in_epoch, batches_per_epoch) -> None:
+def _save_checkpoint(
+    accelerator, model, optimizer, scheduler, options, step, epoch, batch_in_epoch, batches_per_epoch
+) -> None:
     if batch_in_epoch >= batches_per_epoch:
         epoch, batch_in_epoch = epoch + 1, 0
     directory = os.path.join(options.output_dir, f"checkpoint-{step}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(directory)
-        save_training_state(
-            directory, optimizer.optimizer, scheduler.scheduler, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-        )
+        with staged_directory(directory) as staging:  # a checkpoint appears whole, or not at all
+            accelerator.unwrap_model(model).save_pretrained(staging)
+            progress = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+            save_training_state(staging, optimizer.optimizer, scheduler.scheduler, progress, _run_identity(options))
     accelerator.wait_for_everyone()
 
 
-def _load_model_weights(directory: str) -> dict[str, torch.Tensor]:
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume-from {directory}: {WEIGHTS_NAME} is missing; pass a checkpoint-<step> directory.")
-    return load_file(path)
+def _run_identity(options: TrainingOptions) -> dict[str, Any]:
+    """What a resumed run must share with the run that saved the checkpoint."""
+    replacement = None if options.baseline else options.replacement.to_dict()
+    return {"model": options.model, "baseline": options.baseline, "replacement": replacement}
 
 
 def _push(model: torch.nn.Module, options: TrainingOptions, results: dict[str, Any]) -> None:
-    from .hub import push_to_hub
-
     repo_id = options.hub_model_id or os.path.basename(os.path.abspath(options.output_dir))
     push_to_hub(model, repo_id, token=options.hub_token, results=results, datasets=[options.dataset])

@@ -7,7 +7,9 @@ epoch, optimizer hyper-parameters, scheduler state).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 from typing import Any
@@ -17,7 +19,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .checkpoint import write_checkpoint
+from .checkpoint import WEIGHTS_NAME, write_checkpoint
+
+logger = logging.getLogger(__name__)
 
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
@@ -28,9 +32,13 @@ class TrainingStateError(ValueError):
 
 
 def save_training_state(
-    directory: str, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict[str, int]
+    directory: str, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict[str, int], run: dict[str, Any]
 ) -> None:
-    """Write the optimizer, scheduler, RNG states and `progress` (step, epoch, ...) atomically."""
+    """Write the optimizer, scheduler, RNG states and `progress` (step, epoch, ...) atomically.
+
+    `run` (model, method, RepL config) and the digest of the directory's weights are recorded, so a
+    resume can refuse another run's checkpoint, or one whose weights were replaced by another save.
+    """
     optimizer_state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -46,6 +54,8 @@ def save_training_state(
     numpy_state = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(numpy_state[1].astype(np.int64))
     metadata = {
+        "run": run,
+        "weights_sha256": weights_digest(directory),
         "progress": progress,
         "optimizer_param_groups": optimizer_state["param_groups"],
         "optimizer_scalars": scalars,
@@ -56,18 +66,61 @@ def save_training_state(
     write_checkpoint(directory, {STATE_TENSORS: tensors, STATE_JSON: json.dumps(metadata, indent=2)})
 
 
-def load_training_state(directory: str, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, int]:
-    """Restore what `save_training_state` wrote; return its `progress`."""
-    json_path, tensor_path = os.path.join(directory, STATE_JSON), os.path.join(directory, STATE_TENSORS)
-    if not (os.path.isfile(json_path) and os.path.isfile(tensor_path)):
+def weights_digest(directory: str) -> str:
+    """SHA-256 of the directory's `model.safetensors`."""
+    digest = hashlib.sha256()
+    with open(os.path.join(directory, WEIGHTS_NAME), "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_resumable(directory: str, run: dict[str, Any]) -> None:
+    """Refuse, before anything is loaded, a checkpoint of another run or one whose parts disagree."""
+    metadata = _read_metadata(directory)
+    if "run" not in metadata:
+        logger.warning("%s was saved by an older hf_replacement: its settings and parts are not checked.", directory)
+        return
+    saved_run = metadata["run"]
+    if saved_run != run:
+        differences = [
+            f"{key}: {saved_run.get(key)!r} there, {run.get(key)!r} now"
+            for key in sorted(set(saved_run) | set(run))
+            if saved_run.get(key) != run.get(key)
+        ]
         raise TrainingStateError(
-            f"{directory} is not a training checkpoint ({STATE_JSON} and {STATE_TENSORS} missing); "
+            f"--resume-from {directory} was saved by a run with other settings ({'; '.join(differences)}): "
+            "resume with the same --model, RepL flags and --baseline, or start a new run."
+        )
+    if metadata.get("weights_sha256") != weights_digest(directory):
+        raise TrainingStateError(
+            f"--resume-from {directory}: its {WEIGHTS_NAME} is not the one its training state was saved with "
+            "(the checkpoint mixes two saves); resume from another checkpoint."
+        )
+
+
+def _read_metadata(directory: str) -> dict[str, Any]:
+    json_path = os.path.join(directory, STATE_JSON)
+    if not all(os.path.isfile(os.path.join(directory, name)) for name in (WEIGHTS_NAME, STATE_JSON, STATE_TENSORS)):
+        raise TrainingStateError(
+            f"{directory} is not a training checkpoint ({WEIGHTS_NAME}, {STATE_JSON} and {STATE_TENSORS} needed); "
             "pass a checkpoint-<step> directory written with --checkpointing-steps."
         )
     try:
         with open(json_path, encoding="utf-8") as handle:
             metadata = json.load(handle)
-        tensors = load_file(tensor_path)
+    except (ValueError, OSError) as error:
+        raise TrainingStateError(f"{json_path} is corrupt ({error}).") from None
+    if not isinstance(metadata, dict):
+        raise TrainingStateError(f"{json_path} is corrupt (not a JSON object).")
+    return metadata
+
+
+def load_training_state(directory: str, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, int]:
+    """Restore what `save_training_state` wrote; return its `progress`."""
+    metadata = _read_metadata(directory)
+    try:
+        tensors = load_file(os.path.join(directory, STATE_TENSORS))
     except (ValueError, OSError, SafetensorError) as error:
         raise TrainingStateError(f"{directory} holds a corrupt training state ({error}).") from None
     state: dict[int, dict[str, Any]] = {}

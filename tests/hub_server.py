@@ -70,7 +70,7 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         self._thread.start()
         return self
 
@@ -129,7 +129,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, data: object, headers: dict[str, str] | None = None, head: bool = False) -> None:
         self._send(status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})}, head)
 
-    def _error(self, status: int, message: str, code: str | None = None, head: bool = False, extra: dict | None = None) -> None:
+    def _error(
+        self, status: int, message: str, code: str | None = None, head: bool = False, extra: dict | None = None
+    ) -> None:
         headers = {"X-Error-Message": message, **(extra or {})}
         if code:
             headers["X-Error-Code"] = code
@@ -276,7 +278,9 @@ class _Handler(BaseHTTPRequestHandler):
         sha = self.hub.new_commit_sha()
         repo.commits[sha] = files
         repo.branches[branch] = sha
-        self._json(200, {"commitUrl": f"{self.hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
+        self._json(
+            200, {"commitUrl": f"{self.hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
+        )
 
     def _create_branch(self, repo_id: str, branch: str, payload: dict) -> None:
         repo = self._repo(repo_id)

@@ -1,31 +1,45 @@
-"""Benchmark: the compared methods are what they claim, the memory meter counts right, a tiny run
-writes every output, and the GPU suite refuses cleanly without CUDA."""
+"""Benchmark harness (`benchmarks/`, run from the checkout): the compared methods are what they claim,
+the meters count right through public hooks only, a tiny run writes every output, the GPU suite
+refuses cleanly without CUDA, the synthesis-overhead script measures and checks both synthesis
+implementations, and benchmarks/README.md is generated from the results on disk."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import math
+import os
+import pathlib
+import shutil
 import statistics
 
 import pytest
 import torch
 from torch import nn
 
-from hf_replacement import find_blocks
-from hf_replacement.benchmark import (
+from benchmarks import synthesis_overhead
+from benchmarks.harness import (
     METHODS,
     BenchmarkError,
     SavedTensorMeter,
+    SynthesisCounter,
     add_benchmark_arguments,
     build_method_model,
     get_suite,
+    render_readme,
     report,
     run_benchmark,
     run_benchmark_from_args,
     state_memory,
+    write_readme,
 )
+from benchmarks.harness import cli as benchmark_cli
+from benchmarks.harness.measure import replaced_modules
+from benchmarks.harness.paths import BENCHMARKS_DIR
+from hf_replacement import find_blocks
+from hf_replacement.synthesis import reference_synthesize, synthesize
 
 IMAGE_SIZE = 8
 
@@ -52,7 +66,9 @@ def test_drop_removes_the_replaced_blocks_and_runs(model_name, interval, tmp_pat
     for survivor, original in zip(blocks, kept):
         for (name, p), (_, q) in zip(survivor.module.named_parameters(), original.module.named_parameters()):
             assert torch.equal(p, q), name
-    removed = sum(p.numel() for b in find_blocks(plain.model) if b.index in dropped.affected_blocks for p in b.module.parameters())
+    removed = sum(
+        p.numel() for b in find_blocks(plain.model) if b.index in dropped.affected_blocks for p in b.module.parameters()
+    )
     assert sum(p.numel() for p in dropped.model.parameters()) == plain.plain_params - removed
     dropped.model.eval()
     with torch.no_grad():
@@ -82,7 +98,8 @@ def test_freeze_counts_and_no_gradients():
     frozen.model(pixel_values=_pixels(), labels=torch.tensor([0, 1, 2, 3])).loss.backward()
     for index in frozen.affected_blocks:
         assert all(p.grad is None for p in blocks[index].module.parameters())
-    assert all(p.grad is not None for i, b in enumerate(blocks) if i not in frozen.affected_blocks for p in b.module.parameters())
+    trained = [b for i, b in enumerate(blocks) if i not in frozen.affected_blocks]
+    assert all(p.grad is not None for b in trained for p in b.module.parameters())
 
 
 def test_lora_trains_adapters_and_classifier_only():
@@ -121,7 +138,7 @@ def test_saved_tensor_meter_sees_recompute_saving_memory():
 
     bp, repl, recompute = saved("bp"), saved("repl-k4"), saved("repl-k4-recompute")
     # RepL keeps the block's activations plus its synthesized weights; recomputing keeps only the
-    # block's input (counted through the checkpoint call).
+    # block's input (saved by the checkpoint outside its own hooks).
     assert repl > bp
     assert recompute < repl
     assert recompute > 0.5 * repl
@@ -155,7 +172,8 @@ def _tiny_suite(**overrides):
 
 
 def test_tiny_run_writes_every_output(tmp_path):
-    suite = _tiny_suite(methods=tuple(m for m in METHODS if m not in ("repl-k3-recompute", "freeze-k3")), accuracy_methods=None)
+    methods = tuple(m for m in METHODS if m not in ("repl-k3-recompute", "freeze-k3"))
+    suite = _tiny_suite(methods=methods, accuracy_methods=None)
     results = run_benchmark(suite, tmp_path, command="pytest")
     for name in ("results.json", "results.md", "accuracy_curves.png", "coefficients.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -164,7 +182,7 @@ def test_tiny_run_writes_every_output(tmp_path):
     assert saved["machine"]["torch"] == torch.__version__ and saved["command"] == "pytest"
     assert set(saved["models"]) == set(suite.models)
     markdown = (tmp_path / "results.md").read_text()
-    for model_name, model in saved["models"].items():
+    for model in saved["models"].values():
         methods = model["methods"]
         assert list(methods) == list(results["methods"]) and set(methods) == set(suite.methods)
         bp = methods["bp"]
@@ -264,3 +282,138 @@ def test_findings_judge_repl_against_drop_by_the_seed_spread(repl_accuracies, dr
     text = "\n".join(report._pair_findings("vit-mini", methods, 4))
     assert "- vit-mini, repl-k4: 25.0% fewer trainable parameters than bp" in text
     assert verdict in text
+
+
+class _CheckpointedLinear(nn.Linear):
+    """A module whose forward runs inside a non-reentrant checkpoint, as a replaced block with recompute."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Inside, Linear saves `2 * x`: a new storage the checkpoint's own hooks hide from the meter.
+        return torch.utils.checkpoint.checkpoint(lambda t: super(_CheckpointedLinear, self).forward(2 * t), x,
+                                                 use_reentrant=False)
+
+
+def test_saved_tensor_meter_counts_what_a_checkpoint_keeps():
+    layer = _CheckpointedLinear(8, 4)
+    x = torch.randn(5, 8, requires_grad=True)
+    meter = SavedTensorMeter(exclude=list(layer.parameters()))
+    with meter:
+        out = layer(x).sum()
+    # What the checkpoint keeps for its recompute is its input, saved through autograd outside its
+    # hooks (torch's "Nestable Checkpoint" rule 2): counted, while `2 * x` inside is not.
+    assert meter.bytes == x.numel() * 4
+    out.backward()
+    assert layer.weight.grad is not None
+
+
+def test_synthesis_counter_counts_forward_and_recompute_syntheses():
+    def calls(method: str) -> tuple[int, int]:
+        model = _build(method, "vit-mini").model.train()
+        counter = SynthesisCounter()
+        with counter.active():
+            model(pixel_values=_pixels(), labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+        model(pixel_values=_pixels(), labels=torch.tensor([0, 1, 2, 3])).loss.backward()  # inactive: not counted
+        return counter.calls, len(replaced_modules(model))
+
+    calls_k4, replaced = calls("repl-k4")
+    assert replaced and calls_k4 == replaced
+    assert calls("repl-k4-recompute") == (2 * replaced, replaced)
+
+
+def _attribute_owner(node: ast.Attribute) -> str:
+    return node.value.id if isinstance(node.value, ast.Name) else ""
+
+
+def test_harness_uses_only_public_library_api():
+    # No private attribute of another object (the harness's own `self._x` aside), no private import.
+    offences = []
+    for path in sorted(pathlib.Path(BENCHMARKS_DIR).rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                if _attribute_owner(node) != "self":
+                    offences.append(f"{path.name}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_replacement"):
+                offences += [f"{path.name}:{node.lineno} {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not offences
+
+
+def test_fused_and_reference_synthesis_give_the_same_weights():
+    for model_name in ("vit-mini", "convnext-mini"):  # ConvNeXt: neighbours of another width, resampled
+        model = _build("repl-k4", model_name).model
+        with torch.no_grad():
+            for module in replaced_modules(model):
+                for fused, reference in zip(synthesize(module), reference_synthesize(module), strict=True):
+                    torch.testing.assert_close(fused, reference)
+
+
+@pytest.fixture(scope="module")
+def overhead_dir(tmp_path_factory):
+    """A tiny synthesis_overhead.py run: vit-mini only, one round of steps, two synthesis repeats."""
+    directory = tmp_path_factory.mktemp("overhead")
+    argv = ["--models", "vit-mini", "--rounds", "1", "--repeats", "2", "--output-dir", str(directory)]
+    assert synthesis_overhead.main(argv) == 0
+    return directory
+
+
+def test_synthesis_overhead_script_writes_measured_numbers(overhead_dir):
+    report_json = json.loads((overhead_dir / "synthesis_overhead.json").read_text())
+    assert set(report_json) == {"command", "machine", "load_average", "results"}
+    assert report_json["command"].startswith("python benchmarks/synthesis_overhead.py --models vit-mini")
+    (result,) = report_json["results"]
+    assert result["model"] == "vit-mini" and result["replaced_blocks"] == [3]
+    assert set(result["synthesis_ms"]) == {"fused", "reference"}
+    assert set(result["median_step_ms"]) == {"bp", "repl"}
+    numbers = [*result["synthesis_ms"].values(), *result["median_step_ms"].values()]
+    numbers.append(result["synthesis_percent_of_step"])
+    numbers += [ms for other in result["other_granularities_synthesis_ms"].values() for ms in other.values()]
+    assert all(math.isfinite(n) and n > 0 for n in numbers)
+    assert set(result["other_granularities_synthesis_ms"]) == {"tensor", "channel"}
+    equality = result["equality"]
+    assert equality["same_grad_keys"] and equality["weights_max_abs"] <= 1e-6 and equality["grads_max_rel"] <= 1e-4
+    markdown = (overhead_dir / "synthesis_overhead.md").read_text()
+    assert "fused / reference" in markdown and "| vit-mini (8px, 64) | [3] |" in markdown
+
+
+def test_readme_is_generated_from_the_results_on_disk(tmp_path, overhead_dir):
+    empty = render_readme(str(tmp_path))
+    for command in ("python -m benchmarks --suite quick", "python -m benchmarks --suite fashion-mnist",
+                    "python -m benchmarks --suite gpu", "python benchmarks/synthesis_overhead.py",
+                    "python -m benchmarks --readme"):
+        assert f"`{command}`" in empty
+    assert "Not run yet (no `results.json`): `quick`, `fashion-mnist`, `gpu`." in empty
+    assert "## Suite" not in empty and "## Synthesis overhead" not in empty
+    # With the committed quick results and a synthesis-overhead run beside them:
+    (tmp_path / "quick").mkdir()
+    shutil.copy(os.path.join(BENCHMARKS_DIR, "quick", "results.json"), tmp_path / "quick" / "results.json")
+    shutil.copy(overhead_dir / "synthesis_overhead.json", tmp_path / "synthesis_overhead.json")
+    assert write_readme(str(tmp_path)) == str(tmp_path / "README.md")
+    text = (tmp_path / "README.md").read_text()
+    assert text == render_readme(str(tmp_path))  # deterministic: regenerating changes nothing
+    assert "## Suite `quick`" in text and "## Suite `fashion-mnist`" not in text
+    assert "Not run yet (no `results.json`): `fashion-mnist`, `gpu`." in text
+    assert "### vit-mini" in text and "### convnext-mini" in text and "| repl-k4 |" in text
+    assert "[`quick/results.md`](quick/results.md)" in text and "(quick/accuracy_curves.png)" in text
+    assert "## Synthesis overhead" in text and "| vit-mini (8px, 64) | [3] |" in text
+
+
+def test_committed_readme_is_up_to_date():
+    with open(os.path.join(BENCHMARKS_DIR, "README.md"), encoding="utf-8") as handle:
+        committed = handle.read()
+    assert committed == render_readme(), "benchmarks/README.md is generated: run `python -m benchmarks --readme`"
+
+
+def test_readme_flag_rewrites_the_readme_without_training(monkeypatch, capsys):
+    written = []
+    monkeypatch.setattr(benchmark_cli, "write_readme", lambda: written.append(True) or "README.md")
+    monkeypatch.setattr(benchmark_cli, "run_benchmark", lambda *a, **k: pytest.fail("--readme must not train"))
+    assert benchmark_cli.main(["--readme"]) == 0
+    assert written == [True] and "README.md" in capsys.readouterr().out
+
+
+def test_default_output_dir_is_beside_the_package_not_the_cwd(tmp_path, monkeypatch):
+    from benchmarks.harness.paths import suite_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert suite_dir("quick") == os.path.join(BENCHMARKS_DIR, "quick")
+    assert os.path.isfile(os.path.join(BENCHMARKS_DIR, "__main__.py"))

@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from hf_replacement import ReplacementModel
 from hf_replacement.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "vit-mini", "--dataset", "digits", "--max-train-samples", "256", "--max-eval-samples", "64", "--batch-size", "32"]
+TINY = [
+    "--model",
+    "vit-mini",
+    "--dataset",
+    "digits",
+    "--max-train-samples",
+    "256",
+    "--max-eval-samples",
+    "64",
+    "--batch-size",
+    "32",
+]
 
 
 def run_cli(*args: str) -> None:
@@ -52,10 +64,12 @@ def test_baseline_trains_the_plain_model(tmp_path):
     assert not (tmp_path / "replacement_config.json").exists()
 
 
-def test_resume_continues_exactly(tmp_path):
-    common = [*TINY, "--epochs", "2", "--checkpointing-steps", "6"]
+def assert_resume_is_exact(tmp_path, checkpointing_steps: int) -> None:
+    """Train straight, then again from the straight run's first checkpoint: the final weights are equal."""
+    common = [*TINY, "--epochs", "2", "--checkpointing-steps", str(checkpointing_steps)]
     run_cli("train", *common, "--output-dir", str(tmp_path / "straight"))
-    run_cli("train", *common, "--output-dir", str(tmp_path / "resumed"), "--resume-from", str(tmp_path / "straight" / "checkpoint-6"))
+    checkpoint = tmp_path / "straight" / f"checkpoint-{checkpointing_steps}"
+    run_cli("train", *common, "--output-dir", str(tmp_path / "resumed"), "--resume-from", str(checkpoint))
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
     assert straight.keys() == resumed.keys()
@@ -63,8 +77,63 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(straight[key], resumed[key]), key
 
 
+def test_resume_continues_exactly(tmp_path):
+    assert_resume_is_exact(tmp_path, checkpointing_steps=6)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_or_mixed_saves(tmp_path, capsys):
+    common = [*TINY, "--max-train-samples", "64", "--epochs", "2", "--checkpointing-steps", "2"]
+    run_cli("train", *common, "--output-dir", str(tmp_path / "run"))
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+
+    def resume_error(*extra: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(
+                ["train", *common, *extra, "--output-dir", str(tmp_path / "resumed"), "--resume-from", str(checkpoint)]
+            )
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert "Traceback" not in error
+        return error
+
+    assert "saved by a run with other settings (baseline: False there, True now" in resume_error("--baseline")
+    assert "coefficient_granularity" in resume_error("--coefficient-granularity", "channel")
+    weights = load_file(checkpoint / "model.safetensors")
+    weights["replacement_coefficients.3"] += 1  # as if another run had replaced the weights file
+    save_file(weights, checkpoint / "model.safetensors")
+    assert "the checkpoint mixes two saves" in resume_error()
+
+
+def test_resume_mid_epoch_with_dropout_continues_exactly(tmp_path, monkeypatch):
+    """Dropout draws from the global RNG: the resumed loader must not draw from it where the straight run did not."""
+    import hf_replacement.train as launcher
+    from hf_replacement.presets import build_preset_model
+
+    def with_dropout(*args, **kwargs):
+        model = build_preset_model(*args, **kwargs)
+        dropouts = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+        assert dropouts
+        for module in dropouts:
+            module.p = 0.1
+        return model
+
+    monkeypatch.setattr(launcher, "build_preset_model", with_dropout)
+    assert_resume_is_exact(tmp_path, checkpointing_steps=5)  # 8 updates an epoch: update 5 is mid-epoch
+
+
 def test_bf16_mixed_precision_keeps_fp32_coefficients(tmp_path):
-    run_cli("train", *TINY, "--max-train-samples", "64", "--epochs", "1", "--mixed-precision", "bf16", "--output-dir", str(tmp_path))
+    run_cli(
+        "train",
+        *TINY,
+        "--max-train-samples",
+        "64",
+        "--epochs",
+        "1",
+        "--mixed-precision",
+        "bf16",
+        "--output-dir",
+        str(tmp_path),
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["mixed_precision"] == "bf16"
     coefficients = load_file(tmp_path / "model.safetensors")["replacement_coefficients.3"]
@@ -72,17 +141,40 @@ def test_bf16_mixed_precision_keeps_fp32_coefficients(tmp_path):
 
 
 BAD_FLAGS = [
-    (["train", "--epochs", "0"], "argument --epochs: 0.0 must be > 0"),
+    (["train", "--epochs", "0"], "argument --epochs: 0.0 must be a finite number > 0"),
+    (["train", "--epochs", "inf"], "argument --epochs: inf must be a finite number > 0"),
+    (["train", "--lr", "inf"], "argument --lr: inf must be a finite number > 0"),
+    (["train", "--lr", "nan"], "argument --lr: nan must be a finite number > 0"),
+    (["train", "--weight-decay", "nan"], "argument --weight-decay: nan must be a finite number >= 0"),
+    (
+        ["train", "--max-train-samples", "10"],
+        "no training batch: 10 training images, but one update takes --batch-size 64",
+    ),
+    (
+        ["train", "--batch-size", "2000"],
+        r"no training batch: \d+ training images, but one update takes --batch-size 2000",
+    ),
     (["train", "--mixed-precision", "fp8"], "argument --mixed-precision: invalid choice: 'fp8'"),
     (["train", "--batch-size", "x"], "argument --batch-size: 'x' is not an integer"),
     (["train", "--replaced-blocks", "3,x"], "is not a comma-separated list of block indices"),
     (["train", "--baseline", "--replace-interval", "3"], "not allowed with argument"),
     (["train", "--coefficient-granularity", "layer"], "invalid choice: 'layer'"),
     (["train", "--model", "vit-huge"], "--model 'vit-huge' is not a preset, a local directory or a Hub id"),
-    (["train", "--replace-interval", "100", "--max-train-samples", "32"], "replace_interval=100 selects no block of this 8-block model"),
-    (["train", "--replaced-blocks", "0", "--max-train-samples", "32"], r"replaced_blocks=\[0\] has \[0\] outside the valid range 1..6"),
+    (
+        ["train", "--replace-interval", "100", "--max-train-samples", "64"],
+        "replace_interval=100 selects no block of this 8-block model",
+    ),
+    (
+        ["train", "--replaced-blocks", "0", "--max-train-samples", "64"],
+        r"replaced_blocks=\[0\] has \[0\] outside the valid range 1..6",
+    ),
     (["train", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
     (["evaluate", "/nonexistent/run"], "is not a checkpoint directory"),
+    (["train", *TINY, "--image-size", "1"], "image size 1 is too small for preset 'vit-mini'"),
+    (
+        ["train", *TINY[2:], "--model", "/nonexistent/model-dir/x"],
+        "--model /nonexistent/model-dir/x: its config could not be loaded",
+    ),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
 
@@ -97,12 +189,124 @@ def test_bad_input_is_one_clear_error(argv, message, capsys, tmp_path):
     assert "Traceback" not in error
 
 
+def test_a_hub_model_offline_is_one_line(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *TINY[2:], "--model", "google/vit-base-patch16-224", "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--model google/vit-base-patch16-224: its config could not be loaded" in error and "Traceback" not in error
+
+
+def test_output_dir_that_is_a_file_fails_before_training(tmp_path, capsys):
+    target = tmp_path / "results"
+    target.write_text("not a directory")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *TINY, "--output-dir", str(target)])
+    assert exit_info.value.code == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_divergence_stops_the_run_and_keeps_earlier_checkpoints(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "train",
+                *TINY,
+                "--epochs",
+                "4",
+                "--lr",
+                "1e12",
+                "--checkpointing-steps",
+                "1",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "the run diverged" in error and "Traceback" not in error
+    update = int(__import__("re").search(r"at update (\d+)", error).group(1))
+    assert update >= 2  # a first update with a finite loss, then NaN/inf
+    last = load_file(tmp_path / f"checkpoint-{update - 1}" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in last.values())
+    assert not (tmp_path / f"checkpoint-{update}").exists()
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "results.json").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_and_merged(tmp_path_factory):
+    """A tiny RepL run and its merged model, for the loading tests to damage copies of."""
+    root = tmp_path_factory.mktemp("trained")
+    run_cli("train", *TINY, "--max-train-samples", "64", "--epochs", "1", "--output-dir", str(root / "repl"))
+    run_cli("merge", str(root / "repl"), str(root / "merged"))
+    return root
+
+
+def _evaluate_error(directory, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(directory), "--max-eval-samples", "32"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    return error
+
+
+def test_merge_into_a_non_empty_directory_is_one_line(trained_and_merged, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", str(trained_and_merged / "repl"), str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "exists and is not empty; choose a new output directory" in error and "Traceback" not in error
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_a_failed_hub_push_is_one_line_and_keeps_the_saved_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *TINY, "--epochs", "0.25", "--push-to-hub", "--hub-model-id", "user/run",
+              "--output-dir", str(tmp_path)])  # fmt: skip
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "could not connect to http://127.0.0.1" in error and "Traceback" not in error
+    assert ReplacementModel.from_pretrained(tmp_path).replaced_blocks == {3: "vit.layers.3"}
+
+
+def test_evaluate_refuses_a_repl_checkpoint_without_its_config(trained_and_merged, tmp_path, capsys):
+    damaged = tmp_path / "repl"
+    shutil.copytree(trained_and_merged / "repl", damaged)
+    (damaged / "replacement_config.json").unlink()
+    assert "holds the weights of a RepL checkpoint" in _evaluate_error(damaged, capsys)
+
+
+def test_evaluate_refuses_a_model_with_missing_weights(trained_and_merged, tmp_path, capsys):
+    damaged = tmp_path / "merged"
+    shutil.copytree(trained_and_merged / "merged", damaged)
+    weights = load_file(damaged / "model.safetensors")
+    del weights[next(key for key in sorted(weights) if not key.startswith("classifier"))]
+    save_file(weights, damaged / "model.safetensors")
+    assert "do not fit the model its config.json describes" in _evaluate_error(damaged, capsys)
+
+
+def test_evaluate_never_unpickles_a_bin_checkpoint(trained_and_merged, tmp_path, capsys):
+    damaged = tmp_path / "merged"
+    shutil.copytree(trained_and_merged / "merged", damaged)
+    torch.save(load_file(damaged / "model.safetensors"), damaged / "pytorch_model.bin")
+    (damaged / "model.safetensors").unlink()
+    assert "Only safetensors weights are loaded" in _evaluate_error(damaged, capsys)
+
+
 def test_dataset_without_labels(tmp_path, capsys):
     import datasets
     import numpy as np
 
     images = [np.zeros((8, 8), dtype=np.uint8)] * 4
-    datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "data"))
+    datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image()).save_to_disk(
+        str(tmp_path / "data")
+    )
     with pytest.raises(SystemExit):
         main(["train", "--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run")])
     assert "label" in capsys.readouterr().err
@@ -116,7 +320,10 @@ def _free_port() -> int:
 
 def _launch(commands: list[list[str]], tmp_path) -> None:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    processes = [subprocess.Popen(c, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
+    processes = [
+        subprocess.Popen(c, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for c in commands
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-3000:]
@@ -141,8 +348,23 @@ def _compare_with_single_process(tmp_path, distributed_dir) -> None:
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     half_batch = [a if a != "32" else "16" for a in DISTRIBUTED_ARGS]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-               "-m", "hf_replacement.cli", "train", *half_batch, "--output-dir", str(tmp_path / "ddp"), "--checkpointing-steps", "4"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "hf_replacement.cli",
+        "train",
+        *half_batch,
+        "--output-dir",
+        str(tmp_path / "ddp"),
+        "--checkpointing-steps",
+        "4",
+    ]
     _launch([command], tmp_path)
     _compare_with_single_process(tmp_path, tmp_path / "ddp")
 
@@ -151,9 +373,28 @@ def test_simulated_two_node_run(tmp_path):
     half_batch = [a if a != "32" else "16" for a in DISTRIBUTED_ARGS]
     port = str(_free_port())
     commands = [
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
-         "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-         "-m", "hf_replacement.cli", "train", *half_batch, "--output-dir", str(tmp_path / "nodes")]
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--num_processes",
+            "2",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "-m",
+            "hf_replacement.cli",
+            "train",
+            *half_batch,
+            "--output-dir",
+            str(tmp_path / "nodes"),
+        ]
         for rank in (0, 1)
     ]
     _launch(commands, tmp_path)

@@ -15,14 +15,14 @@ import os
 import weakref
 
 import pytest
+import tiny_models
 import torch
 from safetensors import safe_open
 from torch.func import functional_call
 
-import tiny_models
 from hf_replacement import ReplacementConfig, ReplacementModel, fusion, get_replacement_model
 from hf_replacement.fusion import DimResample, resample_matrix, resample_plan
-from hf_replacement.layer import _Synthesis
+from hf_replacement.synthesis import _Synthesis, reference_synthesize, synthesize
 
 ARCHITECTURES = list(tiny_models.ARCHITECTURES)
 GRANULARITIES = ["block", "tensor", "channel"]
@@ -39,8 +39,11 @@ def make(arch: str, granularity: str = "block", fusion: str = "resample", detach
     base = tiny_models.build(arch)
     reference = copy.deepcopy(base)
     config = ReplacementConfig(
-        coefficient_granularity=granularity, fusion=fusion, detach_neighbors=detach,
-        block_path=tiny_models.block_path(arch), **extra,
+        coefficient_granularity=granularity,
+        fusion=fusion,
+        detach_neighbors=detach,
+        block_path=tiny_models.block_path(arch),
+        **extra,
     )
     model = get_replacement_model(base, config)
     with torch.no_grad():  # distinct, non-trivial coefficients per column
@@ -88,7 +91,9 @@ def fan_in_of(module: torch.nn.Module, name: str, ndim: int) -> set[int]:
     return set()
 
 
-def reference_weights(model: ReplacementModel, reference: torch.nn.Module, fusion: str, detach: bool) -> dict[str, torch.Tensor]:
+def reference_weights(
+    model: ReplacementModel, reference: torch.nn.Module, fusion: str, detach: bool
+) -> dict[str, torch.Tensor]:
     """Every parameter of the plain model, the replaced blocks' computed from the formula.
 
     Tensors are the RepL model's own leaves (neighbours, coefficients), so autograd on this
@@ -104,8 +109,8 @@ def reference_weights(model: ReplacementModel, reference: torch.nn.Module, fusio
         for name, original in block.named_parameters():
             shape = original.shape
             width = {"block": 0, "tensor": 1, "channel": shape[0] if original.ndim else 1}[granularity]
-            a = coefficients[0, column:column + max(width, 1)]
-            b = coefficients[1, column:column + max(width, 1)]
+            a = coefficients[0, column : column + max(width, 1)]
+            b = coefficients[1, column : column + max(width, 1)]
             column += width
             if granularity == "channel":
                 a, b = (c.reshape(-1, *([1] * (original.ndim - 1))) for c in (a, b))
@@ -130,7 +135,9 @@ def loss_of(output: torch.Tensor) -> torch.Tensor:
     return (output * probe).sum()
 
 
-def assert_matches_reference(model, reference, fusion_mode: str, detach: bool, logits_atol: float, grad_atol: float) -> None:
+def assert_matches_reference(
+    model, reference, fusion_mode: str, detach: bool, logits_atol: float, grad_atol: float
+) -> None:
     """The RepL model's logits and every gradient equal autograd through the formula, fed to `reference`."""
     x = tiny_models.inputs()
     loss_of(tiny_models.logits(model(pixel_values=x))).backward()
@@ -169,8 +176,13 @@ def test_structured_resampling_matches_reference(arch, granularity, monkeypatch)
     """The tiny models' tensors are small enough for dense resampling; force the structured form."""
     monkeypatch.setattr(fusion, "DENSE_LIMIT", 0)
     model, reference = make(arch, granularity)
-    steps = [step for block in model._blocks if hasattr(block.module, "_replacement")
-             for term in block.module._replacement.program.terms for step, _ in term.resample]
+    steps = [
+        step
+        for block in model._blocks
+        if hasattr(block.module, "_replacement")
+        for term in block.module._replacement.program.terms
+        for step, _ in term.resample
+    ]
     assert steps and not any(step.dense for step in steps)
     # Gathers and a mean instead of a matrix product: equal up to float32 rounding.
     assert_matches_reference(model, reference, "resample", False, logits_atol=1e-5, grad_atol=1e-5)
@@ -178,8 +190,13 @@ def test_structured_resampling_matches_reference(arch, granularity, monkeypatch)
 
 @pytest.mark.parametrize(
     "source, target, dense",
-    [((64,), (32,), True), ((128,), (64,), True), ((256,), (128,), False), ((64, 64), (32, 32), True),
-     ((768, 3072), (384, 1536), False)],
+    [
+        ((64,), (32,), True),
+        ((128,), (64,), True),
+        ((256,), (128,), False),
+        ((64, 64), (32, 32), True),
+        ((768, 3072), (384, 1536), False),
+    ],
 )
 def test_dense_resampling_only_with_a_small_table(source, target, dense):
     """A dense matrix is kept as a buffer of the replaced block: only while it is small and cheap."""
@@ -190,15 +207,61 @@ def test_dense_resampling_only_with_a_small_table(source, target, dense):
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=matrix_id)
-def test_synthesized_weights_equal_formula(case):
+def test_reference_synthesis_equals_formula(case):
+    """The library's plain-autograd reference against the formula written out in this file."""
     arch, granularity, fusion, detach = case
     model, reference = make(arch, granularity, fusion, detach)
     weights = reference_weights(model, reference, fusion, detach)
     for index, block_name in model.replaced_blocks.items():
-        synthesized = model.synthesized_weights(index)
-        assert synthesized.keys() == dict(reference.get_submodule(block_name).named_parameters()).keys()
-        for name, value in synthesized.items():
-            torch.testing.assert_close(value, weights[f"{block_name}.{name}"].detach(), rtol=0, atol=1e-7)
+        module = model.base_model.get_submodule(block_name)
+        names = [name for name, _ in reference.get_submodule(block_name).named_parameters()]
+        values = reference_synthesize(module)
+        assert len(values) == len(names)
+        assert list(model.synthesized_weights(index)) == names
+        for name, value, shipped in zip(names, values, model.synthesized_weights(index).values()):
+            expected = weights[f"{block_name}.{name}"].detach()
+            torch.testing.assert_close(value.detach(), expected, rtol=0, atol=1e-7)
+            torch.testing.assert_close(shipped, expected, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=matrix_id)
+def test_fused_synthesis_equals_reference(case):
+    """The fused node (`synthesize`) against `reference_synthesize`: values, and the gradients of a
+    random linear function of the weights into the coefficients and both neighbours (fp32 rounding)."""
+    arch, granularity, fusion, detach = case
+    model, _ = make(arch, granularity, fusion, detach)
+    leaves = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(0)
+    for block_name in model.replaced_blocks.values():
+        module = model.base_model.get_submodule(block_name)
+        fused, expected = synthesize(module), reference_synthesize(module)
+        assert [w.shape for w in fused] == [w.shape for w in expected]
+        for value, reference_value in zip(fused, expected):
+            torch.testing.assert_close(value, reference_value, rtol=0, atol=1e-6)
+        probes = [torch.randn(w.shape, generator=generator) for w in fused]
+        fused_grads = torch.autograd.grad(fused, leaves, probes, allow_unused=True)
+        reference_grads = torch.autograd.grad(expected, leaves, probes, allow_unused=True)
+        for (name, _), got, want in zip(
+            [(n, p) for n, p in model.named_parameters() if p.requires_grad], fused_grads, reference_grads
+        ):
+            assert (got is None) == (want is None), name
+            if got is not None:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)  # fp32 sums of ~1k products
+
+
+def test_synthesis_hook_sees_every_synthesis():
+    """One call per replaced block in forward; a recompute in backward synthesizes again."""
+    from hf_replacement.synthesis import register_synthesis_hook
+
+    model, _ = make("vit", recompute_replaced=True)
+    seen: list[torch.nn.Module] = []
+    handle = register_synthesis_hook(seen.append)
+    loss_of(tiny_models.logits(model(pixel_values=tiny_models.inputs()))).backward()
+    replaced = [model.base_model.get_submodule(name) for name in model.replaced_blocks.values()]
+    assert len(seen) == 2 * len(replaced) and set(map(id, seen)) == set(map(id, replaced))
+    handle.remove()
+    model(pixel_values=tiny_models.inputs())
+    assert len(seen) == 2 * len(replaced)
 
 
 @pytest.mark.parametrize("case", [c for c in MATRIX if not c[3]], ids=matrix_id)
@@ -241,9 +304,12 @@ def test_checkpoint_is_compact_by_replaced_bytes(arch, tmp_path):
     coefficient_bytes = sum(p.numel() * 4 for p in model.replacement_coefficients.parameters())
     full_bytes = sum(t.numel() * t.element_size() for t in reference.state_dict().values())
     assert sum(t.numel() * t.element_size() for t in saved.values()) == full_bytes - replaced_bytes + coefficient_bytes
-    for index, name in model.replaced_blocks.items():
-        assert not any(key.startswith(f"base_model.{name}.") and key.split(".")[-1] in ("weight", "bias") and "resample" not in key
-                       for key in saved if key.rpartition(".")[0] in dict(reference.get_submodule(name).named_modules(prefix=name)))
+    for name in model.replaced_blocks.values():
+        assert not any(
+            key.startswith(f"base_model.{name}.") and key.split(".")[-1] in ("weight", "bias") and "resample" not in key
+            for key in saved
+            if key.rpartition(".")[0] in dict(reference.get_submodule(name).named_modules(prefix=name))
+        )
 
 
 @pytest.mark.parametrize("arch", ["vit", "convnext", "resnet", "custom"])
@@ -271,7 +337,8 @@ def test_print_trainable_parameters(capsys):
     model.print_trainable_parameters()
     trainable, total = model.get_nb_trainable_parameters()
     assert capsys.readouterr().out.startswith(
-        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: 100.0000 || replaced blocks: 3 (of 6)"
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: 100.0000 "
+        "|| replaced blocks: 3 (of 6)"
     )
 
 
@@ -361,9 +428,20 @@ def test_torch_compile_matches_eager():
 
 RESAMPLE_CASES = [
     # (tensor shape, dim, target size): up- and downsampling, equal size, 1 entry, each position of dim
-    ((7,), 0, 12), ((12,), 0, 7), ((5,), 0, 5), ((6,), 0, 1), ((1,), 0, 4),
-    ((9, 4), 0, 16), ((16, 4), 0, 9), ((4, 9), 1, 16), ((4, 16), 1, 9), ((4, 8), 1, 8),
-    ((3, 10, 2, 2), 1, 6), ((3, 6, 2, 2), 1, 10), ((10, 1, 3, 3), 0, 20), ((2, 3, 5), 2, 11),
+    ((7,), 0, 12),
+    ((12,), 0, 7),
+    ((5,), 0, 5),
+    ((6,), 0, 1),
+    ((1,), 0, 4),
+    ((9, 4), 0, 16),
+    ((16, 4), 0, 9),
+    ((4, 9), 1, 16),
+    ((4, 16), 1, 9),
+    ((4, 8), 1, 8),
+    ((3, 10, 2, 2), 1, 6),
+    ((3, 6, 2, 2), 1, 10),
+    ((10, 1, 3, 3), 0, 20),
+    ((2, 3, 5), 2, 11),
 ]
 
 
@@ -413,15 +491,21 @@ def test_synthesis_gradcheck(granularity, fusion_mode, form, monkeypatch):
     # Block 1: previous neighbour narrower (upsampled), next wider (downsampled); block 3: next the same.
     # With fusion="nearest" a tensor of a neighbour of another width is left out (one term).
     widths = (2, 3, 5, 4, 4) if fusion_mode == "resample" else (3, 3, 5, 4, 4)
-    model = get_replacement_model(StagedModel(widths), ReplacementConfig(
-        block_path="blocks", replaced_blocks=[1, 3], coefficient_granularity=granularity, fusion=fusion_mode))
+    model = get_replacement_model(
+        StagedModel(widths),
+        ReplacementConfig(
+            block_path="blocks", replaced_blocks=[1, 3], coefficient_granularity=granularity, fusion=fusion_mode
+        ),
+    )
     for index in (1, 3):
         module = model.base_model.blocks[index]
         state = module._replacement
         coefficients = torch.rand(state.coefficients.get_parameter(str(index)).shape, dtype=torch.float64) + 0.25
         sources = [owner._parameters[attr].detach().double() for owner, attr in state.neighbours]
-        tables = [module._buffers[name].double() if module._buffers[name].is_floating_point() else module._buffers[name]
-                  for name in state.table_names]
+        tables = [
+            module._buffers[name].double() if module._buffers[name].is_floating_point() else module._buffers[name]
+            for name in state.table_names
+        ]
         inputs = [coefficients.requires_grad_(), *(s.requires_grad_() for s in sources)]
         assert torch.autograd.gradcheck(
             lambda *args: _Synthesis.apply(state.program, *args, *tables), inputs, eps=1e-6, atol=1e-8
@@ -433,7 +517,7 @@ def test_synthesis_gradcheck(granularity, fusion_mode, form, monkeypatch):
 def test_fused_linear_keeps_output_scale():
     torch.manual_seed(0)
     source = torch.nn.Linear(256, 128)
-    torch.nn.init.normal_(source.weight, std=256 ** -0.5)
+    torch.nn.init.normal_(source.weight, std=256**-0.5)
     for target_out, target_in in [(256, 512), (64, 128), (200, 300)]:
         matrix_out = resample_matrix(128, target_out, fan_in=False).float()
         matrix_in = resample_matrix(256, target_in, fan_in=True).float()

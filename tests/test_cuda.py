@@ -8,9 +8,9 @@ from __future__ import annotations
 import copy
 
 import pytest
+import tiny_models
 import torch
 
-import tiny_models
 from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -60,7 +60,11 @@ def test_cuda_bf16_autocast_keeps_fp32_coefficients(arch):
     torch.testing.assert_close(out.float(), fp32, rtol=0.05, atol=0.05)
     for coefficients in model.replacement_coefficients.parameters():
         assert coefficients.dtype == torch.float32
-        assert coefficients.grad is not None and torch.isfinite(coefficients.grad).all() and coefficients.grad.abs().sum() > 0
+        assert (
+            coefficients.grad is not None
+            and torch.isfinite(coefficients.grad).all()
+            and coefficients.grad.abs().sum() > 0
+        )
 
 
 def test_cuda_checkpoint_loads_on_cpu(tmp_path):
@@ -72,6 +76,8 @@ def test_cuda_checkpoint_loads_on_cpu(tmp_path):
     x = tiny_models.inputs()
     with torch.no_grad():
         torch.testing.assert_close(
-            tiny_models.logits(loaded(pixel_values=x)), tiny_models.logits(model(pixel_values=x.cuda())).cpu(),
-            rtol=1e-4, atol=1e-5,
+            tiny_models.logits(loaded(pixel_values=x)),
+            tiny_models.logits(model(pixel_values=x.cuda())).cpu(),
+            rtol=1e-4,
+            atol=1e-5,
         )

@@ -23,7 +23,6 @@ from hf_replacement.data import (
     prepare_dataset,
     subsample,
 )
-from hf_replacement.metrics import load_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +86,16 @@ def test_prepare_dataset_grayscale_default_normalisation(digits):
 
 
 def test_prepare_dataset_resize_rgb_and_processor_stats(digits):
-    processor = types.SimpleNamespace(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_normalize=True)
+    processor = types.SimpleNamespace(
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_normalize=True
+    )
     prepared = prepare_dataset(digits, image_size=16, num_channels=3, image_processor=processor)
     values = prepared["train"][0]["pixel_values"]
     assert values.shape == (3, 16, 16)
-    resized = np.asarray(digits["train"][0]["image"].convert("RGB").resize((16, 16), PILImage.BILINEAR), dtype=np.float32) / 255
+    resized = (
+        np.asarray(digits["train"][0]["image"].convert("RGB").resize((16, 16), PILImage.BILINEAR), dtype=np.float32)
+        / 255
+    )
     for channel in range(3):
         expected = (resized[..., channel] - processor.image_mean[channel]) / processor.image_std[channel]
         torch.testing.assert_close(values[channel], torch.from_numpy(expected))
@@ -197,7 +201,9 @@ def test_fashion_mnist_bad_magic(tmp_path):
     _write_idx_set(tmp_path)
     with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as handle:
         handle.write(_idx_bytes(np.zeros((3, 2, 2), dtype=np.uint8)))  # a 3-d file where labels belong
-    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz is not an IDX file of 1-d unsigned bytes: magic 00000803"):
+    with pytest.raises(
+        DataError, match=r"train-labels-idx1-ubyte.gz is not an IDX file of 1-d unsigned bytes: magic 00000803"
+    ):
         load_image_dataset("fashion-mnist", data_dir=str(tmp_path))
 
 
@@ -251,6 +257,14 @@ def test_imagefolder_without_test_split(tmp_path):
     assert len(load_image_dataset("imagefolder", data_dir=str(tmp_path))["train"]) == 18
 
 
+def test_imagefolder_with_a_corrupt_image_fails_at_load(tmp_path):
+    _write_images(tmp_path / "cat", 10, (200, 0, 0))
+    _write_images(tmp_path / "dog", 10, (0, 0, 200))
+    (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(DataError, match=r"dog/broken.png is not a readable image .*; remove or replace it"):
+        load_image_dataset(str(tmp_path), seed=0)
+
+
 def test_imagefolder_with_splits(tmp_path):
     for split, count in (("train", 3), ("test", 2)):
         _write_images(tmp_path / split / "a", count, (10, 10, 10))
@@ -276,7 +290,9 @@ def test_save_to_disk_renames_columns_and_uses_validation(tmp_path):
 def test_save_to_disk_dataset_with_integer_labels(tmp_path):
     images = [PILImage.new("L", (4, 4), i) for i in range(20)]
     features = Features({"image": Image(), "fine_label": Value("int64")})
-    Dataset.from_dict({"image": images, "fine_label": [5, 7] * 10}, features=features).save_to_disk(str(tmp_path / "one"))
+    Dataset.from_dict({"image": images, "fine_label": [5, 7] * 10}, features=features).save_to_disk(
+        str(tmp_path / "one")
+    )
     dataset = load_image_dataset(str(tmp_path / "one"), seed=0)
     # int labels become a ClassLabel; no test split -> 10% held out.
     assert dataset_info(dataset) == (2, {0: "5", 1: "7"})
@@ -285,9 +301,9 @@ def test_save_to_disk_dataset_with_integer_labels(tmp_path):
 
 def test_dataset_without_labels(tmp_path):
     features = Features({"image": Image(), "caption": Value("string")})
-    Dataset.from_dict({"image": [PILImage.new("L", (2, 2))] * 2, "caption": ["a", "b"]}, features=features).save_to_disk(
-        str(tmp_path / "nolabel")
-    )
+    Dataset.from_dict(
+        {"image": [PILImage.new("L", (2, 2))] * 2, "caption": ["a", "b"]}, features=features
+    ).save_to_disk(str(tmp_path / "nolabel"))
     with pytest.raises(DataError, match=r"has columns \['image', 'caption'\]; expected .*label column"):
         load_image_dataset(str(tmp_path / "nolabel"))
 
@@ -307,22 +323,3 @@ def test_dataset_info_requires_classlabel():
     dataset = Dataset.from_dict({"label": [1, 2]})
     with pytest.raises(DataError, match="ClassLabel"):
         dataset_info(dataset)
-
-
-# --- offline accuracy metric ------------------------------------------------------------------
-
-
-def test_load_accuracy_offline(monkeypatch):
-    import evaluate.config
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", True)
-    metric = load_accuracy()
-    assert metric.compute(references=[0, 1, 2, 0, 1, 2], predictions=[0, 1, 1, 2, 1, 0]) == {"accuracy": 0.5}
-    assert metric.compute(references=[0, 1, 2, 0, 1, 2], predictions=[0, 1, 1, 2, 1, 0], normalize=False) == {"accuracy": 3.0}
-    weighted = metric.compute(references=[0, 1, 2, 0], predictions=[0, 1, 1, 2], sample_weight=[0.5, 2, 0.7, 0.5])
-    assert weighted["accuracy"] == pytest.approx(2.5 / 3.7)
-    # Batches of tensors, as the training loop adds them.
-    metric.add_batch(predictions=torch.tensor([1, 2, 3]), references=torch.tensor([1, 2, 0]))
-    metric.add_batch(predictions=torch.tensor([4]), references=torch.tensor([4]))
-    assert metric.compute() == {"accuracy": 0.75}

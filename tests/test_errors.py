@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny_models
 import torch
 from torch import nn
 
-import tiny_models
 from hf_replacement import (
     BlockDiscoveryError,
     FusionError,
@@ -29,7 +29,12 @@ BAD_CONFIGS = [
     (dict(coefficient_granularity="layer"), "coefficient_granularity='layer' is invalid: choose one of"),
     (dict(fusion="average"), "fusion='average' is invalid"),
     (dict(coefficient_init=(1.0,)), r"coefficient_init=\(1.0,\) is invalid"),
-    (dict(coefficient_init=("a", "b")), "give two numbers"),
+    (dict(coefficient_init=("a", "b")), "give two finite numbers"),
+    (dict(coefficient_init=(float("nan"), 0.5)), r"coefficient_init=\(nan, 0.5\) is invalid: give two finite numbers"),
+    (dict(coefficient_init=(0.5, float("inf"))), r"coefficient_init=\(0.5, inf\) is invalid"),
+    (dict(coefficient_init=(1e39, 0.5)), "within float32 range"),
+    (dict(coefficient_init=None), "coefficient_init=None is invalid: give two finite numbers"),
+    (dict(replaced_blocks=3), "replaced_blocks=3 is invalid: give a non-empty list of block indices"),
     (dict(detach_neighbors="yes"), "detach_neighbors='yes' is invalid"),
     (dict(recompute_replaced=1), "recompute_replaced=1 is invalid"),
     (dict(block_path=""), "block_path='' is invalid"),
@@ -79,6 +84,19 @@ def test_not_a_module():
         get_replacement_model({"weights": 1})
 
 
+def test_config_changed_after_construction_is_checked_when_used():
+    config = ReplacementConfig()
+    config.coefficient_init = (float("nan"), 0.5)
+    with pytest.raises(ReplacementConfigError, match="coefficient_init=\\(nan, 0.5\\) is invalid"):
+        get_replacement_model(tiny_models.build("vit"), config)
+
+
+def test_dict_config_names_the_fix():
+    message = r"replacement_config must be a ReplacementConfig, got dict: .*ReplacementConfig\(\*\*options\)"
+    with pytest.raises(TypeError, match=message):
+        get_replacement_model(tiny_models.build("vit"), {"replace_interval": 4})
+
+
 def test_replacing_twice():
     model = get_replacement_model(tiny_models.build("vit"))
     with pytest.raises(ValueError, match="already has replaced blocks"):
@@ -99,7 +117,10 @@ class Gain(nn.Module):
 @pytest.mark.parametrize(
     "neighbour, message",
     [
-        (Gain(), "blocks.1 and its neighbour blocks.2 are different kinds of block: the neighbour has no parameter 'weight'"),
+        (
+            Gain(),
+            "blocks.1 and its neighbour blocks.2 are different kinds of block: the neighbour has no parameter 'weight'",
+        ),
         (nn.LayerNorm(4), r"different kinds of block: weight has shape \(4, 4\) here and \(4,\) there"),
     ],
 )
@@ -188,11 +209,27 @@ def test_missing_base_config_for_custom_model(tmp_path):
         ReplacementModel.from_pretrained(tmp_path)
 
 
-def test_unknown_architecture_in_config(saved):
+@pytest.mark.parametrize("architecture", ["NoSuchModel", "AutoModel", "pipeline", "ViTConfig"])
+def test_architectures_must_name_a_model_class(saved, architecture):
+    """Only a model class is built: `AutoModel(config)` or `pipeline(config)` are never called."""
     data = json.loads((saved / "config.json").read_text())
-    data["architectures"] = ["NoSuchModel"]
+    data["architectures"] = [architecture]
     (saved / "config.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="names no known Transformers architecture"):
+    with pytest.raises(
+        ValueError, match=f"names no Transformers model class in 'architectures' \\(\\['{architecture}'\\]\\)"
+    ):
+        ReplacementModel.from_pretrained(saved)
+
+
+def test_garbage_base_config(saved):
+    (saved / "config.json").write_bytes(b"\x00\xff not json")
+    with pytest.raises(ValueError, match="config.json is not a readable Transformers config"):
+        ReplacementModel.from_pretrained(saved)
+
+
+def test_garbage_bytes_in_replacement_config_name_the_file(saved):
+    (saved / "replacement_config.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ReplacementConfigError, match="replacement_config.json is not valid JSON"):
         ReplacementModel.from_pretrained(saved)
 
 
@@ -201,3 +238,17 @@ def test_synthesized_weights_of_unreplaced_block():
     with pytest.raises(ValueError, match="block 2 .* is not replaced; replaced: \\{3: 'vit.layers.3'\\}"):
         model.synthesized_weights(2)
     assert torch.is_tensor(next(iter(model.synthesized_weights(3).values())))
+
+
+def test_tied_weights_are_saved_once_and_tied_again_on_load(tmp_path):
+    """GPT-2 ties `lm_head.weight` to `wte.weight`: saved once (safetensors refuses shared memory), re-tied on load."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    model = get_replacement_model(GPT2LMHeadModel(config), ReplacementConfig(replace_interval=2))
+    tokens = torch.randint(0, 50, (2, 8))
+    model.save_pretrained(tmp_path)
+    loaded = ReplacementModel.from_pretrained(tmp_path)
+    assert loaded.base_model.lm_head.weight.data_ptr() == loaded.base_model.transformer.wte.weight.data_ptr()
+    torch.testing.assert_close(loaded(input_ids=tokens).logits, model.eval()(input_ids=tokens).logits, rtol=0, atol=0)

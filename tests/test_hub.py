@@ -2,7 +2,7 @@
 
 Push (compact and merged), download with `ReplacementModel.from_pretrained` and with plain
 Transformers, the model card, and every failure: server down, 401, 500, missing repo/revision.
-The same push from the Trainer (`ReplacementCallback`) and from the launcher (`--push-to-hub`).
+The same push from the Trainer (`ReplacementTrainer`) and from the launcher (`--push-to-hub`).
 """
 
 from __future__ import annotations
@@ -15,16 +15,15 @@ import pytest
 import torch
 import transformers
 import transformers.utils.hub
-from huggingface_hub import ModelCard, constants
-from transformers import Trainer, TrainingArguments
-
-from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model
-from hf_replacement.callback import ReplacementCallback
-from hf_replacement.cli import main
-from hf_replacement.hub import TEMPLATE_PATH, HubDownloadError, HubPushError, push_to_hub, render_model_card
 from hub_server import FakeHub
+from huggingface_hub import ModelCard, constants
 from test_trainer import dataset, repl_vit, training_args
 from test_trainer import logits as logits_of
+from transformers import TrainingArguments
+
+from hf_replacement import ReplacementConfig, ReplacementModel, ReplacementTrainer, get_replacement_model
+from hf_replacement.cli import main
+from hf_replacement.hub import TEMPLATE_PATH, HubDownloadError, HubPushError, push_to_hub, render_model_card
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_TestWriteToken1234567890abcd"
@@ -33,8 +32,13 @@ PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 def tiny_repl_model() -> ReplacementModel:
     config = transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-        image_size=16, patch_size=4, num_labels=3,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        num_labels=3,
     )
     torch.manual_seed(0)
     model = get_replacement_model(transformers.ViTForImageClassification(config), ReplacementConfig(replace_interval=2))
@@ -114,7 +118,9 @@ def test_push_compact_then_from_pretrained(hub_env, tmp_path):
             parameter.fill_(0.5)
     model.push_to_hub("user/repl-vit", token=TOKEN)
     assert not torch.equal(logits(ReplacementModel.from_pretrained("user/repl-vit", token=TOKEN)), logits(loaded))
-    assert torch.equal(logits(ReplacementModel.from_pretrained("user/repl-vit", revision=first_commit, token=TOKEN)), logits(loaded))
+    assert torch.equal(
+        logits(ReplacementModel.from_pretrained("user/repl-vit", revision=first_commit, token=TOKEN)), logits(loaded)
+    )
 
     # A push to a branch leaves main alone.
     model.push_to_hub("user/repl-vit", token=TOKEN, revision="experiment", merged=True)
@@ -171,8 +177,15 @@ def test_model_card_metadata_and_body(hub_env, tmp_path):
     assert data.metrics == ["accuracy"]
     assert data.eval_results[0].metric_value == 0.8125
     trainable, total = model.get_nb_trainable_parameters()
-    for text in ("`vit.layers.1`", "| 0.3 | 0.8 |", f"{trainable:,d}", f"{model._num_unreplaced_parameters:,d}",
-                 "| accuracy | 0.8125 |", "ReplacementModel.from_pretrained", f"transformers {transformers.__version__}"):
+    for text in (
+        "`vit.layers.1`",
+        "| 0.3 | 0.8 |",
+        f"{trainable:,d}",
+        f"{model._num_unreplaced_parameters:,d}",
+        "| accuracy | 0.8125 |",
+        "ReplacementModel.from_pretrained",
+        f"transformers {transformers.__version__}",
+    ):
         assert text in parsed.text, text
     assert "lr" not in parsed.text  # nested run options stay in results.json
 
@@ -255,11 +268,16 @@ def accuracy(prediction) -> dict[str, float]:
 
 def test_trainer_pushes_repl_checkpoints_with_our_card(trainer_hub, tmp_path, caplog):
     args = training_args(
-        tmp_path, push_to_hub=True, hub_model_id="user/trainer-repl", hub_token=TOKEN,
-        eval_strategy="steps", eval_steps=2,
+        tmp_path,
+        push_to_hub=True,
+        hub_model_id="user/trainer-repl",
+        hub_token=TOKEN,
+        eval_strategy="steps",
+        eval_steps=2,
     )
-    trainer = Trainer(repl_vit(), args, train_dataset=dataset(), eval_dataset=dataset(8), compute_metrics=accuracy)
-    ReplacementCallback(trainer)
+    trainer = ReplacementTrainer(
+        repl_vit(), args, train_dataset=dataset(), eval_dataset=dataset(8), compute_metrics=accuracy, merge_at_end=True
+    )
     assert "hub_token is pickled into training_args.bin" in caplog.text  # Transformers uploads it: a warning
     trainer.train()
     # The Trainer's own checkpoint pushes (one or two: it skips one while the previous is uploading)
@@ -280,6 +298,7 @@ def test_trainer_pushes_repl_checkpoints_with_our_card(trainer_hub, tmp_path, ca
     assert card.data.eval_results[0].metric_value == last_eval["eval_accuracy"]
     assert "| updates | 4 |" in card.text and "`vit.layers.1`" in card.text
     assert 'ReplacementModel.from_pretrained("user/trainer-repl")' in card.text
+    assert {"merged/config.json", "merged/model.safetensors"} <= set(files)  # merge_at_end's output, beside it
 
     loaded = ReplacementModel.from_pretrained("user/trainer-repl", token=TOKEN)
     images = dataset(8)[:]["pixel_values"]
@@ -289,12 +308,19 @@ def test_trainer_pushes_repl_checkpoints_with_our_card(trainer_hub, tmp_path, ca
 def test_trainer_card_reports_the_best_model_it_holds(tmp_path):
     scores = iter([1.0, 0.0])  # the evaluation at step 2 is the best one
     args = training_args(
-        tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="score",
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="score",
     )
-    trainer = Trainer(
-        repl_vit(), args, train_dataset=dataset(), eval_dataset=dataset(8), compute_metrics=lambda _: {"score": next(scores)}
+    trainer = ReplacementTrainer(
+        repl_vit(),
+        args,
+        train_dataset=dataset(),
+        eval_dataset=dataset(8),
+        compute_metrics=lambda _: {"score": next(scores)},
     )
-    ReplacementCallback(trainer)
     trainer.train()
     trainer.create_model_card()  # what trainer.push_to_hub() uploads as README.md
     card = ModelCard.load(tmp_path / "README.md")
@@ -303,8 +329,7 @@ def test_trainer_card_reports_the_best_model_it_holds(tmp_path):
 
 def test_trainer_pushes_from_the_main_process_only(trainer_hub, tmp_path, monkeypatch):
     args = training_args(tmp_path, push_to_hub=True, hub_model_id="user/repo", hub_token=TOKEN)
-    trainer = Trainer(repl_vit(), args, train_dataset=dataset())
-    ReplacementCallback(trainer)
+    trainer = ReplacementTrainer(repl_vit(), args, train_dataset=dataset())
     # As on the process of rank 1 of a distributed run.
     monkeypatch.setattr(TrainingArguments, "process_index", property(lambda self: 1))
     trainer.state.is_world_process_zero = False
@@ -318,11 +343,33 @@ def test_launcher_pushes_the_trained_checkpoint(hub_env, tmp_path, capsys, caplo
     hub = hub_env(token=TOKEN)
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "run"
-    assert main([
-        "train", "--model", "vit-mini", "--dataset", "digits", "--max-train-samples", "64", "--max-eval-samples", "32",
-        "--epochs", "1", "--batch-size", "32", "--output-dir", str(out),
-        "--push-to-hub", "--hub-model-id", "user/launcher-repl", "--hub-token", TOKEN,
-    ]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "vit-mini",
+                "--dataset",
+                "digits",
+                "--max-train-samples",
+                "64",
+                "--max-eval-samples",
+                "32",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--output-dir",
+                str(out),
+                "--push-to-hub",
+                "--hub-model-id",
+                "user/launcher-repl",
+                "--hub-token",
+                TOKEN,
+            ]
+        )
+        == 0
+    )
     files = hub.files("user/launcher-repl")
     assert {"README.md", "config.json", "model.safetensors", "replacement_config.json", "results.json"} <= set(files)
     results = json.loads((out / "results.json").read_text())

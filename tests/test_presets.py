@@ -13,7 +13,9 @@ from hf_replacement.presets import UnknownPresetError, build_preset_model
     # stride 1 below 16 px, 2 up to 63 px (28 px: 14, 7, 3, 1), 4 from 64 px as in the original model
     [(8, 8, 1), (16, 8, 1), (28, 14, 1), (63, 31, 3), (64, 16, 2), (224, 56, 7)],
 )
-def test_convnext_preset_keeps_every_stage_at_least_one_pixel(image_size: int, stem_output: int, last_stage: int) -> None:
+def test_convnext_preset_keeps_every_stage_at_least_one_pixel(
+    image_size: int, stem_output: int, last_stage: int
+) -> None:
     model = build_preset_model("convnext-mini", num_labels=3, image_size=image_size, num_channels=1).eval()
     with torch.no_grad():
         outputs = model(torch.randn(1, 1, image_size, image_size), output_hidden_states=True)

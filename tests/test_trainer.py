@@ -1,4 +1,4 @@
-"""A ReplacementModel in the Transformers Trainer, and ReplacementCallback.
+"""A ReplacementModel in the Transformers Trainer: ReplacementTrainer, and the misuse it rejects.
 
 Tiny ViT (4 blocks, block 1 replaced), random 1x8x8 images, CPU fp32, dropout 0: every run takes
 well under a second, so each behaviour gets its own real Trainer run.
@@ -19,8 +19,16 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
-from hf_replacement import CONFIG_NAME, ReplacementConfig, ReplacementModel, get_replacement_model
-from hf_replacement.callback import MERGED_DIR_NAME, ReplacementCallback, coefficient_logs
+from hf_replacement import (
+    CONFIG_NAME,
+    ReplacementCallback,
+    ReplacementConfig,
+    ReplacementModel,
+    ReplacementTrainer,
+    get_replacement_model,
+)
+from hf_replacement.model import coefficient_logs
+from hf_replacement.trainer import MERGED_DIR_NAME
 
 A, B = "replacement/a/block_1", "replacement/b/block_1"
 
@@ -37,9 +45,17 @@ def tiny_vit(seed: int = 0, **config) -> ViTForImageClassification:
     torch.manual_seed(seed)
     return ViTForImageClassification(
         ViTConfig(
-            hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=8,
-            patch_size=4, num_channels=1, num_labels=10, hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0, **config,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=8,
+            patch_size=4,
+            num_channels=1,
+            num_labels=10,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            **config,
         )
     )
 
@@ -61,16 +77,25 @@ def dataset(size: int = 24, extra_column: bool = False) -> datasets.Dataset:
 
 def training_args(output_dir, **overrides) -> TrainingArguments:
     values = dict(
-        use_cpu=True, report_to=[], per_device_train_batch_size=4, per_device_eval_batch_size=8,
-        learning_rate=1e-2, max_steps=4, save_steps=2, logging_steps=1, seed=0, data_seed=0,
-        dataloader_num_workers=0, disable_tqdm=True,
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        max_steps=4,
+        save_steps=2,
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     values.update(overrides)
     return TrainingArguments(str(output_dir), **values)
 
 
 class Recorder(TrainerCallback):
-    """Registered before ReplacementCallback, like the reporters: sees what reaches them."""
+    """Registered before the trainer's ReplacementCallback, like the reporters: sees what reaches them."""
 
     def __init__(self) -> None:
         self.logs: list[tuple[int, dict]] = []
@@ -94,13 +119,16 @@ def logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
         return model(pixel_values=pixel_values).logits
 
 
-# ---- a ReplacementModel in a plain Trainer ---------------------------------------------------------
+# ---- the model's inputs and labels -------------------------------------------------------------------
 
 
-def test_plain_trainer_keeps_columns_finds_labels_and_evaluates(tmp_path):
+def test_trainer_keeps_columns_finds_labels_and_evaluates(tmp_path):
     train = dataset(extra_column=True)
-    trainer = Trainer(
-        repl_vit(), training_args(tmp_path), train_dataset=train, eval_dataset=dataset(16),
+    trainer = ReplacementTrainer(
+        repl_vit(),
+        training_args(tmp_path),
+        train_dataset=train,
+        eval_dataset=dataset(16),
         compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
     )
     # forward's signature is the base model's: the image column survives, the unused one goes.
@@ -116,8 +144,7 @@ def test_plain_trainer_keeps_columns_finds_labels_and_evaluates(tmp_path):
 
 
 def test_every_checkpoint_and_save_model_load_with_from_pretrained(tmp_path):
-    trainer = Trainer(repl_vit(), training_args(tmp_path / "run"), train_dataset=dataset())
-    ReplacementCallback(trainer)
+    trainer = ReplacementTrainer(repl_vit(), training_args(tmp_path / "run"), train_dataset=dataset())
     trainer.train()
     model = trainer.model
     images = dataset(8)[:]["pixel_values"]
@@ -125,58 +152,75 @@ def test_every_checkpoint_and_save_model_load_with_from_pretrained(tmp_path):
     coefficients = {}
     for step in (2, 4):
         checkpoint = tmp_path / "run" / f"checkpoint-{step}"
-        assert {CONFIG_NAME, "config.json", "model.safetensors", "optimizer.pt"} <= set(os.listdir(checkpoint))
-        # The Trainer's own weights file holds exactly ReplacementModel.state_dict()'s keys.
+        assert {CONFIG_NAME, "config.json", "model.safetensors", "optimizer.pt", "training_args.bin"} <= set(
+            os.listdir(checkpoint)
+        )
+        # The weights file holds exactly ReplacementModel.state_dict()'s keys: what the Trainer resumes from.
         assert set(load_file(checkpoint / "model.safetensors")) == set(model.state_dict())
         loaded = ReplacementModel.from_pretrained(checkpoint)
         assert loaded.replaced_blocks == {1: "vit.layers.1"}
         coefficients[step] = loaded.replacement_coefficients.get_parameter("1").detach()
     assert not torch.equal(coefficients[2], coefficients[4])  # each checkpoint holds its own step
-    assert_same_state(ReplacementModel.from_pretrained(tmp_path / "run" / "checkpoint-4").state_dict(), model.state_dict())
+    last = ReplacementModel.from_pretrained(tmp_path / "run" / "checkpoint-4")
+    assert_same_state(last.state_dict(), model.state_dict())
 
     trainer.save_model(str(tmp_path / "final"))
     final = ReplacementModel.from_pretrained(tmp_path / "final")
     assert_same_state(final.state_dict(), model.state_dict())
     torch.testing.assert_close(logits(final, images), logits(model, images), rtol=0, atol=0)
     assert json.loads((tmp_path / "final" / CONFIG_NAME).read_text())["replace_interval"] == 2
+    assert not [name for name in os.listdir(tmp_path / "final") if name.endswith(".tmp")]  # written atomically
 
 
 def test_resume_continues_exactly(tmp_path):
     """8 steps straight == 4 steps, resume from checkpoint-4, 4 more (crossing an epoch boundary).
 
-    Exact because the Trainer saves and reloads a ReplacementModel as its raw state dict. (A plain
+    Exact because the Trainer reloads a ReplacementModel's checkpoint as its raw state dict. (A plain
     Transformers 5.23 model does not resume exactly: save_pretrained writes the legacy key names,
     e.g. `vit.encoder.layer.0...`, and `_load_from_checkpoint`'s `load_state_dict(strict=False)`
     loads none of the block weights, with only a warning: huggingface/transformers#43701.)
     """
     args = dict(max_steps=8, save_steps=4)
-    straight = Trainer(repl_vit(), training_args(tmp_path / "straight", **args), train_dataset=dataset())
-    ReplacementCallback(straight)
+    straight = ReplacementTrainer(repl_vit(), training_args(tmp_path / "straight", **args), train_dataset=dataset())
     straight.train()
 
-    resumed = Trainer(repl_vit(), training_args(tmp_path / "resumed", **args), train_dataset=dataset())
-    ReplacementCallback(resumed)
+    resumed = ReplacementTrainer(repl_vit(), training_args(tmp_path / "resumed", **args), train_dataset=dataset())
     resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-4"))
 
     assert_same_state(resumed.model.state_dict(), straight.model.state_dict())  # weights and coefficients
     first, second = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k][name], second[k][name]) for k in first for name in first[k])
-    losses = [[entry["loss"] for entry in t.state.log_history if "loss" in entry and entry["step"] > 4] for t in (straight, resumed)]
+    losses = [
+        [entry["loss"] for entry in t.state.log_history if "loss" in entry and entry["step"] > 4]
+        for t in (straight, resumed)
+    ]
     assert losses[0] == losses[1] and len(losses[0]) == 4
 
 
-def test_load_best_model_at_end(tmp_path):
-    scores = iter([1.0, 0.0, 0.0])  # the evaluation at step 2 is the best one
-    trainer = Trainer(
-        repl_vit(),
+def best_model_trainer(tmp_path, model, max_steps: int, scores: list[float], **options) -> ReplacementTrainer:
+    """Evaluates every 2 steps with the given scores (higher is better) and loads the best model at the end."""
+    scores = iter(scores)
+    return ReplacementTrainer(
+        model,
         training_args(
-            tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
-            metric_for_best_model="score", greater_is_better=True,
+            tmp_path,
+            max_steps=max_steps,
+            eval_strategy="steps",
+            eval_steps=2,
+            load_best_model_at_end=True,
+            metric_for_best_model="score",
+            greater_is_better=True,
         ),
-        train_dataset=dataset(), eval_dataset=dataset(8), compute_metrics=lambda _: {"score": next(scores)},
+        train_dataset=dataset(),
+        eval_dataset=dataset(8),
+        compute_metrics=lambda _: {"score": next(scores)},
+        **options,
     )
-    ReplacementCallback(trainer)
+
+
+def test_load_best_model_at_end(tmp_path):
+    trainer = best_model_trainer(tmp_path, repl_vit(), 6, [1.0, 0.0, 0.0])  # the evaluation at step 2 is the best
     trainer.train()
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
     assert_same_state(trainer.model.state_dict(), load_file(tmp_path / "checkpoint-2" / "model.safetensors"))
@@ -187,11 +231,11 @@ def test_load_best_model_at_end(tmp_path):
 
 
 def test_merge_at_end_leaves_a_plain_transformers_model(tmp_path):
-    trainer = Trainer(repl_vit(), training_args(tmp_path), train_dataset=dataset())
-    callback = ReplacementCallback(trainer, merge_at_end=True)
+    trainer = ReplacementTrainer(repl_vit(), training_args(tmp_path), train_dataset=dataset(), merge_at_end=True)
+    assert trainer.merged_dir is None
     trainer.train()
-    assert callback.merged_dir == str(tmp_path / MERGED_DIR_NAME)
-    merged = ViTForImageClassification.from_pretrained(callback.merged_dir)  # transformers alone
+    assert trainer.merged_dir == str(tmp_path / MERGED_DIR_NAME)
+    merged = ViTForImageClassification.from_pretrained(trainer.merged_dir)  # transformers alone
     assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in tiny_vit().parameters())
     images = dataset(8)[:]["pixel_values"]
     torch.testing.assert_close(logits(merged, images), logits(trainer.model, images), rtol=1e-5, atol=1e-5)
@@ -203,10 +247,9 @@ def test_merge_at_end_leaves_a_plain_transformers_model(tmp_path):
 
 def test_coefficients_reach_callbacks_before_it_every_step(tmp_path):
     recorder = Recorder()
-    trainer = Trainer(
+    trainer = ReplacementTrainer(
         repl_vit(), training_args(tmp_path, logging_steps=2), train_dataset=dataset(), callbacks=[recorder]
     )
-    ReplacementCallback(trainer)
     names = [type(callback).__name__ for callback in trainer.callback_handler.callbacks]
     assert names.index("Recorder") < names.index("ReplacementCallback")  # like the reporters
 
@@ -218,20 +261,46 @@ def test_coefficients_reach_callbacks_before_it_every_step(tmp_path):
     assert a[1] != 0.5  # logged after the optimizer step
     counts = [logs for _, logs in recorder.logs if "replacement/total_params" in logs]
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    assert counts == [{"replacement/trainable_params": trainable, "replacement/total_params": total,
-                       "replacement/num_replaced_blocks": 1, "epoch": 0}]
-    # The Trainer's own loss logs still happen on its schedule (trainer.log clears should_log).
+    assert counts == [
+        {
+            "replacement/trainable_params": trainable,
+            "replacement/total_params": total,
+            "replacement/num_replaced_blocks": 1,
+            "epoch": 0,
+        }
+    ]
+    # The Trainer's own loss logs keep their schedule, and carry the coefficients of their step.
     assert sorted(recorder.values("loss")) == [2, 4]
     assert [entry["step"] for entry in trainer.state.log_history if A in entry] == [1, 2, 3, 4]
+    assert [entry["step"] for entry in trainer.state.log_history if A in entry and "loss" in entry] == [2, 4]
+
+
+def test_coefficient_logging_steps_and_epoch_logs_log_once_per_step(tmp_path):
+    # logging per epoch (6 steps): the Trainer's epoch log comes after the step's own coefficient log.
+    recorder = Recorder()
+    trainer = ReplacementTrainer(
+        repl_vit(),
+        training_args(tmp_path, max_steps=6, logging_strategy="epoch"),
+        train_dataset=dataset(),
+        callbacks=[recorder],
+        coefficient_logging_steps=3,
+    )
+    trainer.train()
+    assert [step for step, logs in recorder.logs if A in logs] == [3, 6]
+    assert sorted(recorder.values("loss")) == [6]
+
+    off = ReplacementTrainer(
+        repl_vit(), training_args(tmp_path / "off"), train_dataset=dataset(), coefficient_logging_steps=0
+    )
+    off.train()
+    assert not [entry for entry in off.state.log_history if A in entry]
 
 
 def test_coefficients_reach_tensorboard(tmp_path, monkeypatch):
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)  # events go to <output_dir>/runs
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    trainer = Trainer(
-        repl_vit(), training_args(tmp_path, report_to=["tensorboard"]), train_dataset=dataset(),
-    )
-    ReplacementCallback(trainer)
+    args = training_args(tmp_path, report_to=["tensorboard"])
+    trainer = ReplacementTrainer(repl_vit(), args, train_dataset=dataset())
     trainer.train()
     [run] = [root for root, _, files in os.walk(tmp_path / "runs") if any(f.startswith("events.") for f in files)]
     events = event_accumulator.EventAccumulator(run)
@@ -250,17 +319,20 @@ def test_coefficient_logs_use_the_mean_for_finer_granularity():
     assert logs == pytest.approx({A: coefficients[0].mean().item(), B: coefficients[1].mean().item()})
 
 
-# ---- start_step ------------------------------------------------------------------------------------
+# ---- replacement_start_step ----------------------------------------------------------------------------
 
 
 class OptimizerSpy(TrainerCallback):
-    """Registered after ReplacementCallback: sees the optimizer once each step has begun."""
+    """Registered after the trainer's ReplacementCallback: sees the optimizer once each step has begun."""
 
     def __init__(self) -> None:
-        self.params: dict[int, set[int]] = {}
+        self.params: dict[int, list[list[int]]] = {}
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        self.params[state.global_step] = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self.params[state.global_step] = [[id(p) for p in group["params"]] for group in optimizer.param_groups]
+
+    def all(self, step: int) -> set[int]:
+        return {p for group in self.params[step] for p in group}
 
 
 def test_start_step_trains_the_full_model_then_replaces(tmp_path):
@@ -270,17 +342,24 @@ def test_start_step_trains_the_full_model_then_replaces(tmp_path):
     freed_ids = {id(p) for p in block.parameters()}
     initial = {name: p.detach().clone() for name, p in block.named_parameters()}
     recorder, spy = Recorder(), OptimizerSpy()
-    trainer = Trainer(model, training_args(tmp_path, max_steps=5, save_steps=1), train_dataset=dataset(), callbacks=[recorder])
-    ReplacementCallback(trainer, start_step=2)
+    trainer = ReplacementTrainer(
+        model,
+        training_args(tmp_path, max_steps=5, save_steps=1),
+        train_dataset=dataset(),
+        callbacks=[recorder],
+        replacement_start_step=2,
+    )
     trainer.add_callback(spy)
     trainer.train()
 
     # Steps 1-2 trained block 1 itself; from step 3 on it is synthesized and its weights are gone.
-    assert spy.params[0] >= freed_ids and spy.params[1] >= freed_ids
+    assert spy.all(0) >= freed_ids and spy.all(1) >= freed_ids
     coefficients = model.replacement_coefficients.get_parameter("1")
     for step in (2, 3, 4):
-        assert id(coefficients) in spy.params[step] and not spy.params[step] & freed_ids
-    assert spy.params[4] == {id(p) for p in model.parameters()}
+        assert id(coefficients) in spy.all(step) and not spy.all(step) & freed_ids
+    # The groups are the ones Trainer.create_optimizer builds for the replaced model: a resume rebuilds them.
+    expected = [[id(p) for p in group] for group in trainer._parameter_groups(model)]
+    assert spy.params[4] == expected and id(coefficients) in expected[0]  # weight decay, like other weights
     del block
     gc.collect()
     assert all(ref() is None for ref in freed)  # truly released, optimizer state included
@@ -293,7 +372,7 @@ def test_start_step_trains_the_full_model_then_replaces(tmp_path):
     assert ReplacementModel.from_pretrained(tmp_path / "checkpoint-3").replaced_blocks == {1: "vit.layers.1"}
 
     assert sorted(recorder.values(A)) == [3, 4, 5]  # coefficients exist from the replacement on
-    trainable, total = model.get_nb_trainable_parameters()
+    _, total = model.get_nb_trainable_parameters()
     assert recorder.values("replacement/total_params") == {2: total}
     assert total < sum(p.numel() for p in tiny_vit().parameters())
     losses = recorder.values("loss")
@@ -303,8 +382,12 @@ def test_start_step_trains_the_full_model_then_replaces(tmp_path):
 @pytest.mark.parametrize("checkpoint", [2, 3], ids=["from-warmup-checkpoint", "from-replaced-checkpoint"])
 def test_start_step_resume_continues_exactly(tmp_path, checkpoint):
     def run(output_dir, resume=None):
-        trainer = Trainer(repl_vit(defer=True), training_args(output_dir, max_steps=5, save_steps=1), train_dataset=dataset())
-        ReplacementCallback(trainer, start_step=2)
+        trainer = ReplacementTrainer(
+            repl_vit(defer=True),
+            training_args(output_dir, max_steps=5, save_steps=1),
+            train_dataset=dataset(),
+            replacement_start_step=2,
+        )
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
@@ -315,52 +398,108 @@ def test_start_step_resume_continues_exactly(tmp_path, checkpoint):
 
 
 def test_start_step_best_model_from_the_warmup(tmp_path):
-    scores = iter([1.0, 0.0])  # the best checkpoint (step 2) was saved before the replacement
-    trainer = Trainer(
-        repl_vit(defer=True),
-        training_args(
-            tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
-            metric_for_best_model="score", greater_is_better=True,
-        ),
-        train_dataset=dataset(), eval_dataset=dataset(8), compute_metrics=lambda _: {"score": next(scores)},
-    )
-    ReplacementCallback(trainer, start_step=2)
+    # The best checkpoint (step 2) was saved before the replacement.
+    trainer = best_model_trainer(tmp_path, repl_vit(defer=True), 4, [1.0, 0.0], replacement_start_step=2)
     trainer.train()
     assert trainer.model.replaced_blocks == {}  # block 1 holds its own (warm-up) weights again
     assert_same_state(trainer.model.state_dict(), load_file(tmp_path / "checkpoint-2" / "model.safetensors"))
 
 
-# ---- misuse --------------------------------------------------------------------------------------------
-
-
-def test_callback_not_attached_fails_at_train_begin(tmp_path):
-    trainer = Trainer(repl_vit(), training_args(tmp_path), train_dataset=dataset(), callbacks=[ReplacementCallback()])
-    with pytest.raises(RuntimeError, match=r"not attached to a Trainer.*ReplacementCallback\(trainer\)"):
+def test_start_step_needs_the_trainers_parameter_groups(tmp_path):
+    # An optimizer whose "params" override the Trainer's groups: the switch could only guess where the
+    # coefficients go, so training refuses to start.
+    trainer = ReplacementTrainer(
+        repl_vit(defer=True),
+        training_args(tmp_path),
+        train_dataset=dataset(),
+        replacement_start_step=2,
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1, "params": [{"params": []}]}),
+    )
+    with pytest.raises(ValueError, match="needs the Trainer's two parameter groups"):
         trainer.train()
 
 
-def test_attach_after_passing_it_in_callbacks(tmp_path):
-    callback = ReplacementCallback()
-    trainer = Trainer(repl_vit(), training_args(tmp_path, max_steps=2), train_dataset=dataset(), callbacks=[callback])
-    assert callback.attach(trainer) is callback and callback.attach(trainer) is callback
+# ---- the options as a ReplacementCallback -----------------------------------------------------------
+
+
+def test_options_given_as_a_replacement_callback(tmp_path):
+    callback = ReplacementCallback(merge_at_end=True, coefficient_logging_steps=2)
+    trainer = ReplacementTrainer(repl_vit(), training_args(tmp_path), train_dataset=dataset(), callbacks=[callback])
+    assert trainer.replacement_callback is callback
     assert [type(c).__name__ for c in trainer.callback_handler.callbacks].count("ReplacementCallback") == 1
     trainer.train()
-    assert (tmp_path / "checkpoint-2" / CONFIG_NAME).is_file()
+    assert trainer.merged_dir == str(tmp_path / MERGED_DIR_NAME)
+    assert [entry["step"] for entry in trainer.state.log_history if A in entry] == [2, 4]
+
+    with pytest.raises(ValueError, match="belongs to another ReplacementTrainer"):
+        ReplacementTrainer(repl_vit(), training_args(tmp_path), callbacks=[callback])
+    with pytest.raises(ValueError, match="Give ReplacementTrainer its RepL options once"):
+        ReplacementTrainer(repl_vit(), training_args(tmp_path), callbacks=[ReplacementCallback()], merge_at_end=True)
 
 
-def test_misuse_is_rejected_with_the_fix(tmp_path):
-    def trainer(model):
-        return Trainer(model, training_args(tmp_path), train_dataset=dataset())
+# ---- misuse fails at construction, with the fix --------------------------------------------------------
 
-    with pytest.raises(TypeError, match="needs a Trainer whose model is a ReplacementModel, got ViTForImageClassification"):
-        ReplacementCallback(trainer(tiny_vit()))
-    with pytest.raises(ValueError, match=r"start_step=2 needs a model whose replacement is deferred.*defer_replacement=True"):
-        ReplacementCallback(trainer(repl_vit()), start_step=2)
-    deferred = trainer(repl_vit(defer=True))
-    ReplacementCallback(deferred)
-    with pytest.raises(ValueError, match="replacement is deferred .* but no start_step"):
-        deferred.train()
-    with pytest.raises(ValueError, match="start_step=-1 is invalid"):
-        ReplacementCallback(start_step=-1)
+
+def test_replacement_callback_in_a_plain_trainer_fails_at_construction(tmp_path):
+    with pytest.raises(TypeError, match=r"only works inside the ReplacementTrainer.*ReplacementTrainer\(model="):
+        Trainer(repl_vit(), training_args(tmp_path), train_dataset=dataset(), callbacks=[ReplacementCallback()])
+    with pytest.raises(TypeError, match="only works inside the ReplacementTrainer"):
+        Trainer(repl_vit(), training_args(tmp_path), callbacks=[ReplacementCallback])
+    # Added after construction, where no init event comes: it fails as training begins, before any step.
+    trainer = Trainer(repl_vit(), training_args(tmp_path), train_dataset=dataset())
+    trainer.add_callback(ReplacementCallback())
+    with pytest.raises(TypeError, match="only works inside the ReplacementTrainer"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_the_former_callback_form_says_how_to_migrate(tmp_path):
+    trainer = Trainer(repl_vit(), training_args(tmp_path), train_dataset=dataset())
+    with pytest.raises(
+        TypeError,
+        match=r"ReplacementCallback\(trainer, \.\.\.\) is no longer supported.*"
+        r"ReplacementTrainer\(model=.*replacement_start_step=",
+    ):
+        ReplacementCallback(trainer, start_step=2)
+
+
+def test_misuse_is_rejected_at_construction_with_the_fix(tmp_path):
+    def build(model, **options):
+        return ReplacementTrainer(model, training_args(tmp_path), train_dataset=dataset(), **options)
+
+    with pytest.raises(
+        TypeError,
+        match="ReplacementTrainer needs a ReplacementModel, got ViTForImageClassification.*get_replacement_model",
+    ):
+        build(tiny_vit())
+    with pytest.raises(TypeError, match="needs a ReplacementModel, got ViTForImageClassification"):
+        ReplacementTrainer(args=training_args(tmp_path), model_init=lambda: tiny_vit())
+    with pytest.raises(
+        ValueError,
+        match=r"replacement_start_step=2 needs a model whose replacement is deferred.*"
+        r"defer_replacement=True",
+    ):
+        build(repl_vit(), replacement_start_step=2)
+    with pytest.raises(
+        ValueError,
+        match=r"replacement is deferred .* but no replacement_start_step.*"
+        r"replacement_start_step=N",
+    ):
+        build(repl_vit(defer=True))
+    model = repl_vit(defer=True)
+    with pytest.raises(ValueError, match=r"pass optimizer_cls_and_kwargs=\(cls, kwargs\) instead of optimizers="):
+        build(model, replacement_start_step=2, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    with pytest.raises(ValueError, match=r"replacement_start_step needs model=\.\.\., not model_init"):
+        ReplacementTrainer(
+            args=training_args(tmp_path), model_init=lambda: repl_vit(defer=True), replacement_start_step=2
+        )
+    with pytest.raises(ValueError, match="replacement_start_step=-1 is invalid"):
+        build(repl_vit(defer=True), replacement_start_step=-1)
     with pytest.raises(ValueError, match="coefficient_logging_steps=1.5 is invalid"):
-        ReplacementCallback(coefficient_logging_steps=1.5)
+        build(repl_vit(), coefficient_logging_steps=1.5)
+
+
+def test_start_step_is_rejected_under_several_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(NotImplementedError, match="single-process training only"):
+        ReplacementTrainer(repl_vit(defer=True), training_args(tmp_path), replacement_start_step=2)

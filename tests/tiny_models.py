@@ -10,8 +10,13 @@ IMAGE_SIZE = 16
 NUM_LABELS = 3
 
 _VIT_LIKE = dict(
-    hidden_size=16, num_hidden_layers=6, num_attention_heads=2, intermediate_size=32,
-    image_size=IMAGE_SIZE, patch_size=4, num_labels=NUM_LABELS,
+    hidden_size=16,
+    num_hidden_layers=6,
+    num_attention_heads=2,
+    intermediate_size=32,
+    image_size=IMAGE_SIZE,
+    patch_size=4,
+    num_labels=NUM_LABELS,
 )
 _STAGED = dict(num_labels=NUM_LABELS, image_size=IMAGE_SIZE)
 
@@ -22,10 +27,26 @@ ARCHITECTURES = {
     "deit-teacher": ("DeiTForImageClassificationWithTeacher", "DeiTConfig", _VIT_LIKE),
     "beit": ("BeitForImageClassification", "BeitConfig", dict(_VIT_LIKE, use_relative_position_bias=True)),
     "dinov2": ("Dinov2ForImageClassification", "Dinov2Config", _VIT_LIKE),
-    "convnext": ("ConvNextForImageClassification", "ConvNextConfig", dict(_STAGED, hidden_sizes=[4, 8, 16, 32], depths=[2, 2, 3, 2], patch_size=1)),
-    "convnextv2": ("ConvNextV2ForImageClassification", "ConvNextV2Config", dict(_STAGED, hidden_sizes=[4, 8, 16, 32], depths=[2, 2, 3, 2], patch_size=1)),
-    "swin": ("SwinForImageClassification", "SwinConfig", dict(_STAGED, embed_dim=8, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=2, patch_size=1)),
-    "resnet": ("ResNetForImageClassification", "ResNetConfig", dict(num_labels=NUM_LABELS, embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[2, 2, 2, 2])),
+    "convnext": (
+        "ConvNextForImageClassification",
+        "ConvNextConfig",
+        dict(_STAGED, hidden_sizes=[4, 8, 16, 32], depths=[2, 2, 3, 2], patch_size=1),
+    ),
+    "convnextv2": (
+        "ConvNextV2ForImageClassification",
+        "ConvNextV2Config",
+        dict(_STAGED, hidden_sizes=[4, 8, 16, 32], depths=[2, 2, 3, 2], patch_size=1),
+    ),
+    "swin": (
+        "SwinForImageClassification",
+        "SwinConfig",
+        dict(_STAGED, embed_dim=8, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=2, patch_size=1),
+    ),
+    "resnet": (
+        "ResNetForImageClassification",
+        "ResNetConfig",
+        dict(num_labels=NUM_LABELS, embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[2, 2, 2, 2]),
+    ),
     "custom": (None, None, None),
 }
 

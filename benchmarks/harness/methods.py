@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..blocks import find_blocks
-from ..config import ReplacementConfig
-from ..model import ReplacementModel, get_replacement_model
-from ..presets import build_preset_model
-from ..selection import select_blocks
+from hf_replacement import ReplacementConfig, ReplacementModel, find_blocks, get_replacement_model
+from hf_replacement.presets import build_preset_model
+from hf_replacement.selection import select_blocks
+from hf_replacement.utils import count_parameters
+
 from .errors import BenchmarkError
 
 
@@ -25,6 +25,21 @@ class Method:
     interval: int | None = None
     recompute: bool = False
 
+    def describe(self) -> str:
+        """What the method trains, in one line (the README's table)."""
+        text = KIND_DESCRIPTIONS[self.kind].format(k=self.interval)
+        return text + (", the replaced blocks' activations recomputed in backward" if self.recompute else "")
+
+
+# What each kind of method does to the plain model, `{k}` its interval.
+KIND_DESCRIPTIONS = {
+    "bp": "ordinary training: back-propagation through the whole plain model",
+    "repl": "Replacement Learning, one block in {k} replaced (`replace_interval={k}`)",
+    "drop": "the blocks `repl-k{k}` replaces deleted: a shallower model, the ablation RepL must beat",
+    "freeze": "the blocks `repl-k{k}` replaces kept at their initial weights, not trained",
+    "lora": "PEFT LoRA (r=8) on the attention q/v projections (ViT/DeiT) or the pointwise layers (ConvNeXt), "
+            "the classifier trained fully",
+}
 
 METHODS: dict[str, Method] = {
     "bp": Method("bp", "bp"),
@@ -59,7 +74,9 @@ def resolve_methods(names: Sequence[str]) -> list[str]:
                 continue
             name = METHOD_ALIASES.get(name, name)
             if name not in METHODS:
-                raise BenchmarkError(f"Unknown method {name!r}; choose from {', '.join(METHODS)} (aliases: {METHOD_ALIASES}).")
+                raise BenchmarkError(
+                    f"Unknown method {name!r}; choose from {', '.join(METHODS)} (aliases: {METHOD_ALIASES})."
+                )
             if name not in resolved:
                 resolved.append(name)
     if not resolved:
@@ -94,7 +111,9 @@ def drop_blocks(model: nn.Module, indices: Sequence[int]) -> nn.Module:
     blocks = find_blocks(model)
     doomed = set(indices)
     if not doomed <= {block.index for block in blocks}:
-        raise BenchmarkError(f"drop_blocks: {sorted(doomed)} are not all block indices of this {len(blocks)}-block model.")
+        raise BenchmarkError(
+            f"drop_blocks: {sorted(doomed)} are not all block indices of this {len(blocks)}-block model."
+        )
     # Group the blocks by their container, keeping container order (ConvNeXt: one list per stage).
     containers: dict[str, list[int]] = {}
     for block in blocks:
@@ -132,9 +151,12 @@ def apply_lora(model: nn.Module, rank: int = LORA_RANK) -> nn.Module:
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in LORA_TARGETS:
-        raise BenchmarkError(f"No LoRA target modules known for model type {model_type!r} (known: {sorted(LORA_TARGETS)}).")
+        raise BenchmarkError(
+            f"No LoRA target modules known for model type {model_type!r} (known: {sorted(LORA_TARGETS)})."
+        )
     config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS[model_type], modules_to_save=["classifier"]
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS[model_type],
+        modules_to_save=["classifier"],
     )
     return get_peft_model(model, config)
 
@@ -153,12 +175,13 @@ def build_method_model(
     torch.manual_seed(seed)
     model = build_preset_model(model_name, num_labels, image_size, num_channels, id2label)
     num_blocks = len(find_blocks(model))
-    plain_params = sum(p.numel() for p in model.parameters())
+    plain_params = count_parameters(model)[1]
     affected: list[int] = []
     if method.kind in ("drop", "freeze", "repl"):
         affected = replaced_block_indices(model, method.interval)
     if method.kind == "repl":
-        model = get_replacement_model(model, ReplacementConfig(replace_interval=method.interval, recompute_replaced=method.recompute))
+        config = ReplacementConfig(replace_interval=method.interval, recompute_replaced=method.recompute)
+        model = get_replacement_model(model, config)
     elif method.kind == "drop":
         model = drop_blocks(model, affected)
     elif method.kind == "freeze":
@@ -175,8 +198,3 @@ def inference_model(built: MethodModel) -> nn.Module:
         return model.merge_and_unload()
     return model
 
-
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters held by `model` now."""
-    parameters = list(model.parameters())
-    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)

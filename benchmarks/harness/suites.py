@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..presets import PRESETS
+from hf_replacement.presets import PRESETS
+
 from .errors import BenchmarkError
 from .methods import DEFAULT_METHODS, resolve_methods
 
@@ -21,6 +22,7 @@ class SuiteSpec:
     """
 
     name: str
+    summary: str  # one line: what the suite runs and how long it takes; the CLI help and README show it
     models: tuple[str, ...]
     dataset: str | None
     image_size: int
@@ -28,15 +30,16 @@ class SuiteSpec:
     num_labels: int = 10  # synthetic data only; a data set brings its own
     methods: tuple[str, ...] = DEFAULT_METHODS
     accuracy_methods: tuple[str, ...] | None = None
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+    # Training: AdamW (hf_replacement.steps.make_optimizer), cosine schedule with linear warm-up.
     seeds: int = 3
     epochs: int = 10
     batch_size: int = 64
+    timing_batch_size: int | None = None  # default: batch_size
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_ratio: float = 0.05
-    max_train_samples: int | None = None
-    max_test_samples: int | None = None
-    timing_batch_size: int | None = None  # default: batch_size
     timing_warmup_steps: int = 3
     timing_rounds: int = 4
     timing_steps_per_round: int = 5
@@ -60,6 +63,7 @@ SUITES: dict[str, SuiteSpec] = {
     # 2 CPU cores, under 10 minutes in all (measured: see benchmarks/quick/results.md).
     "quick": SuiteSpec(
         name="quick",
+        summary="digits, vit-mini + convnext-mini, 3 seeds: ~6 min on 2 CPU cores",
         models=("vit-mini", "convnext-mini"),
         dataset="digits",
         image_size=8,
@@ -74,7 +78,8 @@ SUITES: dict[str, SuiteSpec] = {
         notes=("digits: scikit-learn's 8x8 grayscale digits, 80/20 train/test split fixed (seed 0); "
                "seeds vary the initialisation and the data order.",
                "repl-k4-recompute does the same arithmetic as repl-k4 (identical losses, checked in "
-               "tests/test_benchmark.py): measured for memory/time, not retrained, to keep the suite under 10 minutes."),
+               "tests/test_benchmark.py): measured for memory/time, not retrained, to keep the suite under "
+               "10 minutes."),
     ),
     # 2 CPU cores, under an hour with 3 seeds (measured: see benchmarks/fashion-mnist/results.md): the
     # 12-block ViT/DeiT-tiny take ~0.4 s per step of 32 at 28x28 and ConvNeXt-tiny (stride-2 stem) ~0.46 s,
@@ -82,6 +87,7 @@ SUITES: dict[str, SuiteSpec] = {
     # methods that differ in accuracy are trained.
     "fashion-mnist": SuiteSpec(
         name="fashion-mnist",
+        summary="ViT/DeiT/ConvNeXt-tiny at 28x28 on a Fashion-MNIST subset, 3 seeds: < 1 h on 2 CPU cores",
         models=("vit-tiny", "deit-tiny", "convnext-tiny"),
         dataset="fashion-mnist",
         image_size=28,
@@ -90,19 +96,13 @@ SUITES: dict[str, SuiteSpec] = {
         epochs=3,
         # Probed on vit-tiny bp (seed 0): lr 2e-3 / 5% warm-up / batch 64 left it at 20% test accuracy
         # after 3 epochs; 1e-3 / 20% / 64: 53%; 1e-3 / 20% / 32: 59% (twice the updates, same time).
-        batch_size=32,
-        lr=1e-3,
-        warmup_ratio=0.2,
-        max_train_samples=2048,
-        max_test_samples=1000,
-        timing_rounds=3,
-        timing_steps_per_round=2,
-        timing_warmup_steps=2,
-        inference_batch_size=64,
-        inference_rounds=3,
+        batch_size=32, lr=1e-3, warmup_ratio=0.2,
+        max_train_samples=2048, max_test_samples=1000,
+        timing_rounds=3, timing_steps_per_round=2, timing_warmup_steps=2,
+        inference_batch_size=64, inference_rounds=3,
         notes=("Fashion-MNIST subsampled (a random subset, seed 0) so the suite fits an hour on 2 CPU cores "
-               "with 3 seeds (a step of 32 takes ~0.4 s on ViT/DeiT-tiny at 28 px and ConvNeXt-tiny with its stride-2 "
-               "stem): about two hundred updates from scratch, so accuracies are far below full-data numbers.",
+               "with 3 seeds (a step of 32 takes ~0.4 s on ViT/DeiT-tiny at 28 px and ConvNeXt-tiny with its "
+               "stride-2 stem): about two hundred updates from scratch, so accuracies are far below full-data numbers.",
                "Trained for accuracy: bp, repl-k4 and the ablation it must beat, drop-k4; the other methods are "
                "measured (memory, time, checkpoint, throughput) only. repl-k4-recompute does the same arithmetic "
                "as repl-k4; lora would adapt a random network."),
@@ -110,6 +110,7 @@ SUITES: dict[str, SuiteSpec] = {
     # CUDA only: memory and time at 224x224 in bf16 autocast, random data, nothing trained.
     "gpu": SuiteSpec(
         name="gpu",
+        summary="ViT-B and ConvNeXt-T at 224x224 in bf16, memory and time only (needs CUDA)",
         models=("vit-base", "convnext-tiny"),
         dataset=None,
         image_size=224,
@@ -117,9 +118,7 @@ SUITES: dict[str, SuiteSpec] = {
         num_labels=1000,
         epochs=0,
         batch_size=64,
-        timing_rounds=5,
-        timing_steps_per_round=5,
-        timing_warmup_steps=5,
+        timing_rounds=5, timing_steps_per_round=5, timing_warmup_steps=5,
         inference_batch_size=256,
         mixed_precision="bf16",
         requires_cuda=True,
@@ -149,6 +148,9 @@ def validate_suite(suite: SuiteSpec) -> None:
     if unknown:
         raise BenchmarkError(f"Unknown model(s) {unknown}; the benchmark builds presets: {', '.join(sorted(PRESETS))}.")
     if suite.seeds < 1 or suite.batch_size < 1 or suite.epochs < 0:
-        raise BenchmarkError(f"seeds and batch size must be >= 1 and epochs >= 0 (got {suite.seeds}, {suite.batch_size}, {suite.epochs}).")
+        raise BenchmarkError(
+            "seeds and batch size must be >= 1 and epochs >= 0 "
+            f"(got {suite.seeds}, {suite.batch_size}, {suite.epochs})."
+        )
     if suite.mixed_precision not in (None, "bf16"):
         raise BenchmarkError(f"mixed_precision={suite.mixed_precision!r}: only None or 'bf16' are supported.")

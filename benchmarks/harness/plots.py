@@ -42,7 +42,8 @@ def plot_accuracy_curves(results: dict[str, Any]) -> bytes:
             mean = [statistics.fmean(values) for values in zip(*curves)]
             std = [statistics.stdev(values) if len(values) > 1 else 0.0 for values in zip(*curves)]
             line = axis.plot(epochs, mean, marker="o", markersize=3, label=method_label(method, results["suite"]))[0]
-            axis.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.15)
+            low, high = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
+            axis.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
             plotted = True
         axis.set_title(model_name)
         axis.set_xlabel("epoch")

@@ -12,6 +12,11 @@ def _format_count(count: int) -> str:
     return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
 
 
+def _accuracy(entry: dict[str, Any]) -> str:
+    """Mean ± std test accuracy over seeds, in percent."""
+    return f"{100 * entry['accuracy_mean']:.1f} ± {100 * entry['accuracy_std']:.1f}"
+
+
 def method_label(method: str, suite: dict[str, Any]) -> str:
     """The method's name, with a † on LoRA where it was trained from scratch (see LORA_FROM_SCRATCH_NOTE)."""
     return f"{method} †" if method == "lora" and suite.get("dataset") is not None else method
@@ -22,14 +27,16 @@ def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) 
     methods = model["methods"]
     cuda = any("cuda_peak_mb" in entry for entry in methods.values())
     header = [
-        "method", "trainable params", "state MB", "saved act. MB", "memory ×bp", *(["CUDA peak MB", "peak ×bp"] if cuda else []),
-        "median step ms", "step ×bp", "synthesis % of step", "accuracy (mean ± std)", "checkpoint MB", "inference img/s",
+        "method", "trainable params", "state MB", "saved act. MB", "memory ×bp",
+        *(["CUDA peak MB", "peak ×bp"] if cuda else []),
+        "median step ms", "step ×bp", "synthesis % of step", "accuracy (mean ± std)", "checkpoint MB",
+        "inference img/s",
     ]
     lines = [f"### {model_name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, entry in methods.items():
         accuracy = "not trained"
         if "accuracy_mean" in entry:
-            accuracy = f"{100 * entry['accuracy_mean']:.1f} ± {100 * entry['accuracy_std']:.1f} (n={len(entry['accuracies'])})"
+            accuracy = f"{_accuracy(entry)} (n={len(entry['accuracies'])})"
         elif method.endswith("-recompute") and "accuracy_mean" in methods.get(method.removesuffix("-recompute"), {}):
             accuracy = f"= {method.removesuffix('-recompute')} (same arithmetic, not retrained)"
         synthesis = f"{entry['synthesis_percent']:.1f}" if "synthesis_percent" in entry else "–"
@@ -96,17 +103,23 @@ def _pair_findings(model_name: str, methods: dict[str, Any], interval: int) -> l
         text += f"; drop-k{interval} steps at ×{drop['step_ratio_vs_bp']:.2f}"
     lines.append(text + ".")
     if "accuracy_mean" in repl and "accuracy_mean" in bp:
-        parts = [f"accuracy repl-k{interval} {100 * repl['accuracy_mean']:.1f} ± {100 * repl['accuracy_std']:.1f} vs bp "
-                 f"{100 * bp['accuracy_mean']:.1f} ± {100 * bp['accuracy_std']:.1f}"]
+        parts = [f"accuracy repl-k{interval} {_accuracy(repl)} vs bp {_accuracy(bp)}"]
         if drop is not None and "accuracy_mean" in drop:
             difference = 100 * (repl["accuracy_mean"] - drop["accuracy_mean"])
-            versus = f"vs drop-k{interval} {100 * drop['accuracy_mean']:.1f} ± {100 * drop['accuracy_std']:.1f}: "
+            versus = f"vs drop-k{interval} {_accuracy(drop)}: "
             if min(len(repl["accuracies"]), len(drop["accuracies"])) < 2:
-                parts.append(versus + f"{difference:+.1f} points with one seed, no spread to judge by: not evidence either way")
+                parts.append(
+                    versus + f"{difference:+.1f} points with one seed, no spread to judge by: not evidence either way"
+                )
             else:
                 spread = 100 * math.hypot(repl["accuracy_std"], drop["accuracy_std"])
-                verdict = "beats" if difference > spread else "loses to" if difference < -spread else "is within the seed spread of"
-                parts.append(versus + f"RepL {verdict} the shallower model ({difference:+.1f} points, spread {spread:.1f})")
+                verdict = (
+                    "beats" if difference > spread else "loses to" if difference < -spread
+                    else "is within the seed spread of"
+                )
+                parts.append(
+                    versus + f"RepL {verdict} the shallower model ({difference:+.1f} points, spread {spread:.1f})"
+                )
         lines.append(f"- {model_name}: " + "; ".join(parts) + ".")
     if recompute is not None:
         saved = repl["saved_activations_mb"] - recompute["saved_activations_mb"]
@@ -123,49 +136,72 @@ def _findings(model_name: str, model: dict[str, Any]) -> list[str]:
     return _pair_findings(model_name, methods, 4) + _pair_findings(model_name, methods, 3)
 
 
-def render_markdown(results: dict[str, Any]) -> str:
-    """results.md: the run's settings, a table per model, findings and the limits of RepL's savings."""
+def render_settings(results: dict[str, Any]) -> list[str]:
+    """Markdown bullets: the command, machine, data, training settings, runtime and the suite's notes."""
     suite = results["suite"]
     machine = results["machine"]
     phases = results.get("phase_seconds", {})
-    lines = [
-        f"# RepL benchmark: suite `{suite['name']}`",
-        "",
+    gpu = f" ({machine['gpu']})" if "gpu" in machine else ""
+    precision = f", {suite['mixed_precision']} autocast" if suite.get("mixed_precision") else ", fp32"
+    return [
         f"- command: `{results.get('command') or 'run_benchmark(...)'}`",
-        f"- machine: {machine['cpu']} ({machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads), device {machine['device']}"
-        + (f" ({machine['gpu']})" if "gpu" in machine else "")
-        + f"; torch {machine['torch']}, transformers {machine['transformers']}, peft {machine['peft']}",
+        f"- machine: {machine['cpu']} ({machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads), "
+        f"device {machine['device']}{gpu}; torch {machine['torch']}, transformers {machine['transformers']}, "
+        f"peft {machine['peft']}",
         f"- data: {results['data']}; epochs {suite['epochs']}, batch {suite['batch_size']}, AdamW lr {suite['lr']} "
         f"(cosine, {suite['warmup_ratio']:.0%} warm-up), weight decay {suite['weight_decay']}, seeds {suite['seeds']}"
-        + (f", {suite['mixed_precision']} autocast" if suite.get("mixed_precision") else ", fp32"),
-        f"- runtime: {phases.get('total', float('nan')):.0f} s in all (memory/time {phases.get('memory_and_speed', float('nan')):.0f} s, "
+        + precision,
+        f"- runtime: {phases.get('total', float('nan')):.0f} s in all "
+        f"(memory/time {phases.get('memory_and_speed', float('nan')):.0f} s, "
         f"training {phases.get('training', float('nan')):.0f} s)",
         *(f"- {note}" for note in suite.get("notes", ())),
-        "",
-        "Columns: trainable / total parameters held in memory; state MB = parameters + buffers + gradients + AdamW state "
-        "(exact, from the tensors); saved act. MB = bytes autograd keeps for backward during one forward (each storage once, "
-        "parameters excluded); memory ×bp = (state + saved activations) relative to bp; median step = forward + backward + "
-        "AdamW, warm-up excluded, methods interleaved in rounds in this run; synthesis % = time to build the replaced blocks' "
-        "weights (forward + backward, measured alone; twice the forward with recompute) over the median RepL step; checkpoint = "
-        "what save_pretrained writes (RepL: compact, without the replaced blocks; LoRA: adapters + classifier, the base model "
-        "is needed as well); inference = images/s of the deployed model (RepL and LoRA merged), eval, no grad.",
-        "",
     ]
+
+
+COLUMNS = (
+    "Columns: trainable / total parameters held in memory; state MB = parameters + buffers + gradients + AdamW state "
+    "(exact, from the tensors); saved act. MB = bytes autograd keeps for backward during one forward (each storage "
+    "once, parameters excluded); memory ×bp = (state + saved activations) relative to bp; median step = forward + "
+    "backward + AdamW, warm-up excluded, methods interleaved in rounds in this run; synthesis % = time to build the "
+    "replaced blocks' weights (forward + backward, measured alone; twice the forward with recompute) over the median "
+    "RepL step; checkpoint = what save_pretrained writes (RepL: compact, without the replaced blocks; LoRA: adapters "
+    "+ classifier, the base model is needed as well); inference = images/s of the deployed model (RepL and LoRA "
+    "merged), eval, no grad."
+)
+
+
+def render_tables(results: dict[str, Any]) -> list[str]:
+    """A table per model, each followed by a blank line."""
+    lines = []
     for model_name, model in results["models"].items():
-        lines.append(render_table(model_name, model, suite))
-        lines.append("")
+        lines += [render_table(model_name, model, results["suite"]), ""]
+    return lines
+
+
+def lora_footnote(results: dict[str, Any]) -> list[str]:
+    """The † note, where LoRA was trained from scratch in this run (none otherwise)."""
+    if "lora" in results["methods"] and results["suite"].get("dataset") is not None:
+        return [f"† {LORA_FROM_SCRATCH_NOTE}.", ""]
+    return []
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """results.md: the run's settings, a table per model, findings and the limits of RepL's savings."""
+    lines = [f"# RepL benchmark: suite `{results['suite']['name']}`", "", *render_settings(results), "", COLUMNS, ""]
+    lines += render_tables(results)
     findings = [line for model_name, model in results["models"].items() for line in _findings(model_name, model)]
     if findings:
         lines += ["## Findings (computed from the numbers above)", "", *findings, ""]
     lines += ["## Where RepL does not save time", "", WHERE_REPL_DOES_NOT_SAVE_TIME, ""]
     lines += [
-        "The synthesis cost per model size and granularity, against the earlier unfused implementation, is "
-        "measured by `benchmarks/synthesis_overhead.py` (results in `benchmarks/synthesis_overhead.md`).",
+        "The synthesis cost per model size and granularity, against the plain-autograd reference implementation, "
+        "is measured by `benchmarks/synthesis_overhead.py` (results in `benchmarks/synthesis_overhead.md`).",
         "",
     ]
-    if "lora" in results["methods"] and suite.get("dataset") is not None:
-        lines.append(f"† {LORA_FROM_SCRATCH_NOTE}.")
-        lines.append("")
-    lines.append("Plots: `accuracy_curves.png` (test accuracy per epoch, mean ± std over seeds), `coefficients.png` (a, b of each replaced block over training, seed 0).")
+    lines += lora_footnote(results)
+    lines.append(
+        "Plots: `accuracy_curves.png` (test accuracy per epoch, mean ± std over seeds), `coefficients.png` "
+        "(a, b of each replaced block over training, seed 0)."
+    )
     lines.append("")
     return "\n".join(lines)

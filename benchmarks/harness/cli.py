@@ -1,4 +1,4 @@
-"""`hf-replacement benchmark` and `python -m hf_replacement.benchmark`: flags to suite, run, tables."""
+"""`python -m benchmarks`: flags to suite, run, tables on stdout, README regenerated."""
 
 from __future__ import annotations
 
@@ -8,24 +8,29 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from ..argtypes import positive_int
-from . import __doc__ as PACKAGE_DOC
+from hf_replacement.argtypes import positive_int
+
+from .. import __doc__ as PACKAGE_DOC
 from .errors import BenchmarkError
 from .methods import METHODS
+from .readme import write_readme
 from .report import render_table
 from .runner import run_benchmark
 from .suites import SUITES, SuiteSpec, get_suite
 
+PROGRAM = "python -m benchmarks"
+
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `hf-replacement benchmark` flags."""
+    """The benchmark's flags (`--readme` aside)."""
     parser.add_argument("--suite", choices=list(SUITES), default="quick",
-                        help="quick: digits, mini models, < 10 min on 2 CPU cores; fashion-mnist: tiny models at 28x28, < 1 h; "
-                             "gpu: ViT-B and ConvNeXt-T at 224x224 bf16, memory/time only (needs CUDA)")
+                        help="; ".join(f"{name}: {suite.summary}" for name, suite in SUITES.items()))
     parser.add_argument("--seeds", type=positive_int, default=None, help="seeds per trained method (default 3)")
     parser.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: the suite's)")
-    parser.add_argument("--output-dir", default=None, help="where results.json, results.md and the plots go (default benchmarks/<suite>)")
-    parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {', '.join(METHODS)} (space or comma separated)")
+    parser.add_argument("--output-dir", default=None,
+                        help="where results.json, results.md and the plots go (default benchmarks/<suite>)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help=f"subset of {', '.join(METHODS)} (space or comma separated)")
     parser.add_argument("--models", nargs="+", default=None, help="subset of presets (default: the suite's)")
     parser.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
     parser.add_argument("--max-train-samples", type=positive_int, default=None, help="subsample the training set")
@@ -47,26 +52,33 @@ def suite_from_args(args: argparse.Namespace) -> SuiteSpec:
     )
 
 
-def run_benchmark_from_args(args: argparse.Namespace, program: str = "hf-replacement") -> int:
-    """Run the benchmark the flags describe, print the Markdown tables; 0 on success, 2 on a usage error.
+def run_benchmark_from_args(args: argparse.Namespace, program: str = PROGRAM) -> int:
+    """Run the benchmark the flags describe, print the Markdown tables, rewrite benchmarks/README.md.
 
-    `program` heads the command line recorded in the results: the console script (also for
-    `python -m hf_replacement.cli`), or `python -m hf_replacement.benchmark` from `main`.
+    Returns 0 on success, 2 on a usage error. `program` heads the command line recorded in the results.
     """
     command = " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
     try:
         suite = suite_from_args(args)
         results = run_benchmark(suite, args.output_dir, data_dir=args.data_dir, device=args.device, command=command)
     except BenchmarkError as error:
-        print(f"hf-replacement benchmark: error: {error}", file=sys.stderr)
+        print(f"{program}: error: {error}", file=sys.stderr)
         return 2
+    write_readme()
+    # The command's output: the tables, as in results.md.
     print("\n\n".join(render_table(name, model, results["suite"]) for name, model in results["models"].items()))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m hf_replacement.benchmark`: the same flags as `hf-replacement benchmark`."""
+    """`python -m benchmarks`: run a suite, or with `--readme` only regenerate benchmarks/README.md."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    parser = argparse.ArgumentParser(prog="python -m hf_replacement.benchmark", description=PACKAGE_DOC.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROGRAM, description=PACKAGE_DOC.split("\n\n")[0])
     add_benchmark_arguments(parser)
-    return run_benchmark_from_args(parser.parse_args(argv), program=parser.prog)
+    parser.add_argument("--readme", action="store_true",
+                        help="only rewrite benchmarks/README.md from the results on disk (no training)")
+    args = parser.parse_args(argv)
+    if args.readme:
+        print(f"wrote {write_readme()}")
+        return 0
+    return run_benchmark_from_args(args, program=parser.prog)

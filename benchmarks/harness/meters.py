@@ -1,26 +1,19 @@
-"""Instruments that count what a training step holds and does: state bytes, saved activations, synthesis calls."""
+"""Instruments that count what a training step holds and does: state bytes, saved activations, synthesis calls.
+
+They observe through PyTorch's and the library's public hooks only (saved-tensor hooks,
+`hf_replacement.synthesis.register_synthesis_hook`), never by patching the library.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import layer as replacement_layer
-
-
-@contextlib.contextmanager
-def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
-    """`owner.name` is `value` inside the block: how the meters see the calls layer.py makes."""
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
+from hf_replacement.synthesis import register_synthesis_hook
 
 
 def _tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
@@ -37,7 +30,9 @@ def _tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
 def state_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Exact bytes of parameters, buffers, gradients and optimizer state, read from the tensors."""
     parameters = list(model.parameters())
-    optimizer_tensors = [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+    optimizer_tensors = [
+        value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)
+    ]
     result = {
         "parameters": _tensor_bytes(parameters),
         "buffers": _tensor_bytes(list(model.buffers())),
@@ -53,16 +48,19 @@ class SavedTensorMeter:
 
     Parameters (and anything in `exclude`) are left out: they are counted as state. A tensor saved
     twice, or two views of one storage (an op saving its output that the next op saves as input),
-    count once. A replaced block under `recompute_replaced=True` runs inside a non-reentrant
-    checkpoint whose own saved-tensor hooks take over (only the innermost hooks apply), so what it
-    would have saved is not counted; what the checkpoint keeps instead, its inputs, is counted by
-    wrapping the `checkpoint` function layer.py calls.
+    count once.
+
+    A replaced block under `recompute_replaced=True` runs inside a non-reentrant checkpoint, whose
+    own saved-tensor hooks take over inside it (only the innermost hooks apply): what the block
+    would have saved is not counted. What the checkpoint keeps instead, its inputs, it saves through
+    an ordinary autograd node outside its hooks (torch/utils/checkpoint.py, "Nestable Checkpoint",
+    rule 2), so this meter counts them with no help; `tests/test_benchmark.py` checks that.
     """
 
     def __init__(self, exclude: Sequence[torch.Tensor] = ()) -> None:
         self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
         self._storages: dict[int, int] = {}
-        self._stack = contextlib.ExitStack()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.layout == torch.strided and tensor.device.type != "meta":
@@ -76,36 +74,27 @@ class SavedTensorMeter:
     def bytes(self) -> int:
         return sum(self._storages.values())
 
-    def __enter__(self) -> "SavedTensorMeter":
-        original_checkpoint = replacement_layer.checkpoint
-
-        def counting_checkpoint(function: Callable, *args: Any, **kwargs: Any) -> Any:
-            for value in (*args, *kwargs.values()):
-                if torch.is_tensor(value):
-                    self._pack(value)
-            return original_checkpoint(function, *args, **kwargs)
-
-        self._stack.enter_context(patched(replacement_layer, "checkpoint", counting_checkpoint))
-        self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor))
+    def __enter__(self) -> SavedTensorMeter:
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._stack.close()
+        self._hooks.__exit__(*exc_info)
 
 
 class SynthesisCounter:
-    """Counts `layer.synthesize` calls (a recompute calls it again in backward)."""
+    """Counts the weight syntheses of replaced blocks while active (a recompute synthesizes again in backward)."""
 
     def __init__(self) -> None:
         self.calls = 0
 
+    def _count(self, module: nn.Module) -> None:
+        self.calls += 1
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        original = replacement_layer.synthesize
-
-        def counted(module: nn.Module) -> list[torch.Tensor]:
-            self.calls += 1
-            return original(module)
-
-        with patched(replacement_layer, "synthesize", counted):
+        handle = register_synthesis_hook(self._count)
+        try:
             yield
+        finally:
+            handle.remove()

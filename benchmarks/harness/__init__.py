@@ -1,7 +1,6 @@
-"""Benchmark: RepL against ordinary training and its alternatives, same model/data/seed, one run.
+"""The benchmark harness: every method on every model of a suite, trained and measured in one process.
 
-`hf-replacement benchmark --suite quick` (or `python -m hf_replacement.benchmark`) trains and
-measures, in one process, every method on every model of a suite:
+Methods (`methods.METHODS`):
 
 - `bp`: ordinary training (back-propagation through the whole plain model);
 - `repl-k4`, `repl-k3`: Replacement Learning, every k-th block replaced (`ReplacementConfig`);
@@ -18,23 +17,32 @@ backward in one forward; on CUDA also `max_memory_allocated`), the median step t
 excluded, methods interleaved in rounds so drift hits them alike) with the share of a RepL step
 spent synthesizing weights, test accuracy mean ± std over seeds with per-epoch curves, the
 checkpoint size and the inference throughput of the merged model. It writes `results.json`,
-`results.md`, `accuracy_curves.png` and `coefficients.png`, each atomically.
+`results.md`, `accuracy_curves.png` and `coefficients.png`, replaced together.
 
 Each file here does one part: `methods` builds each method's model, `suites` says what a run does,
 `data` and `device` provide its tensors and device, `meters` and `measure` measure memory and time,
 `training` trains for accuracy, `runner` runs it all, `report`, `plots` and `output` write the
-results, `cli` reads the flags.
+results, `readme` writes benchmarks/README.md, `paths` says where files go, `cli` reads the flags.
+Training steps, optimizer, schedule and accuracy are `hf_replacement.steps`, shared with the launcher.
 """
 
 from .cli import add_benchmark_arguments, main, run_benchmark_from_args, suite_from_args
 from .device import machine_info
 from .errors import BenchmarkError
-from .meters import SavedTensorMeter, state_memory
-from .methods import DEFAULT_METHODS, METHODS, Method, MethodModel, apply_lora, build_method_model, drop_blocks, freeze_blocks
-from .output import atomic_write
+from .meters import SavedTensorMeter, SynthesisCounter, state_memory
+from .methods import (
+    DEFAULT_METHODS,
+    METHODS,
+    Method,
+    MethodModel,
+    apply_lora,
+    build_method_model,
+    drop_blocks,
+    freeze_blocks,
+)
+from .readme import render_readme, write_readme
 from .runner import run_benchmark
 from .suites import SUITES, SuiteSpec, get_suite
-from .training import make_optimizer, train_step
 
 __all__ = [
     "BenchmarkError",
@@ -45,19 +53,19 @@ __all__ = [
     "SUITES",
     "SavedTensorMeter",
     "SuiteSpec",
+    "SynthesisCounter",
     "add_benchmark_arguments",
     "apply_lora",
-    "atomic_write",
     "build_method_model",
     "drop_blocks",
     "freeze_blocks",
     "get_suite",
     "machine_info",
     "main",
-    "make_optimizer",
+    "render_readme",
     "run_benchmark",
     "run_benchmark_from_args",
     "state_memory",
     "suite_from_args",
-    "train_step",
+    "write_readme",
 ]

@@ -25,7 +25,7 @@ class TensorData:
 def load_tensor_data(suite: SuiteSpec, data_dir: str | None = None) -> TensorData:
     """The suite's data as in-memory tensors: the sets are small, and a permutation per epoch is all
     a DataLoader would do here, without its per-batch collation cost."""
-    from ..data import dataset_info, load_image_dataset, prepare_dataset, subsample
+    from hf_replacement.data import dataset_info, load_image_dataset, prepare_dataset, subsample
 
     raw = load_image_dataset(suite.dataset, data_dir=data_dir, seed=0)
     raw = subsample(raw, suite.max_train_samples, suite.max_test_samples, seed=0)
@@ -34,14 +34,25 @@ def load_tensor_data(suite: SuiteSpec, data_dir: str | None = None) -> TensorDat
     tensors = {}
     for split in ("train", "test"):
         batch = prepared[split][:]
-        tensors[split] = (torch.stack(list(batch["pixel_values"])), torch.as_tensor(batch["label"], dtype=torch.long))
-    description = f"{suite.dataset}: {len(tensors['train'][1])} train / {len(tensors['test'][1])} test images at {suite.image_size}x{suite.image_size}"
+        tensors[split] = (
+            torch.stack(list(batch["pixel_values"])), torch.as_tensor(batch["label"], dtype=torch.long)
+        )
+    description = (
+        f"{suite.dataset}: {len(tensors['train'][1])} train / {len(tensors['test'][1])} test images "
+        f"at {suite.image_size}x{suite.image_size}"
+    )
     return TensorData(*tensors["train"], *tensors["test"], num_labels, id2label, description)
 
 
-def synthetic_batch(suite: SuiteSpec, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fixed batch of random images and labels (seed 0), for suites that time without data."""
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(batch_size, suite.num_channels, suite.image_size, suite.image_size, generator=generator)
-    labels = torch.randint(0, suite.num_labels, (batch_size,), generator=generator)
-    return pixels.to(device), labels.to(device)
+def timing_batch(
+    suite: SuiteSpec, data: TensorData | None, batch_size: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The one batch memory and time are measured on: the first training images, or (no data set)
+    random images and labels drawn with seed 0."""
+    if data is not None:
+        pixels, labels = data.train_x[:batch_size], data.train_y[:batch_size]
+    else:
+        generator = torch.Generator().manual_seed(0)
+        pixels = torch.randn(batch_size, suite.num_channels, suite.image_size, suite.image_size, generator=generator)
+        labels = torch.randint(0, suite.num_labels, (batch_size,), generator=generator)
+    return {"pixel_values": pixels.to(device), "labels": labels.to(device)}

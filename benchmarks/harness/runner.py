@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import load_tensor_data, synthetic_batch
+from .data import load_tensor_data, timing_batch
 from .device import machine_info, resolve_device
 from .measure import measure_memory, measure_speed
 from .methods import resolve_methods
 from .output import write_outputs
+from .paths import suite_dir
 from .suites import SuiteSpec, validate_suite
 from .training import train_run
 
@@ -35,10 +36,10 @@ def run_benchmark(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Run `suite`; write results.json, results.md, accuracy_curves.png, coefficients.png to
-    `output_dir` (default `benchmarks/<suite>`) and return the results."""
+    `output_dir` (default `benchmarks/<suite>` in this checkout, wherever the run starts) and return the results."""
     validate_suite(suite)
     device = resolve_device(suite, device)
-    output_dir = os.fspath(output_dir or os.path.join("benchmarks", suite.name))
+    output_dir = os.fspath(output_dir or suite_dir(suite.name))
     methods = resolve_methods(suite.methods)
     if "bp" in methods:  # bp first: the ratio columns are against it
         methods = ["bp"] + [m for m in methods if m != "bp"]
@@ -54,12 +55,9 @@ def run_benchmark(
         logger.info("Data: %s", data.description)
     num_labels = data.num_labels if data is not None else suite.num_labels
     timing_batch_size = suite.timing_batch_size or suite.batch_size
-    if data is not None:
-        batch = (data.train_x[:timing_batch_size].to(device), data.train_y[:timing_batch_size].to(device))
-        if len(batch[1]) < timing_batch_size:
-            logger.warning("Only %d training images: timing uses batches of %d.", len(batch[1]), len(batch[1]))
-    else:
-        batch = synthetic_batch(suite, timing_batch_size, device)
+    batch = timing_batch(suite, data, timing_batch_size, device)
+    if len(batch["labels"]) < timing_batch_size:
+        logger.warning("Only %d training images: timing uses batches of that size.", len(batch["labels"]))
 
     results: dict[str, Any] = {
         "suite": dataclasses.asdict(suite),
@@ -67,7 +65,8 @@ def run_benchmark(
         "trained_methods": trained,
         "command": command,
         "machine": machine_info(device),
-        "data": data.description if data is not None else f"random tensors {suite.num_channels}x{suite.image_size}x{suite.image_size}",
+        "data": data.description if data is not None
+        else f"random tensors {suite.num_channels}x{suite.image_size}x{suite.image_size}",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "models": {},
     }
@@ -77,19 +76,23 @@ def run_benchmark(
     for model_name in tqdm(suite.models, desc="memory/time", disable=None):
         per_method: dict[str, dict[str, Any]] = {}
         for method in methods:
-            per_method[method] = {"method": method, **measure_memory(suite, model_name, method, batch, num_labels, device)}
+            memory = measure_memory(suite, model_name, method, batch, num_labels, device)
+            per_method[method] = {"method": method, **memory}
         for method, speed in measure_speed(suite, model_name, methods, batch, num_labels, device).items():
             per_method[method].update(speed)
         models[model_name] = {"methods": per_method}
-        logger.info("%s: measured %s", model_name, ", ".join(f"{m} {per_method[m]['median_step_s'] * 1e3:.1f} ms" for m in methods))
+        steps = ", ".join(f"{m} {per_method[m]['median_step_s'] * 1e3:.1f} ms" for m in methods)
+        logger.info("%s: measured %s", model_name, steps)
     phases["memory_and_speed"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    runs = [(seed, model_name, method) for seed in range(suite.seeds) for model_name in suite.models for method in trained]
+    runs = [(seed, name, method) for seed in range(suite.seeds) for name in suite.models for method in trained]
     for seed, model_name, method in tqdm(runs, desc="train", disable=None):
         run = train_run(suite, model_name, method, seed, data, device)
         models[model_name]["methods"][method].setdefault("runs", []).append(run)
-        logger.info("%s %s seed %d: accuracy %.4f (%.1f s)", model_name, method, seed, run["accuracy"], run["train_seconds"])
+        logger.info(
+            "%s %s seed %d: accuracy %.4f (%.1f s)", model_name, method, seed, run["accuracy"], run["train_seconds"]
+        )
     phases["training"] = time.perf_counter() - started
 
     _summarize(results)

@@ -1,0 +1,242 @@
+"""Memory and speed of each method on one model: state and activation bytes, checkpoint size,
+interleaved step times with the synthesis share, inference throughput."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_replacement.layer import is_replaced
+from hf_replacement.steps import make_optimizer, train_step
+from hf_replacement.synthesis import synthesize
+from hf_replacement.utils import count_parameters
+
+from .device import autocast, synchronize
+from .meters import SavedTensorMeter, SynthesisCounter, state_memory
+from .methods import MethodModel, build_method_model, inference_model
+from .suites import SuiteSpec
+
+Batch = Mapping[str, torch.Tensor]
+Synthesizer = Callable[[nn.Module], list[torch.Tensor]]
+# Timed repeats dropped before the medians: the allocator and caches warm up on them.
+WARMUP_REPEATS = 2
+
+
+def checkpoint_size(built: MethodModel) -> dict[str, Any]:
+    """Bytes of what `save_pretrained` writes for this method (weights and configs; no model card)."""
+    with tempfile.TemporaryDirectory() as directory:
+        # RepL: the compact checkpoint; LoRA: adapters + classifier (the base model is needed as well).
+        built.model.save_pretrained(directory)
+        files = {
+            name: os.path.getsize(os.path.join(directory, name))
+            for name in sorted(os.listdir(directory))
+            if name.endswith((".safetensors", ".json"))
+        }
+    return {"bytes": sum(files.values()), "files": files}
+
+
+def replaced_modules(model: nn.Module) -> list[nn.Module]:
+    """The replaced blocks of `model`, in module order (none for a model without RepL)."""
+    return [module for module in model.modules() if is_replaced(module)]
+
+
+def rotated(names: Sequence[str], round_index: int) -> list[str]:
+    """`names` starting at a different one each round: no contender always runs first (or after another)."""
+    shift = round_index % len(names)
+    return list(names[shift:]) + list(names[:shift])
+
+
+def time_synthesis(
+    model: nn.Module,
+    repeats: int,
+    implementations: Mapping[str, Synthesizer] | None = None,
+    device: torch.device | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Median seconds to synthesize every replaced block's weights, per implementation: (forward, forward + backward).
+
+    Measured alone, with the backward into the coefficients and both neighbours that a training
+    step does; gradients are cleared after each repeat. `implementations` (default: the shipped
+    `synthesize` as "fused") alternate, their order flipping at every repeat, since the second to
+    run finds the neighbours' tensors in cache.
+    """
+    implementations = dict(implementations or {"fused": synthesize})
+    modules = replaced_modules(model)
+    if not modules:
+        return {name: (0.0, 0.0) for name in implementations}
+    device = device or torch.device("cpu")
+    with torch.no_grad():
+        gradients = [torch.ones_like(w) for module in modules for w in synthesize(module)]
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in implementations}
+    for repeat in range(repeats + WARMUP_REPEATS):
+        for name in list(implementations)[:: 1 if repeat % 2 else -1]:
+            synchronize(device)
+            started = time.perf_counter()
+            weights = [w for module in modules for w in implementations[name](module)]
+            synchronize(device)
+            forward_done = time.perf_counter()
+            torch.autograd.backward(weights, gradients)
+            synchronize(device)
+            finished = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            if repeat >= WARMUP_REPEATS:
+                times[name].append((forward_done - started, finished - started))
+    return {
+        name: (statistics.median(t[0] for t in values), statistics.median(t[1] for t in values))
+        for name, values in times.items()
+    }
+
+
+def measure_memory(
+    suite: SuiteSpec, model_name: str, method: str, batch: Batch, num_labels: int, device: torch.device
+) -> dict[str, Any]:
+    """Parameters, state and activation memory, checkpoint size (and CUDA peak) of one method, alone."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        baseline = torch.cuda.memory_allocated(device)
+    built = build_method_model(method, model_name, num_labels, suite.image_size, suite.num_channels, seed=0)
+    model = built.model.to(device).train()
+    trainable, total = count_parameters(model)
+    optimizer = make_optimizer(model, suite.lr, suite.weight_decay)
+    # One step with the meter around the forward: what autograd holds at the start of backward.
+    meter = SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
+    with meter, autocast(device, suite.mixed_precision):
+        loss = model(**batch).loss
+    loss.backward()
+    del loss
+    optimizer.step()
+    state = state_memory(model, optimizer)  # gradients still held: their bytes count
+    optimizer.zero_grad(set_to_none=True)
+    result: dict[str, Any] = {
+        "trainable_params": trainable,
+        "total_params": total,
+        "plain_params": built.plain_params,
+        "num_blocks": built.num_blocks,
+        "affected_blocks": built.affected_blocks,
+        "state_memory_bytes": state,
+        "saved_activation_bytes": meter.bytes,
+        "batch_size": int(batch["labels"].shape[0]),
+    }
+    if device.type == "cuda":
+        # Second step: the optimizer state exists, as in every later step.
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        train_step(model, optimizer, batch, precision=autocast(device, suite.mixed_precision))
+        torch.cuda.synchronize(device)
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - baseline
+    result["checkpoint"] = checkpoint_size(built)
+    return result
+
+
+def _synthesis_share(
+    forward: list[float], forward_backward: list[float], calls: int, steps: int, replaced: int, median_step: float
+) -> dict[str, float]:
+    """Synthesis seconds per training step and their share of the step.
+
+    A step synthesizes each replaced block once in forward (plus its backward), and once more in
+    backward when the block is recomputed: counted calls say how many forwards to add.
+    """
+    forward_s, forward_backward_s = statistics.median(forward), statistics.median(forward_backward)
+    calls_per_step = calls / steps / replaced  # 2 with recompute
+    per_step = forward_backward_s + (calls_per_step - 1) * forward_s
+    return {
+        "synthesis_forward_s": forward_s,
+        "synthesis_forward_backward_s": forward_backward_s,
+        "synthesis_calls_per_block_per_step": calls_per_step,
+        "synthesis_per_step_s": per_step,
+        "synthesis_percent": 100 * per_step / median_step,
+    }
+
+
+def time_training_steps(
+    suite: SuiteSpec, models: Mapping[str, nn.Module], batch: Batch, device: torch.device
+) -> dict[str, dict[str, Any]]:
+    """Median step time per method, methods interleaved in rounds (rotated start) after warm-up,
+    and the synthesis share of RepL steps."""
+    methods = list(models)
+    optimizers = {m: make_optimizer(model, suite.lr, suite.weight_decay) for m, model in models.items()}
+    counters = {m: SynthesisCounter() for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    synthesis: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
+
+    def step(method: str) -> None:
+        train_step(models[method], optimizers[method], batch, precision=autocast(device, suite.mixed_precision))
+
+    for method in methods:
+        for _ in range(suite.timing_warmup_steps):
+            step(method)
+    for round_index in range(suite.timing_rounds):
+        for method in rotated(methods, round_index):
+            with counters[method].active():
+                for _ in range(suite.timing_steps_per_round):
+                    synchronize(device)
+                    started = time.perf_counter()
+                    step(method)
+                    synchronize(device)
+                    times[method].append(time.perf_counter() - started)
+            if replaced_modules(models[method]):
+                with autocast(device, suite.mixed_precision):
+                    timed = time_synthesis(models[method], suite.timing_steps_per_round, device=device)
+                synthesis[method].append(timed["fused"])
+    results: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        median_step = statistics.median(times[method])
+        results[method] = {"median_step_s": median_step, "step_times_s": times[method]}
+        replaced = len(replaced_modules(models[method]))
+        if replaced:
+            results[method].update(_synthesis_share(
+                [s[0] for s in synthesis[method]], [s[1] for s in synthesis[method]], counters[method].calls,
+                suite.timing_rounds * suite.timing_steps_per_round, replaced, median_step,
+            ))
+    return results
+
+
+def time_inference(
+    suite: SuiteSpec, models: Mapping[str, nn.Module], pixels: torch.Tensor, device: torch.device
+) -> dict[str, dict[str, Any]]:
+    """Images per second of each (deployed) model in eval mode without gradients, interleaved in rounds too."""
+    methods = list(models)
+    inputs = pixels[:1].expand(suite.inference_batch_size, *pixels.shape[1:]).contiguous()
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    with torch.no_grad(), autocast(device, suite.mixed_precision):
+        for method in methods:
+            for _ in range(2):  # warm-up
+                models[method](pixel_values=inputs)
+        for round_index in range(suite.inference_rounds):
+            for method in rotated(methods, round_index):
+                for _ in range(suite.inference_calls_per_round):
+                    synchronize(device)
+                    started = time.perf_counter()
+                    models[method](pixel_values=inputs)
+                    synchronize(device)
+                    times[method].append(time.perf_counter() - started)
+    return {
+        method: {
+            "inference_images_per_s": suite.inference_batch_size / statistics.median(times[method]),
+            "inference_params": count_parameters(models[method])[1],
+        }
+        for method in methods
+    }
+
+
+def measure_speed(
+    suite: SuiteSpec, model_name: str, methods: Sequence[str], batch: Batch, num_labels: int, device: torch.device,
+) -> dict[str, dict[str, Any]]:
+    """Training step times with the synthesis share of RepL steps, then the inference throughput of the
+    merged models, every method built from the same seed."""
+    built = {
+        m: build_method_model(m, model_name, num_labels, suite.image_size, suite.num_channels, seed=0) for m in methods
+    }
+    models = {m: b.model.to(device).train() for m, b in built.items()}
+    results = time_training_steps(suite, models, batch, device)
+    # Inference: the deployed (merged) models.
+    deployed = {m: inference_model(built[m]).eval() for m in methods}
+    for method, entry in time_inference(suite, deployed, batch["pixel_values"], device).items():
+        results[method].update(entry)
+    return results

@@ -1,0 +1,26 @@
+"""Writing a run's results: JSON, Markdown and plots, replaced together."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from hf_replacement.checkpoint import write_checkpoint
+
+from .plots import plot_accuracy_curves, plot_coefficients
+from .report import render_markdown
+
+
+def write_outputs(results: dict[str, Any], output_dir: str | os.PathLike) -> None:
+    """results.json, results.md, accuracy_curves.png and coefficients.png in `output_dir`.
+
+    All four are staged and renamed into place together, so the tables and plots a reader finds
+    always come from the same run.
+    """
+    write_checkpoint(output_dir, {
+        "results.json": json.dumps(results, indent=1, default=str) + "\n",
+        "results.md": render_markdown(results),
+        "accuracy_curves.png": plot_accuracy_curves(results),
+        "coefficients.png": plot_coefficients(results),
+    })

@@ -1,0 +1,104 @@
+"""Training a method's model for accuracy: one seeded run, with the library's optimizer, schedule, step and evaluation.
+
+The step, schedule and accuracy are `hf_replacement.steps`, the ones the `hf-replacement train`
+launcher uses, so the benchmark measures what a user's training does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_replacement import ReplacementModel
+from hf_replacement.steps import evaluate_accuracy, make_optimizer, make_scheduler, train_step
+
+from .data import TensorData
+from .device import autocast
+from .methods import build_method_model
+from .suites import SuiteSpec
+
+EVAL_BATCH_SIZE = 500
+
+
+def eval_batches(
+    data: TensorData, device: torch.device, batch_size: int = EVAL_BATCH_SIZE
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The test set in batches, as `evaluate_accuracy` takes them."""
+    for start in range(0, len(data.test_y), batch_size):
+        yield {
+            "pixel_values": data.test_x[start:start + batch_size].to(device),
+            "labels": data.test_y[start:start + batch_size],
+        }
+
+
+def _coefficients(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """Each replaced block's (a, b), averaged over columns for the finer granularities."""
+    if not isinstance(model, ReplacementModel):
+        return {}
+    return {
+        f"block {index}": (float(parameter[0].detach().mean()), float(parameter[1].detach().mean()))
+        for index, parameter in model.replacement_coefficients.named_parameters()
+    }
+
+
+def train_run(
+    suite: SuiteSpec, model_name: str, method: str, seed: int, data: TensorData, device: torch.device
+) -> dict[str, Any]:
+    """Train `method` on `model_name` from seed `seed`; accuracy after each epoch and coefficient traces."""
+    built = build_method_model(
+        method, model_name, data.num_labels, suite.image_size, suite.num_channels, seed, data.id2label
+    )
+    model = built.model.to(device).train()
+    optimizer = make_optimizer(model, suite.lr, suite.weight_decay)
+    count = len(data.train_y)
+    total_steps = math.ceil(count / suite.batch_size) * suite.epochs
+    scheduler = make_scheduler(optimizer, total_steps, suite.warmup_ratio)
+    generator = torch.Generator().manual_seed(seed)  # same data order for every method of a seed
+    curve: list[float] = []
+    losses: list[float] = []
+    trace: dict[str, Any] = {"steps": [], "blocks": {}}
+    record_every = max(1, total_steps // 200)  # ~200 points per curve, whatever the run's length
+    step = 0
+    started = time.perf_counter()
+
+    def record_coefficients() -> None:
+        for block, (a, b) in _coefficients(model).items():
+            entry = trace["blocks"].setdefault(block, {"a": [], "b": []})
+            entry["a"].append(a)
+            entry["b"].append(b)
+        trace["steps"].append(step)
+
+    record_coefficients()
+    for _ in range(suite.epochs):
+        order = torch.randperm(count, generator=generator)
+        epoch_loss = 0.0
+        for start in range(0, count, suite.batch_size):
+            index = order[start:start + suite.batch_size]
+            batch = {"pixel_values": data.train_x[index].to(device), "labels": data.train_y[index].to(device)}
+            loss = train_step(
+                model, optimizer, batch, scheduler=scheduler, precision=autocast(device, suite.mixed_precision)
+            )
+            epoch_loss += float(loss) * len(index)
+            step += 1
+            if isinstance(model, ReplacementModel) and (step % record_every == 0 or step == total_steps):
+                record_coefficients()
+        losses.append(epoch_loss / count)
+        curve.append(
+            evaluate_accuracy(model, eval_batches(data, device), precision=autocast(device, suite.mixed_precision))
+        )
+    result = {
+        "seed": seed,
+        "accuracy": curve[-1] if curve else None,
+        "accuracy_per_epoch": curve,
+        "train_loss_per_epoch": losses,
+        "train_seconds": time.perf_counter() - started,
+        "steps": step,
+    }
+    if isinstance(model, ReplacementModel):
+        result["coefficients"] = trace
+    return result

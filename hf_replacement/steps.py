@@ -1,0 +1,122 @@
+"""The steps every training loop of the project shares: optimizer, schedule, one update, accuracy.
+
+The launcher (`train.py`) and the benchmark harness (`benchmarks/`) both train with these, so a
+change to how a step is taken or how accuracy is counted reaches both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+Batch = Mapping[str, torch.Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite: the run diverged."""
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only: frozen (or freed) ones get no optimizer state."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, total_updates: int, warmup_ratio: float, steps_per_update: int = 1
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine decay after a linear warm-up of `warmup_ratio` of the updates.
+
+    `steps_per_update`: how often the scheduler is stepped per update (Accelerate's prepared
+    scheduler steps once per process), so the schedule is laid out in those units.
+    """
+    return get_scheduler(
+        "cosine",
+        optimizer,
+        num_warmup_steps=int(warmup_ratio * total_updates) * steps_per_update,
+        num_training_steps=total_updates * steps_per_update,
+    )
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    *,
+    scheduler: Any = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    precision: contextlib.AbstractContextManager | None = None,
+) -> torch.Tensor:
+    """One forward, backward and optimizer update on `batch`; returns the detached loss.
+
+    `backward` replaces `loss.backward()` (e.g. `accelerator.backward`, which scales fp16 losses);
+    `precision` wraps the forward (e.g. `torch.autocast(...)`).
+    """
+    with precision if precision is not None else contextlib.nullcontext():
+        loss = model(**batch).loss
+    if backward is None:
+        loss.backward()
+    else:
+        backward(loss)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    gather: Callable[[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    precision: contextlib.AbstractContextManager | None = None,
+) -> float:
+    """Top-1 accuracy of `model` over `batches` (dicts with `pixel_values` and `labels`).
+
+    `gather` collects predictions and labels across processes (e.g. `accelerator.gather_for_metrics`).
+    The model's training mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for batch in batches:
+            with precision if precision is not None else contextlib.nullcontext():
+                logits = model(pixel_values=batch["pixel_values"]).logits
+            predictions, labels = logits.argmax(-1), batch["labels"].to(logits.device)
+            if gather is not None:
+                predictions, labels = gather((predictions, labels))
+            correct += int((predictions == labels).sum())
+            total += labels.numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluate_accuracy got no evaluation batch: the evaluation set is empty.")
+    return correct / total
+
+
+def check_finite(loss: torch.Tensor, update: int) -> None:
+    """Raise `NonFiniteLossError` when `loss` is NaN or infinite (the run diverged at `update`)."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"the training loss is {value} at update {update}: the run diverged. Lower --lr (or the "
+            "learning rate), add warm-up, or train in fp32; checkpoints written before this update are kept."
+        )
+
+
+__all__ = [
+    "NonFiniteLossError",
+    "check_finite",
+    "evaluate_accuracy",
+    "make_optimizer",
+    "make_scheduler",
+    "train_step",
+]

@@ -1,0 +1,335 @@
+"""Synthesis: a replaced block's parameter tensors built from its neighbours, `a·p(prev) + b·p(next)`.
+
+Two implementations with the same values:
+
+- `synthesize`, the fast path every forward uses: all of a block's tensors in one autograd node
+  (`_Synthesis`) driven by a static `Program` compiled once per block;
+- `reference_synthesize`, a few lines of plain autograd written as the paper's formula, with
+  dense resampling matrices; the tests hold the fast path to it (values and gradients).
+
+`register_synthesis_hook` lets a caller observe every synthesis (the benchmark counts them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.utils.hooks import RemovableHandle
+
+from .fusion import DimResample, resample_matrix
+from .planning import BlockPlan, coefficient_width
+
+
+@dataclass(frozen=True)
+class Term:
+    """One neighbour's part of a synthesized tensor: coefficient row `row` times the resampled tensor.
+
+    `resample` holds each step and the positions of its tables in `ReplacementState.table_names`.
+    """
+
+    row: int  # 0: `a`, the previous neighbour; 1: `b`, the next one
+    output: int  # the synthesized tensor it is part of
+    resample: tuple[tuple[DimResample, tuple[int, ...]], ...]
+    shrinks: bool  # the neighbour's tensor has more entries than the synthesized one
+
+
+@dataclass(frozen=True)
+class Program:
+    """How to build a replaced block's tensors; static, the same at every call (no tensors, no modules).
+
+    An output (synthesized tensor) is the sum of one or two adjacent terms, previous neighbour first.
+    """
+
+    terms: tuple[Term, ...]
+    widths: tuple[int, ...]  # coefficient columns of each output
+    coefficient_shapes: tuple[tuple[int, ...], ...]  # () or (C, 1, ...) ("channel"), per output
+    # "block" granularity: every output uses column 0, the paper's one (a, b) per block.
+    shared_coefficients: bool
+    firsts: tuple[int, ...]  # each output's first term
+    seconds: tuple[int, ...]  # the second term of each output that has two ...
+    paired: tuple[int, ...]  # ... and those outputs
+    # Terms resampled to a larger tensor with a scalar coefficient, which commutes with the resampling
+    # M: backward maps the gradient back to the neighbour's (smaller) shape first, where <Mᵀg, p> =
+    # <g, M p> is the coefficient's gradient, so the larger resampled tensor is not saved and forward
+    # scales it in place.
+    source_side: tuple[int, ...]
+    target_side: tuple[int, ...]  # the rest: scaled, dot product with the resampled tensor, mapped back
+    kept: tuple[int, ...]  # the resampled target-side terms, whose resampled tensors backward needs
+
+
+def compile_program(
+    terms: list[Term], widths: list[int], coefficient_shapes: list[tuple[int, ...]], shared_coefficients: bool
+) -> Program:
+    firsts, seconds, paired = [], [], []
+    for position, term in enumerate(terms):
+        if position and terms[position - 1].output == term.output:
+            seconds.append(position)
+            paired.append(term.output)
+        else:
+            firsts.append(position)
+    source_side = [
+        i
+        for i, term in enumerate(terms)
+        if term.resample and not term.shrinks and coefficient_shapes[term.output] == ()
+    ]
+    target_side = [i for i in range(len(terms)) if i not in source_side]
+    return Program(
+        tuple(terms),
+        tuple(widths),
+        tuple(coefficient_shapes),
+        shared_coefficients,
+        tuple(firsts),
+        tuple(seconds),
+        tuple(paired),
+        tuple(source_side),
+        tuple(target_side),
+        tuple(i for i in target_side if terms[i].resample),
+    )
+
+
+@dataclass(frozen=True)
+class SynthesizedTensor:
+    """One parameter tensor of the replaced block: where it goes and what it was."""
+
+    name: str
+    owner: nn.Module
+    attr: str
+    requires_grad: bool
+
+
+@dataclass
+class ReplacementState:
+    """What a replaced block holds to rebuild its weights: the plan, the coefficients' owner, the
+    compiled program and where each term's neighbour tensor lives."""
+
+    plan: BlockPlan
+    granularity: str
+    coefficients: nn.Module  # `layer.ReplacementCoefficients`: parameter `str(index)`, shape (2, K)
+    tensors: tuple[SynthesizedTensor, ...]
+    program: Program
+    # (submodule, attribute) of each term's neighbour tensor, in `program.terms` order.
+    neighbours: tuple[tuple[nn.Module, str], ...]
+    table_names: tuple[str, ...]
+    detach_neighbors: bool
+    recompute: bool
+
+    @property
+    def index(self) -> int:
+        return self.plan.block.index
+
+
+# An OrderedDict, as torch's own hook registries: RemovableHandle keeps a weak reference to it.
+_SYNTHESIS_HOOKS: OrderedDict[int, Callable[[nn.Module], None]] = OrderedDict()
+
+
+def register_synthesis_hook(hook: Callable[[nn.Module], None]) -> RemovableHandle:
+    """Call `hook(block)` at every synthesis of a replaced block's weights; `handle.remove()` stops it.
+
+    A training step synthesizes once per replaced block in forward, and once more in backward when
+    the block is recomputed (`recompute_replaced=True` or gradient checkpointing).
+    """
+    handle = RemovableHandle(_SYNTHESIS_HOOKS)
+    _SYNTHESIS_HOOKS[handle.id] = hook
+    return handle
+
+
+def synthesize(module: nn.Module) -> list[torch.Tensor]:
+    """The replaced block `module`'s parameter tensors, `a·p(prev) + b·p(next)`, in `state.tensors`
+    order, with autograd into the coefficients and (unless detached) both neighbours."""
+    for hook in tuple(_SYNTHESIS_HOOKS.values()):
+        hook(module)
+    state: ReplacementState = module._replacement
+    coefficients = state.coefficients._parameters[str(state.index)]
+    sources = [owner._parameters[attr] for owner, attr in state.neighbours]
+    if state.detach_neighbors:
+        sources = [source.detach() for source in sources]
+    tables = [module._buffers[name] for name in state.table_names]
+    return list(_Synthesis.apply(state.program, coefficients, *sources, *tables))
+
+
+class _Synthesis(torch.autograd.Function):
+    """All of a replaced block's tensors in one autograd node: resampling, then `a·p + b·q`.
+
+    One node instead of about five per tensor (slice, view, cast, two multiplies, an add, the
+    resampling), batched `torch._foreach_*` kernels and no per-op autograd bookkeeping: for the
+    small tensors of a block, per-op overhead, not arithmetic, is what synthesis spends its time on;
+    for large ones, memory traffic, hence the in-place scaling of fresh resampled tensors.
+    Inputs: the program, the (2, K) fp32 coefficients, each term's neighbour tensor, then the
+    resampling tables. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, program: Program, coefficients: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        sources, tables = inputs[: len(program.terms)], inputs[len(program.terms) :]
+        with _autocast_disabled(coefficients.device.type):
+            factors = _term_coefficients(program, coefficients.to(sources[0].dtype))
+            products = [_resample(source, term, tables) for source, term in zip(sources, program.terms)]
+            kept = [products[i] for i in program.kept] if ctx.needs_input_grad[1] else []
+            if program.source_side:  # fresh resampled tensors that backward does not need: scaled in place
+                torch._foreach_mul_(
+                    [products[i] for i in program.source_side], [factors[i] for i in program.source_side]
+                )
+            if program.target_side:
+                scaled = torch._foreach_mul(
+                    [products[i] for i in program.target_side], [factors[i] for i in program.target_side]
+                )
+                for i, product in zip(program.target_side, scaled):
+                    products[i] = product
+            # Two products and a sum, rounded as the plain formula a·p + b·q is (addcmul's fused
+            # multiply-add would round differently, by an ulp).
+            outputs = [products[i] for i in program.firsts]
+            if program.seconds:
+                torch._foreach_add_([outputs[i] for i in program.paired], [products[i] for i in program.seconds])
+        ctx.program = program
+        ctx.num_tables = len(tables)
+        ctx.save_for_backward(coefficients, *sources, *tables, *kept)
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        program: Program = ctx.program
+        terms = program.terms
+        coefficients, *saved = ctx.saved_tensors
+        sources, tables = saved[: len(terms)], saved[len(terms) : len(terms) + ctx.num_tables]
+        resampled = dict(zip(program.kept, saved[len(terms) + ctx.num_tables :]))
+        need_sources = ctx.needs_input_grad[2 : 2 + len(terms)]
+        need_coefficients = ctx.needs_input_grad[1]
+        source_grads: list[torch.Tensor | None] = [None] * len(terms)
+        dots: list[torch.Tensor | None] = [None] * len(terms)  # every one set when need_coefficients
+        with _autocast_disabled(coefficients.device.type):
+            factors = _term_coefficients(program, coefficients.to(grads[0].dtype))
+            # Source side: map the gradient back to the neighbour's shape, dot product there, scale in place.
+            for i in program.source_side:
+                if need_sources[i] or need_coefficients:
+                    grad = _resample_transposed(grads[terms[i].output], terms[i], tables)
+                    if need_coefficients:
+                        dots[i] = _row_dots(grad, sources[i], 1)
+                    if need_sources[i]:
+                        source_grads[i] = grad
+            wanted = [i for i in program.source_side if need_sources[i]]
+            if wanted:
+                torch._foreach_mul_([source_grads[i] for i in wanted], [factors[i] for i in wanted])
+            # Target side: scale, then map back (a per-channel coefficient does not commute with resampling).
+            wanted = [i for i in program.target_side if need_sources[i]]
+            if wanted:
+                scaled = torch._foreach_mul([grads[terms[i].output] for i in wanted], [factors[i] for i in wanted])
+                for i, grad in zip(wanted, scaled):
+                    source_grads[i] = _resample_transposed(grad, terms[i], tables)
+            coefficient_grad = None
+            if need_coefficients:
+                for i in program.target_side:
+                    used = resampled.get(i, sources[i])
+                    dots[i] = _row_dots(grads[terms[i].output], used, program.widths[terms[i].output])
+                coefficient_grad = _coefficient_grad(program, dots).to(coefficients.dtype)
+        return (None, coefficient_grad, *source_grads, *([None] * ctx.num_tables))
+
+
+def _term_coefficients(program: Program, rows: torch.Tensor) -> list[torch.Tensor]:
+    """Each term's coefficient: a 0-dim tensor, or (C, 1, ...) for "channel" granularity."""
+    if program.shared_coefficients:
+        shared = rows[:, 0].unbind()
+        return [shared[term.row] for term in program.terms]
+    pieces = (rows[0].split(program.widths), rows[1].split(program.widths))
+    return [pieces[term.row][term.output].view(program.coefficient_shapes[term.output]) for term in program.terms]
+
+
+def _resample(source: torch.Tensor, term: Term, tables: Sequence[torch.Tensor]) -> torch.Tensor:
+    for step, positions in term.resample:
+        source = step.apply(source, [tables[p] for p in positions])
+    return source
+
+
+def _resample_transposed(grad: torch.Tensor, term: Term, tables: Sequence[torch.Tensor]) -> torch.Tensor:
+    for step, positions in reversed(term.resample):
+        grad = step.apply_transposed(grad, [tables[p] for p in positions])
+    return grad
+
+
+def _coefficient_grad(program: Program, dots: list[torch.Tensor | None]) -> torch.Tensor:
+    """d loss / d coefficients, (2, K), from each term's dot products (one per coefficient column)."""
+    pieces: list[list[torch.Tensor | None]] = [[None] * len(program.widths), [None] * len(program.widths)]
+    for term, dot in zip(program.terms, dots):
+        pieces[term.row][term.output] = dot
+    rows = []
+    for row in pieces:
+        present = [piece for piece in row if piece is not None]
+        if program.shared_coefficients:
+            rows.append(torch.cat(present).sum().view(1) if present else dots[0].new_zeros(1))
+        else:
+            rows.append(
+                torch.cat(
+                    [
+                        piece if piece is not None else dots[0].new_zeros(width)
+                        for piece, width in zip(row, program.widths)
+                    ]
+                )
+            )
+    return torch.stack(rows)
+
+
+def _row_dots(grad: torch.Tensor, source: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows,): dot products of `grad` and `source` split into `rows` equal rows, accumulated in fp32 or better."""
+    if grad.dtype in (torch.float32, torch.float64):
+        if rows == 1:
+            return torch.mv(grad.reshape(1, -1), source.reshape(-1))
+        return torch.bmm(grad.reshape(rows, 1, -1), source.reshape(rows, -1, 1)).view(rows)
+    # CPU BLAS has no fast bf16/fp16 product (measured ~50x slower than fp32): multiply, sum in fp32.
+    return (grad * source).reshape(rows, -1).sum(1, dtype=torch.float32)
+
+
+def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
+    """Synthesize in the parameters' dtype, as a plain model's weights are: autocast would run the
+    resampling products in bf16 and give weights of another dtype than the parameters they replace."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def reference_synthesize(module: nn.Module) -> list[torch.Tensor]:
+    """`synthesize` written as the formula, in plain autograd: the reference the fast path is held to.
+
+    For each parameter tensor: `a·R(p_prev) + b·R(p_next)`, where `R` resamples a neighbour of
+    another shape with the dense matrix of each dimension, and `a`, `b` are the block's pair, the
+    tensor's pair or one pair per output channel (granularity).
+    """
+    state: ReplacementState = module._replacement
+    rows = state.coefficients.get_parameter(str(state.index))
+    plan = state.plan
+    weights, column = [], 0
+    with _autocast_disabled(rows.device.type):
+        for tensor in plan.tensors:
+            width = coefficient_width(state.granularity, tensor.shape)
+            pair = rows[:, column : column + max(width, 1)]
+            column += width
+            per_channel = state.granularity == "channel" and len(tensor.shape) > 0
+            shape = (2, width, *(1,) * (len(tensor.shape) - 1)) if per_channel else (2,)
+            a, b = pair.reshape(shape)
+            value = None
+            for coefficient, neighbour, steps in ((a, plan.previous, tensor.previous), (b, plan.next, tensor.next)):
+                if steps is None:
+                    continue
+                source = neighbour.module.get_parameter(tensor.name)
+                if state.detach_neighbors:
+                    source = source.detach()
+                for step in steps:
+                    source = _dense_resample(source, step)
+                term = coefficient.to(source.dtype) * source
+                value = term if value is None else value + term
+            weights.append(value)
+    return weights
+
+
+def _dense_resample(tensor: torch.Tensor, step: DimResample) -> torch.Tensor:
+    matrix = resample_matrix(step.source_size, step.target_size, step.fan_in).to(tensor)
+    moved = torch.tensordot(matrix, tensor.movedim(step.dim, 0), dims=1)
+    return moved.movedim(0, step.dim)
+
+
+__all__ = ["ReplacementState", "SynthesizedTensor", "reference_synthesize", "register_synthesis_hook", "synthesize"]

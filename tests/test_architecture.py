@@ -1,0 +1,121 @@
+"""The layout promises: the installed package is the plugin and its launcher, without import cycles;
+the launcher's RepL flags come from `ReplacementConfig`."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from hf_replacement import ReplacementConfig
+from hf_replacement.cli import build_parser
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "hf_replacement"
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _package_imports(path: pathlib.Path) -> set[str]:
+    """Every `hf_replacement` module `path` imports, at module level or inside a function."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.split(".")[0] != "hf_replacement":
+                continue
+            for alias in node.names:  # `from . import layer` names a module, `from .x import y` a member
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if (ROOT / (candidate.replace(".", "/") + ".py")).exists() else base)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "hf_replacement"}
+    return found - {module}
+
+
+def test_package_has_no_import_cycle():
+    graph = {_module_name(path): _package_imports(path) for path in PACKAGE.rglob("*.py")}
+    # The package's __init__ re-exports: importing a submodule runs it first anyway, so edges into it are
+    # no dependency of substance; edges out of it are what it exports.
+    for imports in graph.values():
+        imports.discard("hf_replacement")
+    visiting, done, cycles = set(), set(), []
+
+    def visit(node: str, trail: list[str]) -> None:
+        if node in done or node not in graph:
+            return
+        if node in visiting:
+            cycles.append(trail[trail.index(node) :] + [node])
+            return
+        visiting.add(node)
+        for target in sorted(graph[node]):
+            visit(target, trail + [target])
+        visiting.discard(node)
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node, [node])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_importing_the_package_loads_no_benchmark_code():
+    code = (
+        "import sys, hf_replacement, hf_replacement.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith('benchmarks')))"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout
+    assert output.strip() == "[]"
+
+
+def test_wheel_ships_the_plugin_and_launcher_only(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("hf_replacement-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"hf_replacement"}
+    assert "hf_replacement/cli.py" in names and "hf_replacement/train.py" in names
+    assert "hf_replacement/templates/replacement_model_card.md" in names
+    assert not [name for name in names if "benchmark" in name]
+
+
+@pytest.mark.parametrize(
+    "spec", [s for s in dataclasses.fields(ReplacementConfig) if s.metadata.get("cli")], ids=lambda s: s.name
+)
+def test_cli_replacement_flags_come_from_the_config(spec):
+    train = next(
+        action
+        for action in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+        if action.dest == spec.name
+    )
+    assert train.option_strings == ["--" + spec.name.replace("_", "-")]
+    assert train.default == spec.default
+    assert spec.metadata["help"] in (train.help or "")
+    assert train.choices == spec.metadata.get("choices")
