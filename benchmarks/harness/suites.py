@@ -60,10 +60,10 @@ class SuiteSpec:
 
 
 SUITES: dict[str, SuiteSpec] = {
-    # 2 CPU cores, under 10 minutes in all (measured: see benchmarks/quick/results.md).
+    # 2 CPU cores: 6 min in an earlier run, 13 min in the last one on a slower shared VM (benchmarks/quick/results.md).
     "quick": SuiteSpec(
         name="quick",
-        summary="digits, vit-mini + convnext-mini, 3 seeds: ~6 min on 2 CPU cores",
+        summary="digits, vit-mini + convnext-mini, 3 seeds: 6-13 min on 2 CPU cores",
         models=("vit-mini", "convnext-mini"),
         dataset="digits",
         image_size=8,
