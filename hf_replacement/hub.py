@@ -51,6 +51,8 @@ _STALE_FILES = re.compile(
     r"^(replacement_config\.json|results\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?)$"
 )
 _KNOWN_METRICS = ("accuracy", "top5_accuracy", "f1", "precision", "recall")
+# The launcher's data set names that have a Hub copy.
+_KNOWN_HUB_DATASETS = {"fashion-mnist": "zalando-datasets/fashion_mnist"}
 # Nested or bulky entries of results.json that belong in the JSON file, not in the card's table.
 _RESULT_KEYS_NOT_SHOWN = {"options", "replacement_config", "coefficients", "replaced_blocks"}
 
@@ -146,15 +148,16 @@ def render_model_card(
     trainable, total, full = facts.trainable_params, facts.total_params, facts.unreplaced_params
     saved = 100 * (1 - total / full) if full else None
 
-    metrics = [key for key in _KNOWN_METRICS if results and key in results] or ["accuracy"]
+    hub_datasets = _hub_dataset_ids(datasets)
+    metrics = [key for key in _KNOWN_METRICS if results and key in results] or None
     eval_results = None
-    if results and datasets and isinstance(results.get("accuracy"), (int, float)):
+    if results and hub_datasets and isinstance(results.get("accuracy"), (int, float)):
         # model-index entry: lets the Hub show the score on the model page.
         eval_results = [
             EvalResult(
                 task_type="image-classification",
-                dataset_type=datasets[0],
-                dataset_name=datasets[0],
+                dataset_type=hub_datasets[0],
+                dataset_name=hub_datasets[0],
                 metric_type="accuracy",
                 metric_value=float(results["accuracy"]),
             )
@@ -164,10 +167,11 @@ def render_model_card(
         tags=["hf-replacement", "replacement-learning", "image-classification", "vision"]
         + (["merged"] if merged else []),
         base_model=base_model,
-        datasets=datasets or None,
+        datasets=hub_datasets or None,
         metrics=metrics,
         pipeline_tag="image-classification",
-        model_name=repo_id.split("/")[-1],
+        # Only as the model-index entry's name: on its own it would be a non-standard top-level key.
+        model_name=repo_id.split("/")[-1] if eval_results else None,
         eval_results=eval_results,
     )
     rows = [
@@ -197,6 +201,13 @@ def render_model_card(
         datasets=datasets,
         versions=versions,
     )
+
+
+def _hub_dataset_ids(names: list[str]) -> list[str]:
+    """The Hub dataset ids among `names`: the card's `datasets:` links to Hub pages, so a local path or
+    an embedded set with no Hub copy (scikit-learn's digits) stays out of the metadata (the body names it)."""
+    ids = [_KNOWN_HUB_DATASETS.get(name, name) for name in names]
+    return [name for name in ids if "/" in name and looks_like_repo_id(name) and not os.path.exists(name)]
 
 
 def _load_results(results: dict[str, Any] | str | os.PathLike | None) -> dict[str, Any] | None:

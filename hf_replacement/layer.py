@@ -112,6 +112,12 @@ class ReplacedBlockMixin:
         with _synthesized_weights_attached(self):
             return super().forward(*args, **kwargs)
 
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # The class is made at run time (`_replaced_class`) and pickle cannot find it by name: pickle the
+        # block's own class instead, and make the replaced class again on load (copy.deepcopy too).
+        reduced = super().__reduce_ex__(protocol)
+        return (_new_replaced_block, (type(self).__bases__[1],), *reduced[2:])
+
     def extra_repr(self) -> str:
         state = self._replacement
         return f"replaced: weights = a·block {state.plan.previous.index} + b·block {state.plan.next.index}"
@@ -146,6 +152,12 @@ def _replaced_class(cls: type) -> type:
             f"Replaced{cls.__name__}", (ReplacedBlockMixin, cls), {"__module__": cls.__module__}
         )
     return _REPLACED_CLASSES[cls]
+
+
+def _new_replaced_block(block_class: type) -> nn.Module:
+    """An empty replaced block of `block_class`, its state set by pickle afterwards."""
+    replaced = _replaced_class(block_class)
+    return replaced.__new__(replaced)
 
 
 def is_replaced(module: nn.Module) -> bool:

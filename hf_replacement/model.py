@@ -133,6 +133,12 @@ class ReplacementModel(nn.Module):
             values = synthesize(block.module)
         return {tensor.name: value for tensor, value in zip(block.module._replacement.tensors, values)}
 
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Transformers' `num_parameters`, the coefficients included (as `get_nb_trainable_parameters` counts them)."""
+        base = self.base_model.num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        coefficients = [p for p in self.replacement_coefficients.parameters() if p.requires_grad or not only_trainable]
+        return base + sum(p.numel() for p in coefficients)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters) as held in memory now."""
         return count_parameters(self)

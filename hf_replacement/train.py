@@ -111,6 +111,12 @@ def _image_geometry(options: TrainingOptions, model_config: Any | None, sample_i
 def train(options: TrainingOptions) -> dict[str, Any]:
     """Train, evaluate, save and return the results (also written to `output_dir/results.json`)."""
     replacement_config = None if options.baseline else options.replacement
+    if options.mixed_precision == "fp16" and not torch.cuda.is_available():
+        # Accelerate would train in fp32 and still record fp16.
+        raise ValueError(
+            "--mixed-precision fp16 needs a CUDA GPU, and none is available: use --mixed-precision bf16 "
+            "(CPU autocast) or no."
+        )
     _check_output_dir(options.output_dir)
     _forget_previous_single_process_state()
     accelerator = Accelerator(

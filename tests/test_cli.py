@@ -200,6 +200,15 @@ def test_a_hub_model_offline_is_one_line(tmp_path, capsys, monkeypatch):
     assert "--model google/vit-base-patch16-224: its config could not be loaded" in error and "Traceback" not in error
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast runs on CUDA")
+def test_fp16_without_a_gpu_is_refused_not_recorded(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *TINY, "--mixed-precision", "fp16", "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--mixed-precision fp16 needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_output_dir_that_is_a_file_fails_before_training(tmp_path, capsys):
     target = tmp_path / "results"
     target.write_text("not a directory")

@@ -555,3 +555,27 @@ def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+@pytest.mark.parametrize("copier", ["pickle", "deepcopy"])
+def test_pickle_and_deepcopy_give_an_independent_working_model(copier):
+    import pickle
+
+    model, _ = make("convnext")  # fused neighbours of another width
+    copied = pickle.loads(pickle.dumps(model)) if copier == "pickle" else copy.deepcopy(model)
+    x = tiny_models.inputs()
+    torch.testing.assert_close(tiny_models.logits(copied(pixel_values=x)), tiny_models.logits(model(pixel_values=x)))
+    assert [type(m).__name__ for m in copied.modules()] == [type(m).__name__ for m in model.modules()]
+    loss_of(tiny_models.logits(copied(pixel_values=x))).backward()
+    # The copy synthesizes from its own neighbours and coefficients, not the original's.
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in copied.replacement_coefficients.parameters())
+    assert copied.merge_and_unload() is copied.base_model
+
+
+def test_num_parameters_counts_the_coefficients():
+    model, _ = make("vit", "channel")
+    trainable, total = model.get_nb_trainable_parameters()
+    assert model.num_parameters() == total and model.num_parameters(only_trainable=True) == trainable
+    coefficients = sum(p.numel() for p in model.replacement_coefficients.parameters())
+    assert model.num_parameters() == model.base_model.num_parameters() + coefficients

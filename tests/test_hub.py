@@ -166,16 +166,20 @@ def test_model_card_metadata_and_body(hub_env, tmp_path):
     model = tiny_repl_model()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text('{"accuracy": 0.8125, "updates": 40, "options": {"lr": 0.001}}')
-    card = render_model_card(model, tmp_path / "run", base_model="google/vit-base-patch16-224", datasets=["digits"])
+    card = render_model_card(
+        model, tmp_path / "run", base_model="google/vit-base-patch16-224", datasets=["digits", "user/my-images"]
+    )
     parsed = ModelCard(str(card))  # what the Hub and ModelCard.load read back from README.md
     data = parsed.data
     assert data.library_name == "hf-replacement"
     assert "replacement-learning" in data.tags
     assert data.pipeline_tag == "image-classification"
     assert data.base_model == "google/vit-base-patch16-224"
-    assert data.datasets == ["digits"]
+    assert data.datasets == ["user/my-images"]  # Hub ids only: digits has no Hub page
+    assert "Data sets: digits, user/my-images." in parsed.text
     assert data.metrics == ["accuracy"]
-    assert data.eval_results[0].metric_value == 0.8125
+    assert data.eval_results[0].metric_value == 0.8125 and data.eval_results[0].dataset_type == "user/my-images"
+    assert "model_name" not in data.to_dict()
     trainable, total = model.get_nb_trainable_parameters()
     for text in (
         "`vit.layers.1`",
@@ -191,7 +195,8 @@ def test_model_card_metadata_and_body(hub_env, tmp_path):
 
     merged = ModelCard(str(render_model_card(model, merged=True)))
     assert merged.data.library_name == "transformers" and "merged" in merged.data.tags
-    assert merged.data.base_model is None and merged.data.metrics == ["accuracy"]
+    assert merged.data.base_model is None and merged.data.metrics is None  # no results, no metrics
+    assert "model_name" not in merged.data.to_dict()
     assert "AutoModelForImageClassification.from_pretrained" in merged.text
     assert "No training results were recorded" in merged.text
 
@@ -287,14 +292,14 @@ def test_trainer_pushes_repl_checkpoints_with_our_card(trainer_hub, tmp_path, ca
     assert pushed and all("replacement_config.json" in files for files in pushed)
     assert all(ModelCard(files["README.md"].decode()).data.library_name == "hf-replacement" for files in pushed)
 
-    trainer.push_to_hub(dataset_tags="digits", tags="my-run", license="mit")
+    trainer.push_to_hub(dataset_tags="fashion-mnist", tags="my-run", license="mit")
     files = trainer_hub.files("user/trainer-repl")
     assert {"README.md", "config.json", "model.safetensors", "replacement_config.json"} <= set(files)
     card = ModelCard(files["README.md"].decode())
     last_eval = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry][-1]
     assert card.data.library_name == "hf-replacement" and "generated_from_trainer" not in card.data.tags
     assert {"replacement-learning", "my-run"} <= set(card.data.tags) and card.data.license == "mit"
-    assert card.data.datasets == ["digits"]
+    assert card.data.datasets == ["zalando-datasets/fashion_mnist"]
     assert card.data.eval_results[0].metric_value == last_eval["eval_accuracy"]
     assert "| updates | 4 |" in card.text and "`vit.layers.1`" in card.text
     assert 'ReplacementModel.from_pretrained("user/trainer-repl")' in card.text
@@ -374,8 +379,8 @@ def test_launcher_pushes_the_trained_checkpoint(hub_env, tmp_path, capsys, caplo
     assert {"README.md", "config.json", "model.safetensors", "replacement_config.json", "results.json"} <= set(files)
     results = json.loads((out / "results.json").read_text())
     card = ModelCard(files["README.md"].decode())
-    assert card.data.datasets == ["digits"] and card.data.eval_results[0].metric_value == results["accuracy"]
-    assert "| accuracy |" in card.text
+    assert card.data.datasets is None and card.data.eval_results is None  # digits: no Hub dataset to link
+    assert card.data.metrics == ["accuracy"] and f"| accuracy | {results['accuracy']:.4g} |" in card.text
 
     local = ReplacementModel.from_pretrained(out)
     pushed = ReplacementModel.from_pretrained("user/launcher-repl", token=TOKEN)
