@@ -77,7 +77,6 @@ def main() -> None:
         seed=args.seed,
         data_seed=args.seed,
         dataloader_num_workers=0,
-        remove_unused_columns=False,  # the lazy transform needs `image`; collate_fn picks the model's inputs
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,
     )

@@ -173,6 +173,11 @@ class ReplacementTrainer(Trainer):
             raise ValueError("replacement_start_step needs model=..., not model_init.")
         if model is not None:  # before the Trainer's own work (device placement, Hub repo creation)
             _check_model(model, callback.start_step)
+        args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")  # the Trainer's default
+        if args.ddp_find_unused_parameters is None:
+            # Every parameter of a RepL model takes part in every forward (the replaced blocks' own are
+            # freed): the Trainer's default for a non-PreTrainedModel, True, only costs an extra pass.
+            args.ddp_find_unused_parameters = False
         callback._trainer = self
         self.replacement_callback = callback
         self.merged_dir: str | None = None
@@ -206,6 +211,13 @@ class ReplacementTrainer(Trainer):
                 "RepL: TrainingArguments.hub_token is pickled into training_args.bin, which the Trainer uploads "
                 "to the Hub with every push: log in with `hf auth login` or set HF_TOKEN instead."
             )
+
+    def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
+        """`Trainer`'s, except for a data set with a lazy transform (`prepare_dataset`'s `with_transform`):
+        the transform reads columns the model's forward does not take (`image`), so none is removed."""
+        if getattr(dataset, "format", {}).get("type") == "custom":
+            return dataset
+        return super()._remove_unused_columns(dataset, description)
 
     @property
     def replacement_model(self) -> ReplacementModel:

@@ -503,3 +503,25 @@ def test_start_step_is_rejected_under_several_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
     with pytest.raises(NotImplementedError, match="single-process training only"):
         ReplacementTrainer(repl_vit(defer=True), training_args(tmp_path), replacement_start_step=2)
+
+
+def test_prepared_datasets_train_with_the_default_remove_unused_columns(tmp_path):
+    """prepare_dataset's lazy transform reads `image`, which the model's forward does not take."""
+    from hf_replacement.data import collate_fn, load_image_dataset, prepare_dataset, subsample
+
+    data = prepare_dataset(subsample(load_image_dataset("digits"), 16, 8, seed=0), image_size=8, num_channels=1)
+    args = training_args(tmp_path, max_steps=2, remove_unused_columns=True, eval_strategy="no")
+    trainer = ReplacementTrainer(repl_vit(), args, train_dataset=data["train"], data_collator=collate_fn)
+    trainer.train()
+    assert trainer.state.global_step == 2 and "eval_loss" in trainer.evaluate(data["test"])
+
+
+def test_ddp_does_not_look_for_unused_parameters_by_default(tmp_path):
+    trainer = ReplacementTrainer(repl_vit(), training_args(tmp_path), train_dataset=dataset())
+    assert trainer.args.ddp_find_unused_parameters is False
+    (handler,) = trainer._build_accelerator_args()["kwargs_handlers"]
+    assert handler.find_unused_parameters is False
+    chosen = ReplacementTrainer(
+        repl_vit(), training_args(tmp_path, ddp_find_unused_parameters=True), train_dataset=dataset()
+    )
+    assert chosen.args.ddp_find_unused_parameters is True  # the user's choice stands
