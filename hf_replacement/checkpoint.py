@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
-from safetensors.torch import save_file
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # a sharded save, as Transformers writes it
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 # Saved models and results are shared files: the mode an ordinary `open(path, "w")` would give.
@@ -119,6 +124,66 @@ def staged_directory(directory: str | os.PathLike) -> Iterator[str]:
             os.replace(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def weight_files(
+    state_dict: dict[str, torch.Tensor], max_shard_size: int | str | None = None
+) -> dict[str, FileContent]:
+    """`model.safetensors`, or with `max_shard_size` (e.g. "5GB") the shards and their index, as
+    Transformers names them: the files `write_checkpoint` takes for these weights."""
+    if max_shard_size is None:
+        return {WEIGHTS_NAME: state_dict}
+    split = split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_size)
+    if not split.is_sharded:
+        return {WEIGHTS_NAME: state_dict}
+    files: dict[str, FileContent] = {
+        name: {key: state_dict[key] for key in keys} for name, keys in split.filename_to_tensors.items()
+    }
+    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+    files[WEIGHTS_INDEX_NAME] = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    return files
+
+
+def remove_other_weight_files(directory: str | os.PathLike, kept: Iterable[str]) -> None:
+    """Remove weight files of an earlier save (a sharded one over a single file, or the reverse) that
+    `kept` does not name, so a directory never holds two sets of weights."""
+    kept = set(kept)
+    for name in os.listdir(directory):
+        if _WEIGHT_FILE.match(name) and name not in kept:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, name))
+
+
+def load_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict saved in `directory`: `model.safetensors`, or the shards its index names.
+
+    Raises `FileNotFoundError` when there are no weights and `ValueError` for an unreadable file.
+    """
+    directory = os.fspath(directory)
+    index_path = os.path.join(directory, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as stream:
+                weight_map = json.load(stream)["weight_map"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{index_path} is not a valid weight index ({error}); the checkpoint is corrupt."
+            ) from None
+        names = sorted(set(weight_map.values()))
+    else:
+        names = [WEIGHTS_NAME]
+    state_dict: dict[str, torch.Tensor] = {}
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            state_dict.update(load_file(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete.") from None
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({error}); the checkpoint is corrupt."
+            ) from None
+    return state_dict
 
 
 def atomic_write(path: str | os.PathLike, content: FileContent) -> None:

@@ -264,14 +264,19 @@ def push_to_hub(
     results: dict[str, Any] | str | os.PathLike | None = None,
     base_model: str | None = None,
     datasets: list[str] | None = None,
+    tags: list[str] | None = None,
+    license: str | None = None,
+    create_pr: bool = False,
 ) -> str:
-    """Push `model` and its model card to the Hub repo `repo_id` (created if needed); return the commit URL.
+    """Push `model` and its model card to the Hub repo `repo_id` (created if needed); return the commit URL
+    (with `create_pr=True`, the URL of the pull request the commit opens instead).
 
     The compact RepL checkpoint is pushed (`replacement_config.json`, `config.json`,
     `model.safetensors`), or with `merged=True` the plain Transformers model that
     `AutoModelForImageClassification.from_pretrained` loads; `model` itself is left unchanged.
     `results` (a dict or the path of `results.json`) fills the card's results section and is
-    uploaded as `results.json`. Raises `HubPushError` when the Hub cannot be reached or refuses.
+    uploaded as `results.json`; `tags` and `license` join the card's metadata. Raises `HubPushError`
+    when the Hub cannot be reached or refuses.
     """
     validate_repo_id(repo_id)  # a ValueError for a malformed id, before any work
     if not hasattr(model, "save_pretrained"):
@@ -283,6 +288,8 @@ def push_to_hub(
     with tempfile.TemporaryDirectory(prefix="hf_replacement_push_") as folder:
         # Everything is staged in a temporary folder: the caller's own saved checkpoint is never touched.
         card = render_model_card(model, results, base_model, datasets, merged=merged, repo_id=repo_id)
+        card.data.tags = list(dict.fromkeys(card.data.tags + list(tags or [])))
+        card.data.license = license
         _save_for_push(model, folder, merged)
         card.save(os.path.join(folder, "README.md"))
         if results is not None:
@@ -299,6 +306,7 @@ def push_to_hub(
                 _operations(api, repo_id, folder, revision),
                 commit_message=commit_message or f"Upload {kind} with hf_replacement",
                 revision=revision,
+                create_pr=create_pr,
             )
         except _network_errors() as error:
             failure = _push_error(error, repo_id, endpoint or "https://huggingface.co", token)
@@ -306,8 +314,9 @@ def push_to_hub(
             # Raised outside the except block: the original error (whose message may echo the token)
             # must not ride along as __context__ into tracebacks and error reports.
             raise failure
-    logger.info("Pushed the %s to %s", kind, commit.commit_url)
-    return commit.commit_url
+    url = commit.pr_url if create_pr else commit.commit_url
+    logger.info("Pushed the %s to %s", kind, url)
+    return url
 
 
 def _save_for_push(model: nn.Module, folder: str, merged: bool) -> None:
@@ -409,8 +418,10 @@ def download_checkpoint(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
 ) -> str:
-    """Download a checkpoint's JSON, safetensors and card files from the Hub; return the local folder.
+    """Download a checkpoint's JSON, safetensors and card files from the Hub (or with `local_files_only`
+    take them from the cache); return the local folder.
 
     Only `*.json`, `*.safetensors` and `*.md` are fetched: nothing that could run code on load
     (pickles, scripts). Raises `HubDownloadError` saying whether the repo, the revision or the
@@ -428,6 +439,7 @@ def download_checkpoint(
             endpoint=endpoint,
             cache_dir=cache_dir,
             allow_patterns=DOWNLOAD_PATTERNS,
+            local_files_only=local_files_only,
         )
     except RevisionNotFoundError:
         failure = HubDownloadError(

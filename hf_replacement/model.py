@@ -9,12 +9,10 @@ import os
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from .blocks import find_blocks
-from .checkpoint import WEIGHTS_NAME, write_checkpoint
+from .checkpoint import WEIGHTS_NAME, load_weights, remove_other_weight_files, weight_files, write_checkpoint
 from .config import CONFIG_NAME, ReplacementConfig
 from .hub import (
     CardFacts,
@@ -169,22 +167,43 @@ class ReplacementModel(nn.Module):
         save_directory: str | os.PathLike,
         is_main_process: bool = True,
         state_dict: dict[str, torch.Tensor] | None = None,
-        **_: Any,
+        *,
+        safe_serialization: bool = True,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **push_kwargs: Any,
     ) -> None:
-        """Write `replacement_config.json`, the base `config.json` and the compact `model.safetensors`.
+        """Write `replacement_config.json`, the base `config.json` and the compact weights.
 
-        All files are written to temporary names first and renamed into place only once every file
-        is complete, so a failed save leaves an earlier checkpoint in the directory intact.
+        The weights are `model.safetensors`, or with `max_shard_size` (e.g. "2GB") shards and
+        `model.safetensors.index.json`, as Transformers writes them. All files are written to temporary
+        names first and renamed into place only once every file is complete, so a failed save leaves an
+        earlier checkpoint in the directory intact. `push_to_hub=True` then pushes the checkpoint
+        (`repo_id=`, default the directory's name, and `push_to_hub`'s other keywords).
         """
-        if not is_main_process:
-            return
-        files: dict[str, Any] = {CONFIG_NAME: self.replacement_config.to_json_string()}
-        if self.config is not None and hasattr(self.config, "to_json_string"):
-            config = copy.deepcopy(self.config)  # the architecture to rebuild, without touching the live config
-            config.architectures = [type(self.base_model).__name__]
-            files["config.json"] = config.to_json_string()
-        files[WEIGHTS_NAME] = _without_tied_copies(self.state_dict() if state_dict is None else state_dict)[0]
-        write_checkpoint(save_directory, files)
+        if not safe_serialization:
+            raise ValueError(
+                "safe_serialization=False would write a pickle (pytorch_model.bin): hf_replacement saves "
+                "safetensors only. Drop the argument."
+            )
+        if push_kwargs and not push_to_hub:
+            raise TypeError(
+                f"save_pretrained got unexpected keyword arguments {sorted(push_kwargs)}; it takes state_dict, "
+                "max_shard_size, push_to_hub and, with push_to_hub=True, push_to_hub's keywords."
+            )
+        if is_main_process:
+            files: dict[str, Any] = {CONFIG_NAME: self.replacement_config.to_json_string()}
+            if self.config is not None and hasattr(self.config, "to_json_string"):
+                config = copy.deepcopy(self.config)  # the architecture to rebuild, without touching the live config
+                config.architectures = [type(self.base_model).__name__]
+                files["config.json"] = config.to_json_string()
+            weights = _without_tied_copies(self.state_dict() if state_dict is None else state_dict)[0]
+            files.update(weight_files(weights, max_shard_size))
+            write_checkpoint(save_directory, files)
+            remove_other_weight_files(save_directory, files)
+        if push_to_hub and is_main_process:
+            repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
+            self.push_to_hub(repo_id, **push_kwargs)
 
     def save_merged(self, save_directory: str | os.PathLike) -> None:
         """Save the merged plain Transformers model (`merge_and_unload` of a copy); this model is unchanged."""
@@ -239,28 +258,31 @@ class ReplacementModel(nn.Module):
         model: nn.Module | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
-        **_: Any,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        subfolder: str = "",
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        device_map: str | int | torch.device | dict[str, Any] | None = None,
+        **unsupported: Any,
     ) -> ReplacementModel:
         """Load a RepL checkpoint written by `save_pretrained`, from a directory or a Hub repo id.
 
         `model` is a fresh instance of the base architecture; when omitted it is built from the
         checkpoint's `config.json` (a Transformers model). A `pretrained_path` that is no local
-        directory but looks like "user/repo" is downloaded (JSON and safetensors only) at `revision`.
+        directory but looks like "user/repo" is downloaded (JSON, safetensors and the card only) at
+        `revision`, with `token`, into `cache_dir` (or only from the cache: `local_files_only`).
+        `subfolder`: the checkpoint's folder inside the directory or repo. `dtype` (`torch_dtype`,
+        its older name): the base model's dtype, "auto" for the config's; the coefficients stay fp32.
+        `device_map`: one device for the whole model. Other keywords are refused.
         """
-        directory = os.fspath(pretrained_path)
-        if not os.path.isdir(directory):
-            if looks_like_repo_id(directory):
-                try:
-                    directory = download_checkpoint(directory, revision=revision, token=token)
-                except HubDownloadError as error:
-                    raise HubDownloadError(
-                        f"{directory} is no local directory; as a Hub repo: {error}", error.status_code
-                    ) from None
-                if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-                    raise FileNotFoundError(
-                        f"Hub repo {os.fspath(pretrained_path)} has no {CONFIG_NAME}: it is not a RepL checkpoint. "
-                        "A merged model loads with transformers.AutoModelForImageClassification.from_pretrained."
-                    )
+        _refuse_unsupported(unsupported)
+        dtype = _resolve_dtype(dtype, torch_dtype)
+        device = _single_device(device_map)
+        directory = os.path.join(os.fspath(pretrained_path), subfolder) if subfolder else os.fspath(pretrained_path)
+        if not os.path.isdir(directory) and not os.path.isdir(os.fspath(pretrained_path)):
+            directory = _download(os.fspath(pretrained_path), subfolder, revision, token, cache_dir, local_files_only)
         if not os.path.isdir(directory):
             raise FileNotFoundError(
                 f"{directory} is not a directory holding a RepL checkpoint ({CONFIG_NAME}, {WEIGHTS_NAME})."
@@ -268,21 +290,100 @@ class ReplacementModel(nn.Module):
         replacement_config = ReplacementConfig.from_json_file(os.path.join(directory, CONFIG_NAME))
         if model is None:
             model = _build_base_model(directory)
-        weights_path = os.path.join(directory, WEIGHTS_NAME)
-        try:
-            state_dict = load_file(weights_path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{weights_path} is missing: the checkpoint is incomplete.") from None
-        except (SafetensorError, OSError) as error:
-            raise ValueError(
-                f"{weights_path} is not a readable safetensors file ({error}); the checkpoint is corrupt."
-            ) from None
+        state_dict = load_weights(directory)
         # A checkpoint saved before a deferred replacement (`replacement_start_step`) has no
         # coefficients yet: it loads as a model whose replacement is still deferred.
         deferred = not any(key.startswith("replacement_coefficients.") for key in state_dict)
         replacement_model = cls(model, replacement_config, defer_replacement=deferred)
-        _load_exact(replacement_model, state_dict, weights_path)
+        _load_exact(replacement_model, state_dict, directory)
+        if dtype == "auto":
+            dtype = getattr(getattr(model, "config", None), "dtype", None) or torch.float32
+        if dtype is not None or device is not None:
+            replacement_model.to(device=device, dtype=dtype)
         return replacement_model.eval()  # like Transformers' from_pretrained; call .train() to train
+
+
+# The Transformers `from_pretrained` keywords that cannot apply to a saved RepL checkpoint, and why.
+_REFUSED_KEYWORDS = {
+    "use_safetensors": "only safetensors are ever loaded",
+    "ignore_mismatched_sizes": "a RepL checkpoint's weights must fit its saved config exactly",
+    "trust_remote_code": "no code is loaded from a checkpoint",
+    "quantization_config": "quantizing a RepL model is not supported; merge it first",
+}
+
+
+def _refuse_unsupported(keywords: dict[str, Any]) -> None:
+    if not keywords:
+        return
+    reasons = [f"{name} ({_REFUSED_KEYWORDS[name]})" for name in sorted(keywords) if name in _REFUSED_KEYWORDS]
+    others = [name for name in sorted(keywords) if name not in _REFUSED_KEYWORDS]
+    detail = "; ".join(
+        reasons
+        + (
+            [
+                f"{', '.join(others)}: unknown, or a config override (a RepL checkpoint loads "
+                "with the config it was saved with; merge it and load the merged model with "
+                "Transformers to change its config)"
+            ]
+            if others
+            else []
+        )
+    )
+    raise TypeError(
+        f"ReplacementModel.from_pretrained does not take {detail}. It takes model, revision, token, cache_dir, "
+        "local_files_only, subfolder, dtype (torch_dtype) and device_map."
+    )
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    if dtype is not None and torch_dtype is not None:
+        raise TypeError("give dtype or torch_dtype (its older name), not both.")
+    dtype = dtype if dtype is not None else torch_dtype
+    if isinstance(dtype, str) and dtype != "auto":
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype (e.g. 'bfloat16') or 'auto'.")
+        return resolved
+    return dtype
+
+
+def _single_device(device_map: str | int | torch.device | dict[str, Any] | None) -> torch.device | None:
+    """A RepL block reads its neighbours' weights: the model lives on one device."""
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if device_map is None:
+        return None
+    if isinstance(device_map, (int, torch.device)) or (
+        isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential")
+    ):
+        return torch.device(device_map)
+    raise ValueError(
+        f"device_map={device_map!r} would split the model across devices, but a replaced block reads its "
+        "neighbours' weights on every forward: give one device (e.g. device_map='cuda:0')."
+    )
+
+
+def _download(
+    repo_id: str, subfolder: str, revision: str | None, token: str | bool | None,
+    cache_dir: str | os.PathLike | None, local_files_only: bool,
+) -> str:  # fmt: skip
+    if not looks_like_repo_id(repo_id):
+        raise FileNotFoundError(
+            f"{repo_id} is not a directory holding a RepL checkpoint ({CONFIG_NAME}, {WEIGHTS_NAME}) nor a Hub id."
+        )
+    try:
+        folder = download_checkpoint(
+            repo_id, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+    except HubDownloadError as error:
+        raise HubDownloadError(f"{repo_id} is no local directory; as a Hub repo: {error}", error.status_code) from None
+    directory = os.path.join(folder, subfolder) if subfolder else folder
+    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        raise FileNotFoundError(
+            f"Hub repo {repo_id}{f' (subfolder {subfolder})' if subfolder else ''} has no {CONFIG_NAME}: it is not a "
+            "RepL checkpoint. A merged model loads with transformers.AutoModelForImageClassification.from_pretrained."
+        )
+    return directory
 
 
 def _build_base_model(directory: str) -> nn.Module:

@@ -175,7 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "POST" and (match := _API_PREUPLOAD.match(url.path)):
                 return self._preupload(match["repo"], match["rev"], json.loads(body))
             if method == "POST" and (match := _API_COMMIT.match(url.path)):
-                return self._commit(match["repo"], match["rev"], body)
+                return self._commit(match["repo"], match["rev"], body, query.get("create_pr", ["0"])[0] == "1")
             if method == "POST" and (match := _API_BRANCH.match(url.path)):
                 return self._create_branch(match["repo"], unquote(match["branch"]), json.loads(body or b"{}"))
             if method == "GET" and (match := _API_TREE.match(url.path)):
@@ -246,7 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
         ]
         self._json(200, {"files": answer, "commitOid": sha})
 
-    def _commit(self, repo_id: str, revision: str, body: bytes) -> None:
+    def _commit(self, repo_id: str, revision: str, body: bytes, create_pr: bool = False) -> None:
         if self.hub.fail_commits:
             return self._error(500, "Internal Error - We're working hard to fix this as soon as possible!")
         repo = self._repo(repo_id)
@@ -277,9 +277,16 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(400, f"this test server does not support {key!r} operations")
         sha = self.hub.new_commit_sha()
         repo.commits[sha] = files
-        repo.branches[branch] = sha
+        pull_request = None
+        if create_pr:  # the commit opens a pull request (refs/pr/N); the branch itself is not moved
+            number = 1 + sum(name.startswith("refs/pr/") for name in repo.branches)
+            repo.branches[f"refs/pr/{number}"] = sha
+            pull_request = f"{self.hub.url}/{repo_id}/discussions/{number}"
+        else:
+            repo.branches[branch] = sha
         self._json(
-            200, {"commitUrl": f"{self.hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
+            200,
+            {"commitUrl": f"{self.hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": pull_request},
         )
 
     def _create_branch(self, repo_id: str, branch: str, payload: dict) -> None:

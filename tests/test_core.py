@@ -579,3 +579,29 @@ def test_num_parameters_counts_the_coefficients():
     assert model.num_parameters() == total and model.num_parameters(only_trainable=True) == trainable
     coefficients = sum(p.numel() for p in model.replacement_coefficients.parameters())
     assert model.num_parameters() == model.base_model.num_parameters() + coefficients
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16", "auto"])
+def test_from_pretrained_dtype_device_and_subfolder(tmp_path, dtype):
+    model, _ = make("vit")
+    model.base_model.config.dtype = torch.bfloat16  # what "auto" reads
+    model.save_pretrained(tmp_path / "sub")
+    loaded = ReplacementModel.from_pretrained(tmp_path, subfolder="sub", dtype=dtype, device_map="cpu")
+    assert {p.dtype for p in loaded.base_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in loaded.replacement_coefficients.parameters()} == {torch.float32}
+    assert loaded.base_model.device == torch.device("cpu")
+    old_name = ReplacementModel.from_pretrained(tmp_path / "sub", torch_dtype=torch.bfloat16)
+    assert next(old_name.base_model.parameters()).dtype == torch.bfloat16
+
+
+def test_sharded_save_round_trip_and_back_to_one_file(tmp_path):
+    model, _ = make("vit")
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "model.safetensors").exists()
+    loaded = ReplacementModel.from_pretrained(tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    model.save_pretrained(tmp_path)  # one file again: the shards and their index go
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]

@@ -252,3 +252,30 @@ def test_tied_weights_are_saved_once_and_tied_again_on_load(tmp_path):
     loaded = ReplacementModel.from_pretrained(tmp_path)
     assert loaded.base_model.lm_head.weight.data_ptr() == loaded.base_model.transformer.wte.weight.data_ptr()
     torch.testing.assert_close(loaded(input_ids=tokens).logits, model.eval()(input_ids=tokens).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "keywords, message",
+    [
+        (dict(num_labels=3), "num_labels: unknown, or a config override"),
+        (dict(tpyo_kwarg=1), "tpyo_kwarg: unknown"),
+        (dict(use_safetensors=False), "use_safetensors \\(only safetensors are ever loaded\\)"),
+        (dict(dtype=torch.bfloat16, torch_dtype=torch.float16), "give dtype or torch_dtype"),
+        (dict(dtype="int8"), "dtype='int8' is not a floating-point torch dtype"),
+        (dict(device_map="auto"), "device_map='auto' would split the model across devices"),
+        (dict(device_map={"vit": 0, "classifier": 1}), "would split the model across devices"),
+    ],
+    ids=lambda value: str(value)[:40],
+)
+def test_from_pretrained_refuses_keywords_it_cannot_honour(saved, keywords, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        ReplacementModel.from_pretrained(saved, **keywords)
+
+
+def test_save_pretrained_refuses_pickle_and_unknown_keywords(tmp_path):
+    model = get_replacement_model(tiny_models.build("vit"))
+    with pytest.raises(ValueError, match="safe_serialization=False would write a pickle"):
+        model.save_pretrained(tmp_path, safe_serialization=False)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['tpyo'\]"):
+        model.save_pretrained(tmp_path, tpyo=1)
+    assert not list(tmp_path.iterdir())

@@ -393,3 +393,41 @@ def test_launcher_pushes_the_trained_checkpoint(hub_env, tmp_path, capsys, caplo
     assert TOKEN not in printed.out + printed.err and TOKEN not in caplog.text
     assert not [name for name, content in files.items() if TOKEN.encode() in content]
     assert not [path for path in out.rglob("*") if path.is_file() and TOKEN.encode() in path.read_bytes()]
+
+
+def test_push_keywords_tags_license_and_pull_request(hub_env):
+    hub = hub_env()
+    model = tiny_repl_model()
+    model.push_to_hub("user/keywords", tags=["my-run"], license="mit", commit_message="first")
+    card = ModelCard(hub.files("user/keywords")["README.md"].decode())
+    assert "my-run" in card.data.tags and "replacement-learning" in card.data.tags and card.data.license == "mit"
+    main_files = hub.files("user/keywords")
+    with torch.no_grad():
+        model.replacement_coefficients.get_parameter("1").add_(1)
+    url = model.push_to_hub("user/keywords", create_pr=True)
+    assert url.endswith("/user/keywords/discussions/1")
+    assert hub.files("user/keywords") == main_files  # main unchanged: the change waits in the pull request
+    assert hub.files("user/keywords", "refs/pr/1")["model.safetensors"] != main_files["model.safetensors"]
+
+
+def test_save_pretrained_with_push_to_hub(hub_env, tmp_path):
+    hub = hub_env()
+    model = tiny_repl_model()
+    model.save_pretrained(tmp_path / "run", push_to_hub=True, repo_id="user/saved-and-pushed", private=True)
+    assert (tmp_path / "run" / "replacement_config.json").is_file()
+    assert {"README.md", "replacement_config.json", "model.safetensors"} <= set(hub.files("user/saved-and-pushed"))
+
+
+def test_from_pretrained_cache_dir_and_local_files_only(hub_env, tmp_path):
+    hub = hub_env()
+    model = tiny_repl_model()
+    model.push_to_hub("user/cached")
+    cache = tmp_path / "my-cache"
+    x = torch.randn(2, 3, 16, 16)
+    expected = model.eval()(pixel_values=x).logits
+    downloaded = ReplacementModel.from_pretrained("user/cached", cache_dir=cache)
+    assert any(cache.rglob("replacement_config.json"))
+    hub.close()  # offline from here on: only the cache can answer
+    offline = ReplacementModel.from_pretrained("user/cached", cache_dir=cache, local_files_only=True)
+    for loaded in (downloaded, offline):
+        torch.testing.assert_close(loaded(pixel_values=x).logits, expected, rtol=0, atol=0)
