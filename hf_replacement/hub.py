@@ -432,14 +432,9 @@ def download_checkpoint(
     failure: HubDownloadError | None = None
     folder = ""
     try:
+        where_from = {"endpoint": endpoint, "cache_dir": cache_dir, "local_files_only": local_files_only}
         folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            token=token,
-            endpoint=endpoint,
-            cache_dir=cache_dir,
-            allow_patterns=DOWNLOAD_PATTERNS,
-            local_files_only=local_files_only,
+            repo_id, revision=revision, token=token, allow_patterns=DOWNLOAD_PATTERNS, **where_from
         )
     except RevisionNotFoundError:
         failure = HubDownloadError(
