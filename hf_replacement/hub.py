@@ -48,7 +48,7 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.md"]
 # Files a previous push may have left that would contradict the new one (a merged push over a compact
 # one must drop replacement_config.json, or ReplacementModel.from_pretrained would misread the repo).
 _STALE_FILES = re.compile(
-    r"^(replacement_config\.json|results\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?)$"
+    r"^(replacement_config\.json|base_config\.json|results\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?)$"
 )
 _KNOWN_METRICS = ("accuracy", "top5_accuracy", "f1", "precision", "recall")
 # The launcher's data set names that have a Hub copy.
@@ -271,7 +271,7 @@ def push_to_hub(
     """Push `model` and its model card to the Hub repo `repo_id` (created if needed); return the commit URL
     (with `create_pr=True`, the URL of the pull request the commit opens instead).
 
-    The compact RepL checkpoint is pushed (`replacement_config.json`, `config.json`,
+    The compact RepL checkpoint is pushed (`replacement_config.json`, `base_config.json`, a guard `config.json`,
     `model.safetensors`), or with `merged=True` the plain Transformers model that
     `AutoModelForImageClassification.from_pretrained` loads; `model` itself is left unchanged.
     `results` (a dict or the path of `results.json`) fills the card's results section and is

@@ -1,4 +1,8 @@
-"""Loading a plain Transformers image classifier: safetensors only, and strict about its weights.
+"""Loading models from disk or the Hub: safetensors only, and strict about every weight.
+
+A plain Transformers image classifier (`load_image_classifier`), and the pieces of
+`ReplacementModel.from_pretrained`: its keywords, the download, the base model built from the
+saved config, the exact load (tied weights saved once).
 
 Transformers only warns when a checkpoint's weights do not fit the model its `config.json`
 builds, and goes on with randomly initialised ones; evaluating or merging such a model gives a
@@ -8,12 +12,28 @@ the classification head when the caller asks for a new one (fine-tuning on other
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
-from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel
+import torch
+import transformers
+from torch import nn
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel
+from transformers.initialization import no_init_weights
 
+from .checkpoint import WEIGHTS_NAME
 from .config import CONFIG_NAME
+from .hub import HubDownloadError, download_checkpoint, looks_like_repo_id
+
+# Where a RepL checkpoint keeps its base model's config. Its `config.json` is a guard that makes
+# Transformers' own loaders (AutoModel*, pipeline) stop with an error naming the right loader
+# instead of building a randomly initialised model from the base config.
+BASE_CONFIG_NAME = "base_config.json"
+GUARD_MODEL_TYPE = (
+    "hf-replacement RepL checkpoint: load it with hf_replacement.ReplacementModel.from_pretrained, "
+    "or write a plain Transformers model with `hf-replacement merge`"
+)
 
 # The head every Transformers image classifier of this package's scope names `classifier`.
 _HEAD_PREFIX = "classifier"
@@ -21,6 +41,12 @@ _HEAD_PREFIX = "classifier"
 
 def load_pretrained_config(path: str | os.PathLike) -> PretrainedConfig:
     """`AutoConfig.from_pretrained(path)`, with one clear error when it cannot be had (offline, no such repo)."""
+    if os.path.isfile(os.path.join(os.fspath(path), CONFIG_NAME)):
+        raise ValueError(
+            f"--model {os.fspath(path)} is a RepL checkpoint: write it as a plain Transformers model with "
+            f"`hf-replacement merge {os.fspath(path)} MERGED_DIR` and pass --model MERGED_DIR (or load it in Python "
+            "with ReplacementModel.from_pretrained)."
+        )
     try:
         return AutoConfig.from_pretrained(os.fspath(path))
     except (OSError, ValueError) as error:
@@ -31,6 +57,14 @@ def load_pretrained_config(path: str | os.PathLike) -> PretrainedConfig:
         ) from None
 
 
+def _is_guard(config_path: str) -> bool:
+    try:
+        with open(config_path, encoding="utf-8") as stream:
+            return json.load(stream).get("model_type") == GUARD_MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_image_classifier(path: str | os.PathLike, *, new_head: bool = False, **kwargs: Any) -> PreTrainedModel:
     """`AutoModelForImageClassification.from_pretrained(path, use_safetensors=True, **kwargs)`, strict.
 
@@ -38,6 +72,11 @@ def load_image_classifier(path: str | os.PathLike, *, new_head: bool = False, **
     Raises `ValueError` naming what does not fit, and for a directory without safetensors weights.
     """
     path = os.fspath(path)
+    if _is_guard(os.path.join(path, "config.json")):
+        raise ValueError(
+            f"{path} holds a RepL checkpoint but no {CONFIG_NAME}: restore {CONFIG_NAME} and load it with "
+            "ReplacementModel.from_pretrained (or `hf-replacement merge`)."
+        )
     try:
         model, info = AutoModelForImageClassification.from_pretrained(
             path, use_safetensors=True, output_loading_info=True, **kwargs
@@ -69,4 +108,146 @@ def load_image_classifier(path: str | os.PathLike, *, new_head: bool = False, **
     return model
 
 
-__all__ = ["load_image_classifier", "load_pretrained_config"]
+# The Transformers `from_pretrained` keywords that cannot apply to a saved RepL checkpoint, and why.
+_REFUSED_KEYWORDS = {
+    "use_safetensors": "only safetensors are ever loaded",
+    "ignore_mismatched_sizes": "a RepL checkpoint's weights must fit its saved config exactly",
+    "trust_remote_code": "no code is loaded from a checkpoint",
+    "quantization_config": "quantizing a RepL model is not supported; merge it first",
+}
+
+
+def refuse_unsupported_keywords(keywords: dict[str, Any]) -> None:
+    if not keywords:
+        return
+    reasons = [f"{name} ({_REFUSED_KEYWORDS[name]})" for name in sorted(keywords) if name in _REFUSED_KEYWORDS]
+    others = [name for name in sorted(keywords) if name not in _REFUSED_KEYWORDS]
+    detail = "; ".join(
+        reasons
+        + (
+            [
+                f"{', '.join(others)}: unknown, or a config override (a RepL checkpoint loads "
+                "with the config it was saved with; merge it and load the merged model with "
+                "Transformers to change its config)"
+            ]
+            if others
+            else []
+        )
+    )
+    raise TypeError(
+        f"ReplacementModel.from_pretrained does not take {detail}. It takes model, revision, token, cache_dir, "
+        "local_files_only, subfolder, dtype (torch_dtype) and device_map."
+    )
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    if dtype is not None and torch_dtype is not None:
+        raise TypeError("give dtype or torch_dtype (its older name), not both.")
+    dtype = dtype if dtype is not None else torch_dtype
+    if isinstance(dtype, str) and dtype != "auto":
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype (e.g. 'bfloat16') or 'auto'.")
+        return resolved
+    return dtype
+
+
+def single_device(device_map: str | int | torch.device | dict[str, Any] | None) -> torch.device | None:
+    """A RepL block reads its neighbours' weights: the model lives on one device."""
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if device_map is None:
+        return None
+    if isinstance(device_map, (int, torch.device)) or (
+        isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential")
+    ):
+        return torch.device(device_map)
+    raise ValueError(
+        f"device_map={device_map!r} would split the model across devices, but a replaced block reads its "
+        "neighbours' weights on every forward: give one device (e.g. device_map='cuda:0')."
+    )
+
+
+def download_replacement_checkpoint(
+    repo_id: str, subfolder: str, revision: str | None, token: str | bool | None,
+    cache_dir: str | os.PathLike | None, local_files_only: bool,
+) -> str:  # fmt: skip
+    if not looks_like_repo_id(repo_id):
+        raise FileNotFoundError(
+            f"{repo_id} is not a directory holding a RepL checkpoint ({CONFIG_NAME}, {WEIGHTS_NAME}) nor a Hub id."
+        )
+    try:
+        folder = download_checkpoint(
+            repo_id, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+    except HubDownloadError as error:
+        raise HubDownloadError(f"{repo_id} is no local directory; as a Hub repo: {error}", error.status_code) from None
+    directory = os.path.join(folder, subfolder) if subfolder else folder
+    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        raise FileNotFoundError(
+            f"Hub repo {repo_id}{f' (subfolder {subfolder})' if subfolder else ''} has no {CONFIG_NAME}: it is not a "
+            "RepL checkpoint. A merged model loads with transformers.AutoModelForImageClassification.from_pretrained."
+        )
+    return directory
+
+
+def build_base_model(directory: str) -> nn.Module:
+    """The base model a RepL checkpoint's base config describes, its weights left uninitialised."""
+    config_path = os.path.join(directory, BASE_CONFIG_NAME)
+    if not os.path.isfile(config_path):  # checkpoints written before base_config.json held it in config.json
+        config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{os.path.join(directory, BASE_CONFIG_NAME)} is missing: pass model=<a fresh instance of the base "
+            "architecture> to ReplacementModel.from_pretrained for a model that is not a Transformers model."
+        )
+    try:
+        with open(config_path, encoding="utf-8") as stream:
+            data = json.load(stream)
+        config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{config_path} is not a readable Transformers config ({first_line[:200]}).") from None
+    architectures = getattr(config, "architectures", None) or []
+    # Only a model class is built: an arbitrary transformers attribute (AutoModel, pipeline) is never called.
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
+        raise ValueError(
+            f"{config_path} names no Transformers model class in 'architectures' ({architectures}); "
+            "it should name the base model's class, e.g. ['ViTForImageClassification']."
+        )
+    with no_init_weights():  # every weight is loaded from the checkpoint just after
+        model = model_class(config)
+    model.tie_weights()  # as from_pretrained does: tied copies were saved once
+    return model
+
+
+def without_tied_copies(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The state dict with each tied tensor (sharing another's memory, e.g. GPT-2's `lm_head.weight`)
+    kept once, under its first name, as Transformers saves it; and the names left out."""
+    first_names: dict[tuple, str] = {}
+    kept, tied = {}, set()
+    for key, tensor in state_dict.items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
+        if tensor.numel() and identity in first_names:
+            tied.add(key)
+            continue
+        first_names[identity] = key
+        kept[key] = tensor
+    return kept, tied
+
+
+def load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str) -> None:
+    # A freshly built model ties its weights itself: the tied copies are left out on both sides.
+    expected, tied = without_tied_copies(model.state_dict())
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            f"{path} does not match the model built from its configs: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}. Was it saved from another model "
+            "or replacement config?"
+        )
+    result = model.load_state_dict(state_dict, strict=False)
+    assert set(result.missing_keys) == tied and not result.unexpected_keys, result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import os
 from typing import Any
@@ -14,14 +15,19 @@ from torch import nn
 from .blocks import find_blocks
 from .checkpoint import WEIGHTS_NAME, load_weights, remove_other_weight_files, weight_files, write_checkpoint
 from .config import CONFIG_NAME, ReplacementConfig
-from .hub import (
-    CardFacts,
-    HubDownloadError,
-    download_checkpoint,
-    looks_like_repo_id,
-    push_to_hub,
-)
+from .hub import CardFacts, push_to_hub
 from .layer import ReplacementCoefficients, apply_plan, is_replaced, materialize
+from .loading import (
+    BASE_CONFIG_NAME,
+    GUARD_MODEL_TYPE,
+    build_base_model,
+    download_replacement_checkpoint,
+    load_exact,
+    refuse_unsupported_keywords,
+    resolve_dtype,
+    single_device,
+    without_tied_copies,
+)
 from .selection import select_blocks
 from .synthesis import synthesize
 from .utils import count_parameters
@@ -173,7 +179,8 @@ class ReplacementModel(nn.Module):
         push_to_hub: bool = False,
         **push_kwargs: Any,
     ) -> None:
-        """Write `replacement_config.json`, the base `config.json` and the compact weights.
+        """Write `replacement_config.json`, the base config (`base_config.json`, with a guard `config.json`
+        that stops Transformers' own loaders) and the compact weights.
 
         The weights are `model.safetensors`, or with `max_shard_size` (e.g. "2GB") shards and
         `model.safetensors.index.json`, as Transformers writes them. All files are written to temporary
@@ -196,8 +203,9 @@ class ReplacementModel(nn.Module):
             if self.config is not None and hasattr(self.config, "to_json_string"):
                 config = copy.deepcopy(self.config)  # the architecture to rebuild, without touching the live config
                 config.architectures = [type(self.base_model).__name__]
-                files["config.json"] = config.to_json_string()
-            weights = _without_tied_copies(self.state_dict() if state_dict is None else state_dict)[0]
+                files[BASE_CONFIG_NAME] = config.to_json_string()
+                files["config.json"] = _GUARD_CONFIG
+            weights = without_tied_copies(self.state_dict() if state_dict is None else state_dict)[0]
             files.update(weight_files(weights, max_shard_size))
             write_checkpoint(save_directory, files)
             remove_other_weight_files(save_directory, files)
@@ -270,32 +278,34 @@ class ReplacementModel(nn.Module):
         """Load a RepL checkpoint written by `save_pretrained`, from a directory or a Hub repo id.
 
         `model` is a fresh instance of the base architecture; when omitted it is built from the
-        checkpoint's `config.json` (a Transformers model). A `pretrained_path` that is no local
+        checkpoint's `base_config.json` (a Transformers model). A `pretrained_path` that is no local
         directory but looks like "user/repo" is downloaded (JSON, safetensors and the card only) at
         `revision`, with `token`, into `cache_dir` (or only from the cache: `local_files_only`).
         `subfolder`: the checkpoint's folder inside the directory or repo. `dtype` (`torch_dtype`,
         its older name): the base model's dtype, "auto" for the config's; the coefficients stay fp32.
         `device_map`: one device for the whole model. Other keywords are refused.
         """
-        _refuse_unsupported(unsupported)
-        dtype = _resolve_dtype(dtype, torch_dtype)
-        device = _single_device(device_map)
+        refuse_unsupported_keywords(unsupported)
+        dtype = resolve_dtype(dtype, torch_dtype)
+        device = single_device(device_map)
         directory = os.path.join(os.fspath(pretrained_path), subfolder) if subfolder else os.fspath(pretrained_path)
         if not os.path.isdir(directory) and not os.path.isdir(os.fspath(pretrained_path)):
-            directory = _download(os.fspath(pretrained_path), subfolder, revision, token, cache_dir, local_files_only)
+            directory = download_replacement_checkpoint(
+                os.fspath(pretrained_path), subfolder, revision, token, cache_dir, local_files_only
+            )
         if not os.path.isdir(directory):
             raise FileNotFoundError(
                 f"{directory} is not a directory holding a RepL checkpoint ({CONFIG_NAME}, {WEIGHTS_NAME})."
             )
         replacement_config = ReplacementConfig.from_json_file(os.path.join(directory, CONFIG_NAME))
         if model is None:
-            model = _build_base_model(directory)
+            model = build_base_model(directory)
         state_dict = load_weights(directory)
         # A checkpoint saved before a deferred replacement (`replacement_start_step`) has no
         # coefficients yet: it loads as a model whose replacement is still deferred.
         deferred = not any(key.startswith("replacement_coefficients.") for key in state_dict)
         replacement_model = cls(model, replacement_config, defer_replacement=deferred)
-        _load_exact(replacement_model, state_dict, directory)
+        load_exact(replacement_model, state_dict, directory)
         if dtype == "auto":
             dtype = getattr(getattr(model, "config", None), "dtype", None) or torch.float32
         if dtype is not None or device is not None:
@@ -303,148 +313,8 @@ class ReplacementModel(nn.Module):
         return replacement_model.eval()  # like Transformers' from_pretrained; call .train() to train
 
 
-# The Transformers `from_pretrained` keywords that cannot apply to a saved RepL checkpoint, and why.
-_REFUSED_KEYWORDS = {
-    "use_safetensors": "only safetensors are ever loaded",
-    "ignore_mismatched_sizes": "a RepL checkpoint's weights must fit its saved config exactly",
-    "trust_remote_code": "no code is loaded from a checkpoint",
-    "quantization_config": "quantizing a RepL model is not supported; merge it first",
-}
-
-
-def _refuse_unsupported(keywords: dict[str, Any]) -> None:
-    if not keywords:
-        return
-    reasons = [f"{name} ({_REFUSED_KEYWORDS[name]})" for name in sorted(keywords) if name in _REFUSED_KEYWORDS]
-    others = [name for name in sorted(keywords) if name not in _REFUSED_KEYWORDS]
-    detail = "; ".join(
-        reasons
-        + (
-            [
-                f"{', '.join(others)}: unknown, or a config override (a RepL checkpoint loads "
-                "with the config it was saved with; merge it and load the merged model with "
-                "Transformers to change its config)"
-            ]
-            if others
-            else []
-        )
-    )
-    raise TypeError(
-        f"ReplacementModel.from_pretrained does not take {detail}. It takes model, revision, token, cache_dir, "
-        "local_files_only, subfolder, dtype (torch_dtype) and device_map."
-    )
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | str | None:
-    if dtype is not None and torch_dtype is not None:
-        raise TypeError("give dtype or torch_dtype (its older name), not both.")
-    dtype = dtype if dtype is not None else torch_dtype
-    if isinstance(dtype, str) and dtype != "auto":
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-            raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype (e.g. 'bfloat16') or 'auto'.")
-        return resolved
-    return dtype
-
-
-def _single_device(device_map: str | int | torch.device | dict[str, Any] | None) -> torch.device | None:
-    """A RepL block reads its neighbours' weights: the model lives on one device."""
-    if isinstance(device_map, dict) and set(device_map) == {""}:
-        device_map = device_map[""]
-    if device_map is None:
-        return None
-    if isinstance(device_map, (int, torch.device)) or (
-        isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential")
-    ):
-        return torch.device(device_map)
-    raise ValueError(
-        f"device_map={device_map!r} would split the model across devices, but a replaced block reads its "
-        "neighbours' weights on every forward: give one device (e.g. device_map='cuda:0')."
-    )
-
-
-def _download(
-    repo_id: str, subfolder: str, revision: str | None, token: str | bool | None,
-    cache_dir: str | os.PathLike | None, local_files_only: bool,
-) -> str:  # fmt: skip
-    if not looks_like_repo_id(repo_id):
-        raise FileNotFoundError(
-            f"{repo_id} is not a directory holding a RepL checkpoint ({CONFIG_NAME}, {WEIGHTS_NAME}) nor a Hub id."
-        )
-    try:
-        folder = download_checkpoint(
-            repo_id, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
-        )
-    except HubDownloadError as error:
-        raise HubDownloadError(f"{repo_id} is no local directory; as a Hub repo: {error}", error.status_code) from None
-    directory = os.path.join(folder, subfolder) if subfolder else folder
-    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-        raise FileNotFoundError(
-            f"Hub repo {repo_id}{f' (subfolder {subfolder})' if subfolder else ''} has no {CONFIG_NAME}: it is not a "
-            "RepL checkpoint. A merged model loads with transformers.AutoModelForImageClassification.from_pretrained."
-        )
-    return directory
-
-
-def _build_base_model(directory: str) -> nn.Module:
-    import transformers
-
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(
-            f"{config_path} is missing: pass model=<a fresh instance of the base architecture> "
-            "to ReplacementModel.from_pretrained for a model that is not a Transformers model."
-        )
-    try:
-        config = transformers.AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"{config_path} is not a readable Transformers config ({first_line[:200]}).") from None
-    architectures = getattr(config, "architectures", None) or []
-    # Only a model class is built: an arbitrary transformers attribute (AutoModel, pipeline) is never called.
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
-        raise ValueError(
-            f"{config_path} names no Transformers model class in 'architectures' ({architectures}); "
-            "it should name the base model's class, e.g. ['ViTForImageClassification']."
-        )
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():  # every weight is loaded from the checkpoint just after
-        model = model_class(config)
-    model.tie_weights()  # as from_pretrained does: tied copies were saved once
-    return model
-
-
-def _without_tied_copies(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """The state dict with each tied tensor (sharing another's memory, e.g. GPT-2's `lm_head.weight`)
-    kept once, under its first name, as Transformers saves it; and the names left out."""
-    first_names: dict[tuple, str] = {}
-    kept, tied = {}, set()
-    for key, tensor in state_dict.items():
-        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
-        if tensor.numel() and identity in first_names:
-            tied.add(key)
-            continue
-        first_names[identity] = key
-        kept[key] = tensor
-    return kept, tied
-
-
-def _load_exact(model: ReplacementModel, state_dict: dict[str, torch.Tensor], path: str) -> None:
-    # A freshly built model ties its weights itself: the tied copies are left out on both sides.
-    expected, tied = _without_tied_copies(model.state_dict())
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
-    if missing or unexpected or wrong_shape:
-        raise ValueError(
-            f"{path} does not match the model built from its configs: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}. Was it saved from another model "
-            "or replacement config?"
-        )
-    result = model.load_state_dict(state_dict, strict=False)
-    assert set(result.missing_keys) == tied and not result.unexpected_keys, result
+# See loading.GUARD_MODEL_TYPE: Transformers reads `model_type` first and names it in its error.
+_GUARD_CONFIG = json.dumps({"model_type": GUARD_MODEL_TYPE, "architectures": ["ReplacementModel"]}, indent=2) + "\n"
 
 
 def coefficient_logs(model: nn.Module) -> dict[str, float]:

@@ -284,11 +284,19 @@ def test_a_failed_hub_push_is_one_line_and_keeps_the_saved_model(tmp_path, capsy
     assert ReplacementModel.from_pretrained(tmp_path).replaced_blocks == {3: "vit.layers.3"}
 
 
+def test_training_from_a_repl_checkpoint_names_merge(trained_and_merged, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *TINY[2:], "--model", str(trained_and_merged / "repl"), "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "is a RepL checkpoint: write it as a plain Transformers model with `hf-replacement merge" in error
+
+
 def test_evaluate_refuses_a_repl_checkpoint_without_its_config(trained_and_merged, tmp_path, capsys):
     damaged = tmp_path / "repl"
     shutil.copytree(trained_and_merged / "repl", damaged)
     (damaged / "replacement_config.json").unlink()
-    assert "holds the weights of a RepL checkpoint" in _evaluate_error(damaged, capsys)
+    assert "holds a RepL checkpoint but no replacement_config.json" in _evaluate_error(damaged, capsys)
 
 
 def test_evaluate_refuses_a_model_with_missing_weights(trained_and_merged, tmp_path, capsys):

@@ -212,9 +212,9 @@ def test_missing_base_config_for_custom_model(tmp_path):
 @pytest.mark.parametrize("architecture", ["NoSuchModel", "AutoModel", "pipeline", "ViTConfig"])
 def test_architectures_must_name_a_model_class(saved, architecture):
     """Only a model class is built: `AutoModel(config)` or `pipeline(config)` are never called."""
-    data = json.loads((saved / "config.json").read_text())
+    data = json.loads((saved / "base_config.json").read_text())
     data["architectures"] = [architecture]
-    (saved / "config.json").write_text(json.dumps(data))
+    (saved / "base_config.json").write_text(json.dumps(data))
     with pytest.raises(
         ValueError, match=f"names no Transformers model class in 'architectures' \\(\\['{architecture}'\\]\\)"
     ):
@@ -222,7 +222,7 @@ def test_architectures_must_name_a_model_class(saved, architecture):
 
 
 def test_garbage_base_config(saved):
-    (saved / "config.json").write_bytes(b"\x00\xff not json")
+    (saved / "base_config.json").write_bytes(b"\x00\xff not json")
     with pytest.raises(ValueError, match="config.json is not a readable Transformers config"):
         ReplacementModel.from_pretrained(saved)
 
@@ -279,3 +279,29 @@ def test_save_pretrained_refuses_pickle_and_unknown_keywords(tmp_path):
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['tpyo'\]"):
         model.save_pretrained(tmp_path, tpyo=1)
     assert not list(tmp_path.iterdir())
+
+
+def test_transformers_loaders_refuse_a_repl_checkpoint_naming_ours(saved):
+    """A RepL checkpoint's config.json is a guard: never a randomly initialised model from the base config."""
+    from transformers import AutoConfig, AutoModelForImageClassification, pipeline
+
+    for load in (
+        lambda: AutoModelForImageClassification.from_pretrained(saved),
+        lambda: AutoConfig.from_pretrained(saved),
+        lambda: pipeline("image-classification", model=str(saved)),
+    ):
+        with pytest.raises(ValueError, match="load it with hf_replacement.ReplacementModel.from_pretrained"):
+            load()
+    assert ReplacementModel.from_pretrained(saved).replaced_blocks == {3: "vit.layers.3"}
+
+
+def test_checkpoints_of_the_earlier_format_still_load(saved):
+    """Before base_config.json, config.json held the base config itself."""
+    model = ReplacementModel.from_pretrained(saved)
+    (saved / "config.json").unlink()
+    (saved / "base_config.json").rename(saved / "config.json")
+    earlier = ReplacementModel.from_pretrained(saved)
+    x = tiny_models.inputs()
+    torch.testing.assert_close(
+        tiny_models.logits(earlier(pixel_values=x)), tiny_models.logits(model(pixel_values=x)), rtol=0, atol=0
+    )
