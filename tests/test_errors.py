@@ -305,3 +305,23 @@ def test_checkpoints_of_the_earlier_format_still_load(saved):
     torch.testing.assert_close(
         tiny_models.logits(earlier(pixel_values=x)), tiny_models.logits(model(pixel_values=x)), rtol=0, atol=0
     )
+
+
+def test_pipeline_on_the_base_model_of_a_repl_model(caplog):
+    """`model.base_model` is the Transformers class (its replaced blocks still synthesize): the pipeline takes it."""
+    from PIL import Image
+    from transformers import ViTImageProcessorPil, pipeline
+
+    model = get_replacement_model(tiny_models.build("vit")).eval()
+    size = model.config.image_size
+    processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image = Image.fromarray((torch.rand(size, size, 3) * 255).to(torch.uint8).numpy())
+    with caplog.at_level("ERROR"):
+        classify = pipeline("image-classification", model=model.base_model, image_processor=processor, top_k=1)
+        (prediction,) = classify(image)
+    assert "is not supported for image-classification" not in caplog.text
+    pixels = processor(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        probabilities = model(pixel_values=pixels).logits.softmax(-1)[0]
+    assert prediction["label"] == model.config.id2label[int(probabilities.argmax())]
+    assert prediction["score"] == pytest.approx(float(probabilities.max()), abs=1e-6)
