@@ -57,6 +57,12 @@ class ReplacementModel(nn.Module):
                 "build one with ReplacementConfig(**options) (or ReplacementConfig.from_dict(data))."
             )
         replacement_config.validate()  # fields may have been changed since the config was built
+        if any(type(module).__module__.startswith("peft.") for module in base_model.modules()):
+            raise ValueError(
+                "This model holds PEFT modules (a PeftModel or LoRA layers): replacing its blocks would silently drop "
+                "the replaced blocks' base and adapter weights. Apply RepL to the plain model; combining it with "
+                "PEFT adapters is not supported yet."
+            )
         if isinstance(base_model, ReplacementModel) or any(is_replaced(m) for m in base_model.modules()):
             raise ValueError("This model already has replaced blocks; call get_replacement_model on a plain model.")
         blocks = find_blocks(base_model, replacement_config.block_path)

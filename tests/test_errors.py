@@ -325,3 +325,13 @@ def test_pipeline_on_the_base_model_of_a_repl_model(caplog):
         probabilities = model(pixel_values=pixels).logits.softmax(-1)[0]
     assert prediction["label"] == model.config.id2label[int(probabilities.argmax())]
     assert prediction["score"] == pytest.approx(float(probabilities.max()), abs=1e-6)
+
+
+def test_repl_on_a_peft_model_is_a_clear_error():
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_models.build("vit"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="holds PEFT modules .* would silently drop"):
+        get_replacement_model(peft_model, ReplacementConfig(block_path=tiny_models.block_path("vit")))
+    with pytest.raises(ValueError, match="holds PEFT modules"):
+        get_replacement_model(peft_model.base_model.model, ReplacementConfig(block_path=tiny_models.block_path("vit")))
