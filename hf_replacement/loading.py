@@ -118,25 +118,19 @@ _REFUSED_KEYWORDS = {
 
 
 def refuse_unsupported_keywords(keywords: dict[str, Any]) -> None:
+    """Raise a `TypeError` naming every keyword of `keywords` and why it cannot be honoured."""
     if not keywords:
         return
     reasons = [f"{name} ({_REFUSED_KEYWORDS[name]})" for name in sorted(keywords) if name in _REFUSED_KEYWORDS]
     others = [name for name in sorted(keywords) if name not in _REFUSED_KEYWORDS]
-    detail = "; ".join(
-        reasons
-        + (
-            [
-                f"{', '.join(others)}: unknown, or a config override (a RepL checkpoint loads "
-                "with the config it was saved with; merge it and load the merged model with "
-                "Transformers to change its config)"
-            ]
-            if others
-            else []
+    if others:
+        reasons.append(
+            f"{', '.join(others)}: unknown, or a config override (a RepL checkpoint loads with the config it was "
+            "saved with; merge it and load the merged model with Transformers to change its config)"
         )
-    )
     raise TypeError(
-        f"ReplacementModel.from_pretrained does not take {detail}. It takes model, revision, token, cache_dir, "
-        "local_files_only, subfolder, dtype (torch_dtype) and device_map."
+        f"ReplacementModel.from_pretrained does not take {'; '.join(reasons)}. It takes model, revision, token, "
+        "cache_dir, local_files_only, subfolder, dtype (torch_dtype) and device_map."
     )
 
 

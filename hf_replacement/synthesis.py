@@ -142,8 +142,9 @@ def register_synthesis_hook(hook: Callable[[nn.Module], None]) -> RemovableHandl
 def synthesize(module: nn.Module) -> list[torch.Tensor]:
     """The replaced block `module`'s parameter tensors, `a·p(prev) + b·p(next)`, in `state.tensors`
     order, with autograd into the coefficients and (unless detached) both neighbours."""
-    for hook in tuple(_SYNTHESIS_HOOKS.values()):
-        hook(module)
+    if _SYNTHESIS_HOOKS:  # every forward of a replaced block comes here: nothing to do without hooks
+        for hook in tuple(_SYNTHESIS_HOOKS.values()):
+            hook(module)
     state: ReplacementState = module._replacement
     coefficients = state.coefficients._parameters[str(state.index)]
     sources = [owner._parameters[attr] for owner, attr in state.neighbours]

@@ -22,11 +22,10 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import WEIGHTS_NAME, staged_directory, write_checkpoint
+from .checkpoint import load_weights, staged_directory, write_checkpoint
 from .config import ReplacementConfig
 from .data import (
     collate_fn,
@@ -166,7 +165,7 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     step, start_epoch, skip_batches = 0, 0, 0
     if options.resume_from:
         check_resumable(options.resume_from, _run_identity(options))
-        accelerator.unwrap_model(model).load_state_dict(load_file(os.path.join(options.resume_from, WEIGHTS_NAME)))
+        accelerator.unwrap_model(model).load_state_dict(load_weights(options.resume_from))
         progress = load_training_state(options.resume_from, optimizer.optimizer, scheduler.scheduler)
         step, start_epoch, skip_batches = progress["step"], progress["epoch"], progress["batch_in_epoch"]
         logger.info(
@@ -193,11 +192,12 @@ def train(options: TrainingOptions) -> dict[str, Any]:
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = train_step(model, optimizer, batch, scheduler=scheduler, backward=accelerator.backward)
-            # Every process must see a divergence on any one, or the others would wait in the next collective.
-            check_finite(accelerator.reduce(loss, reduction="sum") if accelerator.num_processes > 1 else loss, step + 1)
             batch_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
+            # Once per update (a device sync); every process must see a divergence on any one, or the others
+            # would wait in the next collective.
+            check_finite(accelerator.reduce(loss, reduction="sum") if accelerator.num_processes > 1 else loss, step + 1)
             step += 1
             step_times.append(time.perf_counter() - started)
             progress_bar.update(1)

@@ -416,3 +416,15 @@ def test_simulated_two_node_run(tmp_path):
     ]
     _launch(commands, tmp_path)
     _compare_with_single_process(tmp_path, tmp_path / "nodes")
+
+
+def test_divergence_stops_every_process_of_a_distributed_run(tmp_path):
+    """Both processes see the non-finite loss (reduced across them) and exit with the error: none waits forever."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "-m", "hf_replacement.cli", "train", *TINY, "--batch-size", "16",
+               "--epochs", "4", "--lr", "1e12", "--output-dir", str(tmp_path / "ddp")]  # fmt: skip
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    process = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert process.returncode != 0
+    assert process.stdout.count("the run diverged") + process.stderr.count("the run diverged") == 2
+    assert not (tmp_path / "ddp" / "model.safetensors").exists()
