@@ -4,6 +4,7 @@ from .blocks import Block, BlockDiscoveryError, find_blocks
 from .config import CONFIG_NAME, ReplacementConfig, ReplacementConfigError
 from .fusion import FusionError
 from .model import ReplacementModel, get_replacement_model
+from .peft_support import merge_peft_and_replacement, prepare_peft_config
 from .trainer import ReplacementCallback, ReplacementTrainer
 
 __version__ = "0.1.0"
@@ -20,5 +21,7 @@ __all__ = [
     "ReplacementTrainer",
     "find_blocks",
     "get_replacement_model",
+    "merge_peft_and_replacement",
+    "prepare_peft_config",
     "__version__",
 ]

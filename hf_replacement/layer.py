@@ -40,6 +40,12 @@ class ReplacementCoefficients(nn.Module):
 
         return super()._apply(keep_fp32, recurse)
 
+    def forward(self) -> ReplacementCoefficients:
+        """The module holding the coefficients in use: this one. A module put in its place forwards the
+        call to the module in use: PEFT's `ModulesToSaveWrapper` (`modules_to_save`) to its active copy,
+        or to this original while adapters are disabled. The replaced blocks read their coefficients so."""
+        return self
+
 
 def apply_plan(plan: BlockPlan, coefficients: ReplacementCoefficients, config: ReplacementConfig) -> None:
     """Free the block's parameters and make it synthesize them from its neighbours."""
@@ -69,6 +75,7 @@ def apply_plan(plan: BlockPlan, coefficients: ReplacementCoefficients, config: R
         shapes.append((width,) + (1,) * (len(tensor.shape) - 1) if per_channel else ())
     for tensor in tensors:
         del tensor.owner._parameters[tensor.attr]
+        _explain_freed_parameter(tensor.owner, tensor.attr, plan, f"{plan.block.name}.{tensor.name}")
     module._replacement = ReplacementState(
         plan=plan,
         granularity=config.coefficient_granularity,
@@ -80,7 +87,7 @@ def apply_plan(plan: BlockPlan, coefficients: ReplacementCoefficients, config: R
         detach_neighbors=config.detach_neighbors,
         recompute=config.recompute_replaced,
     )
-    module.__class__ = _replaced_class(type(module))
+    module.__class__ = _swapped_class(ReplacedBlockMixin, type(module))
 
 
 def _register_tables(
@@ -98,7 +105,43 @@ def _register_tables(
     return tuple(positions)
 
 
-class ReplacedBlockMixin:
+class FreedParametersMixin:
+    """Mixed in front of the class of a module whose parameters a replacement freed: reading one
+    outside a forward raises an `AttributeError` that says why and what to read instead."""
+
+    _freed_parameters: dict[str, str]  # attribute -> the error message
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            message = self.__dict__.get("_freed_parameters", {}).get(name)
+            if message is None:
+                raise
+            raise AttributeError(message) from None
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # The class is made at run time (`_swapped_class`) and pickle cannot find it by name: pickle the
+        # module's own class instead, and make the swapped class again on load (copy.deepcopy too).
+        reduced = super().__reduce_ex__(protocol)
+        return (_new_swapped_module, type(self).__bases__, *reduced[2:])
+
+
+def _explain_freed_parameter(owner: nn.Module, attr: str, plan: BlockPlan, full_name: str) -> None:
+    index = plan.block.index
+    message = (
+        f"{full_name} does not exist between forwards: block {index} ({plan.block.name}) is replaced, its weights "
+        f"are synthesized from blocks {plan.previous.index} and {plan.next.index} inside each forward "
+        f"(ReplacementModel.synthesized_weights({index}) gives them). To add PEFT adapters to a RepL model, build "
+        "the adapter config with hf_replacement.prepare_peft_config(model, config): it leaves the replaced blocks "
+        "out and trains the coefficients with the adapter."
+    )
+    if owner is not plan.block.module and not isinstance(owner, FreedParametersMixin):  # the block is swapped below
+        owner.__class__ = _swapped_class(FreedParametersMixin, type(owner))
+    owner.__dict__.setdefault("_freed_parameters", {})[attr] = message
+
+
+class ReplacedBlockMixin(FreedParametersMixin):
     """Mixed in front of a block's own class: synthesize the weights, run the block, drop them."""
 
     _replacement: ReplacementState
@@ -111,12 +154,6 @@ class ReplacedBlockMixin:
     def _forward_with_synthesized_weights(self, *args, **kwargs):
         with _synthesized_weights_attached(self):
             return super().forward(*args, **kwargs)
-
-    def __reduce_ex__(self, protocol: int) -> tuple:
-        # The class is made at run time (`_replaced_class`) and pickle cannot find it by name: pickle the
-        # block's own class instead, and make the replaced class again on load (copy.deepcopy too).
-        reduced = super().__reduce_ex__(protocol)
-        return (_new_replaced_block, (type(self).__bases__[1],), *reduced[2:])
 
     def extra_repr(self) -> str:
         state = self._replacement
@@ -143,21 +180,21 @@ def _synthesized_weights_attached(module: nn.Module) -> Iterator[None]:
             del tensor.owner.__dict__[tensor.attr]
 
 
-_REPLACED_CLASSES: dict[type, type] = {}
+_SWAPPED_CLASSES: dict[tuple[type, type], type] = {}
+_SWAPPED_NAME_PREFIXES = {ReplacedBlockMixin: "Replaced", FreedParametersMixin: "Synthesized"}
 
 
-def _replaced_class(cls: type) -> type:
-    if cls not in _REPLACED_CLASSES:
-        _REPLACED_CLASSES[cls] = type(
-            f"Replaced{cls.__name__}", (ReplacedBlockMixin, cls), {"__module__": cls.__module__}
-        )
-    return _REPLACED_CLASSES[cls]
+def _swapped_class(mixin: type, cls: type) -> type:
+    if (mixin, cls) not in _SWAPPED_CLASSES:
+        name = f"{_SWAPPED_NAME_PREFIXES[mixin]}{cls.__name__}"
+        _SWAPPED_CLASSES[mixin, cls] = type(name, (mixin, cls), {"__module__": cls.__module__})
+    return _SWAPPED_CLASSES[mixin, cls]
 
 
-def _new_replaced_block(block_class: type) -> nn.Module:
-    """An empty replaced block of `block_class`, its state set by pickle afterwards."""
-    replaced = _replaced_class(block_class)
-    return replaced.__new__(replaced)
+def _new_swapped_module(mixin: type, cls: type) -> nn.Module:
+    """An empty module of `cls` with `mixin` in front, its state set by pickle afterwards."""
+    swapped = _swapped_class(mixin, cls)
+    return swapped.__new__(swapped)
 
 
 def is_replaced(module: nn.Module) -> bool:
@@ -172,6 +209,10 @@ def materialize(module: nn.Module) -> None:
         tensor.owner.register_parameter(
             tensor.attr, nn.Parameter(value.detach().clone(), requires_grad=tensor.requires_grad)
         )
+    for owner in {id(tensor.owner): tensor.owner for tensor in state.tensors}.values():
+        del owner.__dict__["_freed_parameters"]
+        if owner is not module:
+            owner.__class__ = type(owner).__bases__[1]
     for name in [b for b in module._buffers if b.startswith(RESAMPLE_BUFFER_PREFIX)]:
         del module._buffers[name]
     module.__class__ = type(module).__bases__[1]

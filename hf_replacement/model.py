@@ -57,12 +57,7 @@ class ReplacementModel(nn.Module):
                 "build one with ReplacementConfig(**options) (or ReplacementConfig.from_dict(data))."
             )
         replacement_config.validate()  # fields may have been changed since the config was built
-        if any(type(module).__module__.startswith("peft.") for module in base_model.modules()):
-            raise ValueError(
-                "This model holds PEFT modules (a PeftModel or LoRA layers): replacing its blocks would silently drop "
-                "the replaced blocks' base and adapter weights. Apply RepL to the plain model; combining it with "
-                "PEFT adapters is not supported yet."
-            )
+        _refuse_peft_modules(base_model)
         if isinstance(base_model, ReplacementModel) or any(is_replaced(m) for m in base_model.modules()):
             raise ValueError("This model already has replaced blocks; call get_replacement_model on a plain model.")
         blocks = find_blocks(base_model, replacement_config.block_path)
@@ -96,10 +91,20 @@ class ReplacementModel(nn.Module):
         """
         if self.replaced_blocks:
             raise ValueError(f"Blocks {sorted(self.replaced_blocks)} are already replaced.")
+        _refuse_peft_modules(self)
         # Planned again here, not at construction: the model may have moved device or dtype since.
         for plan in select_blocks(self._blocks, self.replacement_config):
             apply_plan(plan, self.replacement_coefficients, self.replacement_config)
         return self.replaced_blocks
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "replacement_coefficients" and "_blocks" in self.__dict__:
+            # PEFT's modules_to_save puts a wrapper holding a trainable copy here (and the copy on unload):
+            # the replaced blocks read their coefficients through whatever module holds this name.
+            for block in self._blocks:
+                if is_replaced(block.module):
+                    block.module._replacement.coefficients = value
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -127,7 +132,7 @@ class ReplacementModel(nn.Module):
         """Block name -> {"a": ..., "b": ...}; scalars for "block" granularity, else one entry per column."""
         names = self.replaced_blocks
         result = {}
-        for key, parameter in self.replacement_coefficients.named_parameters():
+        for key, parameter in self.replacement_coefficients().named_parameters():
             a, b = parameter.detach().clone()
             if self.replacement_config.coefficient_granularity == "block":
                 a, b = a[0], b[0]
@@ -169,10 +174,10 @@ class ReplacementModel(nn.Module):
         for block in self._blocks:
             if is_replaced(block.module):
                 materialize(block.module)
-        base_model = self.base_model
-        for key in list(self.replacement_coefficients._parameters):
-            del self.replacement_coefficients._parameters[key]
-        return base_model
+        for module in self.replacement_coefficients.modules():  # also the copies a PEFT wrapper holds
+            if isinstance(module, ReplacementCoefficients):
+                module._parameters.clear()
+        return self.base_model
 
     def save_pretrained(
         self,
@@ -203,6 +208,12 @@ class ReplacementModel(nn.Module):
             raise TypeError(
                 f"save_pretrained got unexpected keyword arguments {sorted(push_kwargs)}; it takes state_dict, "
                 "max_shard_size, push_to_hub and, with push_to_hub=True, push_to_hub's keywords."
+            )
+        if _holds_peft_modules(self):
+            raise ValueError(
+                "This RepL model holds PEFT adapters: save the adapter with peft_model.save_pretrained(dir) (the RepL "
+                "checkpoint saved before get_peft_model is its base), or merge both first: "
+                "hf_replacement.merge_peft_and_replacement(peft_model).save_pretrained(dir)."
             )
         if is_main_process:
             files: dict[str, Any] = {CONFIG_NAME: self.replacement_config.to_json_string()}
@@ -331,11 +342,24 @@ def coefficient_logs(model: nn.Module) -> dict[str, float]:
     if not isinstance(model, ReplacementModel):
         return {}
     logs = {}
-    for index, parameter in model.replacement_coefficients.named_parameters():
+    for index, parameter in model.replacement_coefficients().named_parameters():
         a, b = parameter.detach().float().mean(dim=1).tolist()
         logs[f"{LOG_PREFIX}a/block_{index}"] = a
         logs[f"{LOG_PREFIX}b/block_{index}"] = b
     return logs
+
+
+def _holds_peft_modules(model: nn.Module) -> bool:
+    return any(type(module).__module__.startswith("peft.") for module in model.modules())
+
+
+def _refuse_peft_modules(model: nn.Module) -> None:
+    if _holds_peft_modules(model):
+        raise ValueError(
+            "This model holds PEFT modules (a PeftModel or LoRA layers): replacing its blocks would silently drop "
+            "the replaced blocks' base and adapter weights. Apply RepL to the plain model first, then PEFT on top: "
+            "get_peft_model(repl_model, hf_replacement.prepare_peft_config(repl_model, peft_config))."
+        )
 
 
 def get_replacement_model(model: nn.Module, config: ReplacementConfig | None = None) -> ReplacementModel:

@@ -110,7 +110,9 @@ class ReplacementState:
 
     plan: BlockPlan
     granularity: str
-    coefficients: nn.Module  # `layer.ReplacementCoefficients`: parameter `str(index)`, shape (2, K)
+    # `layer.ReplacementCoefficients` (parameter `str(index)`, shape (2, K)), or a module put in its place
+    # that answers a call with the one in use (PEFT's `ModulesToSaveWrapper`); see `coefficient_rows`.
+    coefficients: nn.Module
     tensors: tuple[SynthesizedTensor, ...]
     program: Program
     # (submodule, attribute) of each term's neighbour tensor, in `program.terms` order.
@@ -122,6 +124,15 @@ class ReplacementState:
     @property
     def index(self) -> int:
         return self.plan.block.index
+
+    def coefficient_rows(self) -> torch.Tensor:
+        """This block's (2, K) coefficients, from the module holding the coefficients in use."""
+        rows = self.coefficients._parameters.get(str(self.index))
+        if rows is None:
+            # A wrapper holding copies (PEFT's modules_to_save): reading the original it wraps would
+            # silently use untrained coefficients; its call returns the active copy.
+            rows = self.coefficients()._parameters[str(self.index)]
+        return rows
 
 
 # An OrderedDict, as torch's own hook registries: RemovableHandle keeps a weak reference to it.
@@ -146,7 +157,7 @@ def synthesize(module: nn.Module) -> list[torch.Tensor]:
         for hook in tuple(_SYNTHESIS_HOOKS.values()):
             hook(module)
     state: ReplacementState = module._replacement
-    coefficients = state.coefficients._parameters[str(state.index)]
+    coefficients = state.coefficient_rows()
     sources = [owner._parameters[attr] for owner, attr in state.neighbours]
     if state.detach_neighbors:
         sources = [source.detach() for source in sources]
@@ -301,7 +312,7 @@ def reference_synthesize(module: nn.Module) -> list[torch.Tensor]:
     tensor's pair or one pair per output channel (granularity).
     """
     state: ReplacementState = module._replacement
-    rows = state.coefficients.get_parameter(str(state.index))
+    rows = state.coefficient_rows()
     plan = state.plan
     weights, column = [], 0
     with _autocast_disabled(rows.device.type):
