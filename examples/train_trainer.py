@@ -9,7 +9,8 @@ checkpoint, and leaves:
 
     <output-dir>/checkpoint-*/   Trainer checkpoints; each loads with ReplacementModel.from_pretrained
     <output-dir>/final/          the best model, a RepL checkpoint (trainer.save_model)
-    <output-dir>/merged/         the same model as a plain ViTForImageClassification
+    <output-dir>/merged/         the same model as a plain ViTForImageClassification, with its image
+                                 processor: pipeline("image-classification", model=<output-dir>/merged)
 
 `--start-step N` trains the full model for N steps first, then replaces the blocks (see
 docs/trainer.md). `--report-to tensorboard` sends the coefficient curves to TensorBoard.
@@ -26,6 +27,7 @@ from transformers import EvalPrediction, TrainingArguments, ViTForImageClassific
 from hf_replacement import ReplacementConfig, ReplacementModel, ReplacementTrainer
 from hf_replacement.data import collate_fn, load_image_dataset, prepare_dataset
 from hf_replacement.presets import build_preset_model
+from hf_replacement.processing import build_image_processor
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,10 +50,11 @@ def accuracy(prediction: EvalPrediction) -> dict[str, float]:
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
-    # The launcher's pipeline: `image` + `label` columns, transformed lazily to `pixel_values`.
-    data = prepare_dataset(load_image_dataset("digits", seed=args.seed), image_size=8, num_channels=1)
+    # The launcher's data path: `image` + `label` columns, transformed lazily to `pixel_values`; the gray
+    # digits as RGB, as pipelines give them, and the processor that reproduces the transform saved with every model.
+    data = prepare_dataset(load_image_dataset("digits", seed=args.seed), image_size=8, num_channels=3)
     train, test = data["train"], data["test"]
-    base = build_preset_model("vit-mini", num_labels=10, image_size=8, num_channels=1)
+    base = build_preset_model("vit-mini", num_labels=10, image_size=8, num_channels=3)
     # With --start-step the blocks are replaced by the trainer at that step, not now.
     model = ReplacementModel(
         base, ReplacementConfig(replace_interval=args.replace_interval), defer_replacement=args.start_step is not None
@@ -88,6 +91,7 @@ def main() -> None:
         train_dataset=train,
         eval_dataset=test,
         data_collator=collate_fn,
+        processing_class=build_image_processor(image_size=8, num_channels=3),
         compute_metrics=accuracy,
         replacement_start_step=args.start_step,
         merge_at_end=True,

@@ -136,7 +136,7 @@ def _report(results: dict, output_dir: str) -> None:
         lines = [f"trainable params: {trainable:,d} (ordinary training)"]
     lines += [
         f"median step: {results['median_step_seconds']:.4f} s; peak memory: {results['peak_memory_mb']:.0f} MB",
-        f"saved: {output_dir} (model, results.json)",
+        f"saved: {output_dir} (model, image processor, results.json)",
         f"accuracy: {results['accuracy']:.4f}",
     ]
     print("\n".join(lines))
@@ -156,7 +156,10 @@ def _merge(args: argparse.Namespace) -> int:
     from .evaluation import merge_checkpoint
 
     merge_checkpoint(args.checkpoint, args.output_dir)
-    print(f"merged model written to {args.output_dir} (loads with AutoModelForImageClassification)")
+    print(
+        f"merged model written to {args.output_dir} (loads with AutoModelForImageClassification; serves "
+        f'pipeline("image-classification", model="{args.output_dir}"))'
+    )
     return 0
 
 

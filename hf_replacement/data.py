@@ -302,7 +302,8 @@ def subsample(dataset: DatasetDict, max_train: int | None, max_test: int | None,
     return DatasetDict(result)
 
 
-def _per_channel(values: float | Sequence[float], num_channels: int, what: str) -> np.ndarray:
+def per_channel(values: float | Sequence[float], num_channels: int, what: str) -> np.ndarray:
+    """`values` (an image mean or std, named by `what` in errors) as one float32 per channel."""
     array = np.atleast_1d(np.asarray(values, dtype=np.float32))
     if len(array) == num_channels:
         return array
@@ -321,8 +322,8 @@ def image_transform(
     if num_channels not in (1, 3):
         raise DataError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels}.")
     mode = "L" if num_channels == 1 else "RGB"
-    mean_array = _per_channel(mean, num_channels, "mean").reshape(-1, 1, 1)
-    std_array = _per_channel(std, num_channels, "std").reshape(-1, 1, 1)
+    mean_array = per_channel(mean, num_channels, "mean").reshape(-1, 1, 1)
+    std_array = per_channel(std, num_channels, "std").reshape(-1, 1, 1)
     if np.any(std_array == 0):
         raise DataError(f"image std must be non-zero, got {std_array.ravel().tolist()}.")
 
@@ -337,23 +338,24 @@ def image_transform(
     return transform
 
 
+def normalisation(image_processor: Any = None) -> tuple[float | Sequence[float], float | Sequence[float]]:
+    """(mean, std) the transform normalises with: the image processor's image_mean/image_std when one is
+    given (mean 0, std 1 when its do_normalize is False), else mean 0.5 / std 0.5."""
+    if image_processor is None:
+        return 0.5, 0.5
+    if getattr(image_processor, "do_normalize", True) is False:
+        return 0.0, 1.0
+    return getattr(image_processor, "image_mean", None) or 0.5, getattr(image_processor, "image_std", None) or 0.5
+
+
 def prepare_dataset(
     dataset: DatasetDict, image_size: int, num_channels: int, image_processor: Any = None
 ) -> DatasetDict:
     """Lazily map `image` to normalised `pixel_values` (C, H, W) for every split; `label` is kept.
 
-    Normalises with the image processor's image_mean/image_std when one is given (none when its
-    do_normalize is False), else mean 0.5 / std 0.5. The input DatasetDict is left unchanged.
+    Normalises as `normalisation(image_processor)` says. The input DatasetDict is left unchanged.
     """
-    mean: float | Sequence[float] = 0.5
-    std: float | Sequence[float] = 0.5
-    if image_processor is not None:
-        if getattr(image_processor, "do_normalize", True) is False:
-            mean, std = 0.0, 1.0
-        else:
-            mean = getattr(image_processor, "image_mean", None) or mean
-            std = getattr(image_processor, "image_std", None) or std
-    transform = image_transform(image_size, num_channels, mean, std)
+    transform = image_transform(image_size, num_channels, *normalisation(image_processor))
 
     def apply(batch: dict[str, list]) -> dict[str, list]:
         return {"pixel_values": [transform(image) for image in batch["image"]], "label": batch["label"]}
@@ -379,6 +381,8 @@ __all__ = [
     "dataset_info",
     "image_transform",
     "load_image_dataset",
+    "normalisation",
+    "per_channel",
     "prepare_dataset",
     "read_idx",
     "subsample",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -13,6 +14,9 @@ from torch import nn
 from .config import CONFIG_NAME
 from .loading import load_image_classifier
 from .model import ReplacementModel
+from .processing import PROCESSOR_NAME, load_saved_image_processor, square_size
+
+logger = logging.getLogger(__name__)
 
 
 def load_checkpoint(directory: str) -> nn.Module:
@@ -34,7 +38,11 @@ def evaluate_checkpoint(
     max_eval_samples: int | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Accuracy of the checkpoint on the data set's test split (one process)."""
+    """Accuracy of the checkpoint on the data set's test split (one process).
+
+    The images are prepared as in training: at the size and with the normalisation of the image processor
+    saved with the checkpoint, else at the config's image size with mean 0.5 / std 0.5.
+    """
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
@@ -43,8 +51,10 @@ def evaluate_checkpoint(
 
     model = load_checkpoint(directory)
     config = model.config
+    image_processor = load_saved_image_processor(directory)
+    image_size = square_size(image_processor) or int(config.image_size)
     raw = subsample(load_image_dataset(dataset, data_dir=data_dir, seed=seed), None, max_eval_samples, seed=seed)
-    data = prepare_dataset(raw, int(config.image_size), int(config.num_channels))
+    data = prepare_dataset(raw, image_size, int(config.num_channels), image_processor)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, loader = accelerator.prepare(model, DataLoader(data["test"], batch_size=batch_size, collate_fn=collate_fn))
     accuracy = evaluate_loader(model, loader, accelerator)
@@ -52,7 +62,8 @@ def evaluate_checkpoint(
 
 
 def merge_checkpoint(directory: str, output_dir: str) -> None:
-    """Write a RepL checkpoint as a plain Transformers model (loads without hf_replacement)."""
+    """Write a RepL checkpoint as a plain Transformers model (loads without hf_replacement), with the
+    checkpoint's image processor (`preprocessor_config.json`, which pipelines load) when it has one."""
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise ValueError(f"{output_dir} exists and is not empty; choose a new output directory.")
     model = load_checkpoint(directory)
@@ -63,6 +74,16 @@ def merge_checkpoint(directory: str, output_dir: str) -> None:
     staging = tempfile.mkdtemp(prefix=".merge-", dir=parent)
     try:  # a failed save must not leave a half-written model under the final name
         model.merge_and_unload().save_pretrained(staging)
+        processor_file = os.path.join(directory, PROCESSOR_NAME)
+        if os.path.isfile(processor_file):
+            shutil.copyfile(processor_file, os.path.join(staging, PROCESSOR_NAME))
+        else:
+            logger.warning(
+                "%s has no %s (saved before hf-replacement wrote image processors): give pipelines an "
+                "image_processor yourself.",
+                directory,
+                PROCESSOR_NAME,
+            )
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)
         os.replace(staging, output_dir)

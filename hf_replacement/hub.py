@@ -267,6 +267,7 @@ def push_to_hub(
     tags: list[str] | None = None,
     license: str | None = None,
     create_pr: bool = False,
+    image_processor: Any = None,
 ) -> str:
     """Push `model` and its model card to the Hub repo `repo_id` (created if needed); return the commit URL
     (with `create_pr=True`, the URL of the pull request the commit opens instead).
@@ -275,12 +276,18 @@ def push_to_hub(
     `model.safetensors`), or with `merged=True` the plain Transformers model that
     `AutoModelForImageClassification.from_pretrained` loads; `model` itself is left unchanged.
     `results` (a dict or the path of `results.json`) fills the card's results section and is
-    uploaded as `results.json`; `tags` and `license` join the card's metadata. Raises `HubPushError`
-    when the Hub cannot be reached or refuses.
+    uploaded as `results.json`; `tags` and `license` join the card's metadata. `image_processor` (one with
+    `save_pretrained`) is uploaded as `preprocessor_config.json`, which `pipeline("image-classification",
+    model=repo_id)` needs. Raises `HubPushError` when the Hub cannot be reached or refuses.
     """
     validate_repo_id(repo_id)  # a ValueError for a malformed id, before any work
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"push_to_hub needs a ReplacementModel or a Transformers model, got {type(model).__name__}.")
+    if image_processor is not None and not hasattr(image_processor, "save_pretrained"):
+        raise TypeError(
+            f"image_processor must be a Transformers image processor (with save_pretrained), got "
+            f"{type(image_processor).__name__}."
+        )
     results = _load_results(results)
     endpoint = hub_endpoint()
     api = HfApi(endpoint=endpoint, token=token)
@@ -291,6 +298,8 @@ def push_to_hub(
         card.data.tags = list(dict.fromkeys(card.data.tags + list(tags or [])))
         card.data.license = license
         _save_for_push(model, folder, merged)
+        if image_processor is not None:
+            image_processor.save_pretrained(folder)
         card.save(os.path.join(folder, "README.md"))
         if results is not None:
             with open(os.path.join(folder, "results.json"), "w", encoding="utf-8") as handle:

@@ -28,6 +28,7 @@ from .loading import (
     single_device,
     without_tied_copies,
 )
+from .pipeline_support import allow_replacement_models_in_pipelines
 from .selection import select_blocks
 from .synthesis import synthesize
 from .utils import count_parameters
@@ -74,6 +75,7 @@ class ReplacementModel(nn.Module):
                 apply_plan(plan, self.replacement_coefficients, replacement_config)
         # Trainer keeps the dataset columns named in forward's signature: show it the base model's.
         self.forward = functools.wraps(base_model.forward)(functools.partial(ReplacementModel.forward, self))
+        allow_replacement_models_in_pipelines()
 
     def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
         # `labels` is named because Trainer finds the label names in the *class*'s forward signature;
@@ -271,7 +273,8 @@ class ReplacementModel(nn.Module):
     ) -> str:
         """Push the compact RepL checkpoint (or with `merged=True` the plain merged Transformers model)
         and its model card to the Hub; return the commit URL. See `hf_replacement.hub.push_to_hub`
-        for `revision`, `results`, `base_model` and `datasets`; raises `hub.HubPushError` on failure."""
+        for `revision`, `results`, `base_model`, `datasets` and `image_processor` (uploaded with the model,
+        for pipelines); raises `hub.HubPushError` on failure."""
         return push_to_hub(
             self, repo_id, private=private, token=token, commit_message=commit_message, merged=merged, **kwargs
         )

@@ -31,6 +31,7 @@ from .data import (
     collate_fn,
     dataset_info,
     load_image_dataset,
+    normalisation,
     prepare_dataset,
     subsample,
 )
@@ -38,6 +39,7 @@ from .hub import push_to_hub
 from .loading import load_image_classifier, load_pretrained_config
 from .model import coefficient_logs, get_replacement_model
 from .presets import PRESETS, build_preset_model
+from .processing import PROCESSOR_NAME, build_image_processor
 from .steps import check_finite, evaluate_accuracy, make_optimizer, make_scheduler, train_step
 from .training_state import check_resumable, load_training_state, save_training_state
 from .utils import count_parameters
@@ -79,7 +81,7 @@ class TrainingOptions:
 def build_model(
     options: TrainingOptions, num_labels: int, id2label: dict[int, str], image_size: int, num_channels: int
 ):
-    """(model, image processor or None): a preset from scratch, or a pretrained Hub/local model."""
+    """(model, its image processor or None): a preset from scratch, or a pretrained Hub/local model."""
     if options.model in PRESETS:
         return build_preset_model(options.model, num_labels, image_size, num_channels, id2label), None
     from transformers import AutoImageProcessor
@@ -97,14 +99,25 @@ def build_model(
         label2id={v: k for k, v in id2label.items()},
         ignore_mismatched_sizes=True,
     )
-    return model, AutoImageProcessor.from_pretrained(options.model)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(options.model)
+    except OSError as error:  # no preprocessor_config.json (e.g. merged by an earlier hf-replacement)
+        logger.warning(
+            f"--model {options.model} has no image processor ({str(error).strip().splitlines()[0][:200]}): "
+            "normalising with mean 0.5 / std 0.5, what hf-replacement trained with before it saved processors.",
+            main_process_only=True,
+        )
+        image_processor = None
+    return model, image_processor
 
 
 def _image_geometry(options: TrainingOptions, model_config: Any | None, sample_image) -> tuple[int, int]:
     if model_config is not None:
         size = getattr(model_config, "image_size", None) or options.image_size
         return int(options.image_size or size), int(getattr(model_config, "num_channels", 3))
-    return int(options.image_size or max(sample_image.size)), 1 if sample_image.mode in ("L", "1", "I", "F") else 3
+    # Presets always take RGB, gray images replicated to 3 channels (as Transformers' image-classification
+    # examples do): pipelines hand a model RGB images, so only an RGB model can be served by one.
+    return int(options.image_size or max(sample_image.size)), 3
 
 
 def train(options: TrainingOptions) -> dict[str, Any]:
@@ -138,7 +151,9 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     if options.model not in PRESETS and (os.path.isdir(options.model) or "/" in options.model):
         pretrained_config = load_pretrained_config(options.model)
     image_size, num_channels = _image_geometry(options, pretrained_config, sample_image)
-    model, image_processor = build_model(options, num_labels, id2label, image_size, num_channels)
+    model, pretrained_processor = build_model(options, num_labels, id2label, image_size, num_channels)
+    # What the model is trained and evaluated on, as a processor saved next to it (pipelines load it).
+    image_processor = build_image_processor(image_size, num_channels, *normalisation(pretrained_processor))
     unreplaced_total = count_parameters(model)[1]
     if replacement_config is not None:
         model = get_replacement_model(model, replacement_config)
@@ -206,9 +221,8 @@ def train(options: TrainingOptions) -> dict[str, Any]:
                     {"train/loss": loss.item(), **coefficient_logs(accelerator.unwrap_model(model))}, step=step
                 )
             if options.checkpointing_steps and step % options.checkpointing_steps == 0:
-                _save_checkpoint(
-                    accelerator, model, optimizer, scheduler, options, step, epoch, batch_in_epoch, len(train_loader)
-                )
+                progress = (step, epoch, batch_in_epoch, len(train_loader))
+                _save_checkpoint(accelerator, model, optimizer, scheduler, image_processor, options, *progress)
             started = time.perf_counter()
             if step >= total_updates:
                 finished = True
@@ -242,11 +256,17 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     if accelerator.is_main_process:
         unwrapped.save_pretrained(options.output_dir)
         write_checkpoint(
-            options.output_dir, {RESULTS_NAME: json.dumps(results, indent=2, default=str, allow_nan=False)}
+            options.output_dir,
+            {
+                PROCESSOR_NAME: image_processor.to_json_string(),
+                RESULTS_NAME: json.dumps(results, indent=2, default=str, allow_nan=False),
+            },
         )
-        logger.info(f"Saved the model and {RESULTS_NAME} to {options.output_dir}", main_process_only=True)
+        logger.info(
+            f"Saved the model, its image processor and {RESULTS_NAME} to {options.output_dir}", main_process_only=True
+        )
         if options.push_to_hub:
-            _push(unwrapped, options, results)
+            _push(unwrapped, image_processor, options, results)
     accelerator.wait_for_everyone()
     return results
 
@@ -322,7 +342,7 @@ def _flat_config(options: TrainingOptions) -> dict[str, Any]:
 
 
 def _save_checkpoint(
-    accelerator, model, optimizer, scheduler, options, step, epoch, batch_in_epoch, batches_per_epoch
+    accelerator, model, optimizer, scheduler, image_processor, options, step, epoch, batch_in_epoch, batches_per_epoch
 ) -> None:
     if batch_in_epoch >= batches_per_epoch:
         epoch, batch_in_epoch = epoch + 1, 0
@@ -331,6 +351,7 @@ def _save_checkpoint(
     if accelerator.is_main_process:
         with staged_directory(directory) as staging:  # a checkpoint appears whole, or not at all
             accelerator.unwrap_model(model).save_pretrained(staging)
+            image_processor.save_pretrained(staging)  # `merge` carries it over to the plain model
             progress = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
             save_training_state(staging, optimizer.optimizer, scheduler.scheduler, progress, _run_identity(options))
     accelerator.wait_for_everyone()
@@ -342,6 +363,13 @@ def _run_identity(options: TrainingOptions) -> dict[str, Any]:
     return {"model": options.model, "baseline": options.baseline, "replacement": replacement}
 
 
-def _push(model: torch.nn.Module, options: TrainingOptions, results: dict[str, Any]) -> None:
+def _push(model: torch.nn.Module, image_processor: Any, options: TrainingOptions, results: dict[str, Any]) -> None:
     repo_id = options.hub_model_id or os.path.basename(os.path.abspath(options.output_dir))
-    push_to_hub(model, repo_id, token=options.hub_token, results=results, datasets=[options.dataset])
+    push_to_hub(
+        model,
+        repo_id,
+        token=options.hub_token,
+        results=results,
+        datasets=[options.dataset],
+        image_processor=image_processor,
+    )

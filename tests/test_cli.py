@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_replacement import ReplacementModel
 from hf_replacement.cli import main
+from hf_replacement.data import collate_fn, load_image_dataset, prepare_dataset, subsample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -261,6 +262,52 @@ def _evaluate_error(directory, capsys) -> str:
     error = capsys.readouterr().err
     assert "Traceback" not in error
     return error
+
+
+def test_the_merged_model_serves_with_a_pipeline_at_the_evaluated_accuracy(tmp_path):
+    """Digits are gray 8x8 images: trained as RGB, the merged model and its saved image processor serve
+    `pipeline(model=DIR)` on the test split's PIL images with the launcher's own predictions."""
+    from transformers import pipeline
+
+    out, merged = tmp_path / "repl", tmp_path / "merged"
+    run_cli("train", *TINY, "--epochs", "0.25", "--output-dir", str(out))
+    run_cli("merge", str(out), str(merged))
+    assert (out / "preprocessor_config.json").read_bytes() == (merged / "preprocessor_config.json").read_bytes()
+    results = json.loads((out / "results.json").read_text())
+    raw = subsample(load_image_dataset("digits", seed=0), None, 64, seed=0)  # the run's evaluation images
+    images = [example["image"] for example in raw["test"]]
+    assert {image.mode for image in images} == {"L"}
+
+    classify = pipeline("image-classification", model=str(merged), top_k=1, device="cpu")
+    served = [top[0] for top in classify(images)]
+    names = raw["test"].features["label"].names
+    accuracy = sum(answer["label"] == names[label] for answer, label in zip(served, raw["test"]["label"])) / 64
+    assert accuracy == results["accuracy"]
+    # Image by image: the label and probability the RepL model gives the launcher's evaluation inputs.
+    batch = collate_fn(list(prepare_dataset(raw, 8, 3)["test"]))
+    with torch.no_grad():
+        probabilities = ReplacementModel.from_pretrained(out)(pixel_values=batch["pixel_values"]).logits.softmax(-1)
+    assert [answer["label"] for answer in served] == [names[index] for index in probabilities.argmax(-1)]
+    scores = torch.tensor([answer["score"] for answer in served])
+    torch.testing.assert_close(scores, probabilities.max(-1).values, rtol=0, atol=1e-6)
+    assert scores.std() > 1e-3  # the answers depend on the image
+
+
+def test_training_goes_on_from_a_merged_model(trained_and_merged, tmp_path, capsys):
+    """`--model MERGED_DIR` reads the saved image processor, or without one (merged by an earlier version)
+    normalises as the launcher did then; a vanishing learning rate keeps the merged model's accuracy."""
+    merged = trained_and_merged / "merged"
+    run_cli("evaluate", str(merged), "--max-eval-samples", "64")
+    evaluated = json.loads(capsys.readouterr().out)["accuracy"]
+    without_processor = tmp_path / "merged-earlier"
+    shutil.copytree(merged, without_processor)
+    (without_processor / "preprocessor_config.json").unlink()
+    for model in (merged, without_processor):
+        out = tmp_path / f"from-{model.name}"
+        run_cli("train", *TINY[2:], "--model", str(model), "--baseline", "--lr", "1e-12", "--weight-decay", "0",
+                "--epochs", "0.25", "--output-dir", str(out))  # fmt: skip
+        assert json.loads((out / "results.json").read_text())["accuracy"] == evaluated
+        assert (out / "preprocessor_config.json").read_text() == (merged / "preprocessor_config.json").read_text()
 
 
 def test_merge_into_a_non_empty_directory_is_one_line(trained_and_merged, tmp_path, capsys):

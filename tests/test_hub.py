@@ -11,12 +11,14 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 import transformers.utils.hub
 from hub_server import FakeHub
 from huggingface_hub import ModelCard, constants
+from PIL import Image
 from test_trainer import dataset, repl_vit, training_args
 from test_trainer import logits as logits_of
 from transformers import TrainingArguments
@@ -24,6 +26,7 @@ from transformers import TrainingArguments
 from hf_replacement import ReplacementConfig, ReplacementModel, ReplacementTrainer, get_replacement_model
 from hf_replacement.cli import main
 from hf_replacement.hub import TEMPLATE_PATH, HubDownloadError, HubPushError, push_to_hub, render_model_card
+from hf_replacement.processing import build_image_processor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_TestWriteToken1234567890abcd"
@@ -143,8 +146,10 @@ def test_push_merged_loads_with_plain_transformers(hub_env, monkeypatch):
     model = tiny_repl_model()
     before = {key: value.clone() for key, value in model.state_dict().items()}
     model.push_to_hub("user/repl-vit")  # compact first: the merged push must drop its RepL files
-    model.push_to_hub("user/repl-vit", merged=True)
+    processor = build_image_processor(16, 3)
+    model.push_to_hub("user/repl-vit", merged=True, image_processor=processor)
     assert "replacement_config.json" not in hub.files("user/repl-vit")
+    assert hub.files("user/repl-vit")["preprocessor_config.json"].decode() == processor.to_json_string()
 
     # The caller's RepL model is unchanged: still replaced, same weights and coefficients.
     assert model.replaced_blocks == {1: "vit.layers.1"}
@@ -160,6 +165,14 @@ def test_push_merged_loads_with_plain_transformers(hub_env, monkeypatch):
 
     with pytest.raises(FileNotFoundError, match="not a RepL checkpoint.*AutoModelForImageClassification"):
         ReplacementModel.from_pretrained("user/repl-vit")
+
+    # The pushed processor serves the pushed model by repo id: the RepL model's answer for the same image.
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    (answer,) = transformers.pipeline("image-classification", model="user/repl-vit", device="cpu", top_k=1)(image)
+    with torch.no_grad():
+        probabilities = model(**processor(image, return_tensors="pt")).logits.softmax(-1)[0]
+    assert answer["label"] == model.config.id2label[int(probabilities.argmax())]
+    assert answer["score"] == pytest.approx(float(probabilities.max()), abs=1e-6)
 
 
 def test_model_card_metadata_and_body(hub_env, tmp_path):
@@ -377,6 +390,7 @@ def test_launcher_pushes_the_trained_checkpoint(hub_env, tmp_path, capsys, caplo
     )
     files = hub.files("user/launcher-repl")
     assert {"README.md", "config.json", "model.safetensors", "replacement_config.json", "results.json"} <= set(files)
+    assert files["preprocessor_config.json"] == (out / "preprocessor_config.json").read_bytes()
     results = json.loads((out / "results.json").read_text())
     card = ModelCard(files["README.md"].decode())
     assert card.data.datasets is None and card.data.eval_results is None  # digits: no Hub dataset to link

@@ -16,7 +16,15 @@ import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
+from transformers import (
+    AutoImageProcessor,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessorPil,
+)
 from transformers.utils import logging as hf_logging
 
 from hf_replacement import (
@@ -231,10 +239,15 @@ def test_load_best_model_at_end(tmp_path):
 
 
 def test_merge_at_end_leaves_a_plain_transformers_model(tmp_path):
-    trainer = ReplacementTrainer(repl_vit(), training_args(tmp_path), train_dataset=dataset(), merge_at_end=True)
+    processor = ViTImageProcessorPil(size={"height": 8, "width": 8}, image_mean=[0.3], image_std=[0.2])
+    trainer = ReplacementTrainer(
+        repl_vit(), training_args(tmp_path), train_dataset=dataset(), merge_at_end=True, processing_class=processor
+    )
     assert trainer.merged_dir is None
     trainer.train()
     assert trainer.merged_dir == str(tmp_path / MERGED_DIR_NAME)
+    for directory in ("checkpoint-2", "checkpoint-4", MERGED_DIR_NAME):  # the processing class goes with every save
+        assert AutoImageProcessor.from_pretrained(tmp_path / directory).to_dict() == processor.to_dict()
     merged = ViTForImageClassification.from_pretrained(trainer.merged_dir)  # transformers alone
     assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in tiny_vit().parameters())
     images = dataset(8)[:]["pixel_values"]
