@@ -15,6 +15,8 @@ FORMAT_VERSION = 1
 GRANULARITIES = ("block", "tensor", "channel")
 _FLOAT32_MAX = 3.4028234663852886e38  # the coefficients are float32: a larger initial value is inf
 FUSION_MODES = ("resample", "nearest", "error")
+# What a replaced block computes (surrogates.py): all of it (the 2024 reading), or a lighter part.
+SURROGATES = ("block", "mlp", "half")
 
 
 def _option(default: Any, help: str, choices: tuple[str, ...] | None = None, cli: bool = True) -> Any:
@@ -43,6 +45,12 @@ class ReplacementConfig:
         detach_neighbors: stop the gradient of the replaced block from flowing into its neighbours.
         recompute_replaced: recompute a replaced block's activations in backward instead of storing
             them (its weights are cheap to rebuild).
+        surrogate: what a replaced block computes. "block" (default; the 2024 paper as we read it):
+            the whole block with synthesized weights. Lighter surrogates (the 2026 paper's
+            "lightweight computing layer"), synthesized the same way but only the tensors they use:
+            "mlp" skips the token mixer (attention; ConvNeXt's depthwise conv) and runs the MLP
+            sub-block; "half" also keeps only the first half of the MLP's hidden units (ResNet: the
+            block at half its inner width). Which families have which: `hf_replacement.surrogates`.
         block_path: dotted path of the `nn.ModuleList` holding the blocks, for models the automatic
             discovery does not know (e.g. "encoder.blocks").
     """
@@ -58,6 +66,11 @@ class ReplacementConfig:
     )
     detach_neighbors: bool = _option(False, "no gradient from a replaced block into its neighbours")
     recompute_replaced: bool = _option(False, "recompute replaced blocks in backward (less memory, more time)")
+    surrogate: str = _option(
+        "block",
+        "what a replaced block computes: the whole block, its MLP sub-block only (mlp) or that at half width (half)",
+        choices=SURROGATES,
+    )
     block_path: str | None = _option(None, "dotted path of the nn.ModuleList holding the blocks", cli=False)
     format_version: int = field(default=FORMAT_VERSION, repr=False)
 
@@ -98,6 +111,10 @@ class ReplacementConfig:
             )
         if self.fusion not in FUSION_MODES:
             raise ReplacementConfigError(f"fusion={self.fusion!r} is invalid: choose one of {FUSION_MODES}.")
+        if self.surrogate not in SURROGATES:
+            raise ReplacementConfigError(
+                f"surrogate={self.surrogate!r} is invalid: choose one of {SURROGATES} (see hf_replacement.surrogates)."
+            )
         init = self.coefficient_init
         if (
             not isinstance(init, tuple)

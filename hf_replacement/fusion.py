@@ -99,6 +99,10 @@ class DimResample:
         form = "dense" if self.dense else f"rank{self.ndim}dim{self.dim}"
         return f"{self.source_size}to{self.target_size}{'_fan_in' if self.fan_in else ''}_{form}"
 
+    def matrix(self) -> torch.Tensor:
+        """The step as a dense float64 matrix (target_size, source_size): the reference's form."""
+        return resample_matrix(self.source_size, self.target_size, self.fan_in)
+
     def tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         if self.dense:  # backward multiplies by a transposed view: BLAS reads it as is, no copy kept
             return (resample_matrix(self.source_size, self.target_size, self.fan_in).to(dtype),)
@@ -124,6 +128,40 @@ class DimResample:
         result.index_add_(self.dim, upper, grad * w_upper)
         # The mean term: every source entry receives sum_i w_mean[i]·grad[i] / n.
         return result.add_((grad * w_mean).sum(self.dim, keepdim=True), alpha=1 / self.source_size)
+
+
+@dataclass(frozen=True)
+class DimNarrow:
+    """Keep the first `target_size` of `source_size` entries along `dim`: how a lighter surrogate
+    (`surrogates.py`) takes a neighbour's hidden units. The same interface as `DimResample`; no tables.
+
+    `apply` returns a view of its input, so it only runs as a term's first step, on a neighbour's
+    tensor that the synthesis never scales in place (a narrowed term has fewer entries: `Term.shrinks`).
+    """
+
+    dim: int
+    source_size: int
+    target_size: int
+
+    def matrix(self) -> torch.Tensor:
+        return torch.eye(self.target_size, self.source_size, dtype=torch.float64)
+
+    def tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        return ()
+
+    def apply(self, tensor: torch.Tensor, tables: Sequence[torch.Tensor]) -> torch.Tensor:
+        return tensor.narrow(self.dim, 0, self.target_size)
+
+    def apply_transposed(self, grad: torch.Tensor, tables: Sequence[torch.Tensor]) -> torch.Tensor:
+        source_shape = list(grad.shape)
+        source_shape[self.dim] = self.source_size
+        result = grad.new_zeros(source_shape)
+        result.narrow(self.dim, 0, self.target_size).copy_(grad)
+        return result
+
+
+# A step of a term's way from a neighbour's tensor to the replaced block's.
+Step = DimResample | DimNarrow
 
 
 def _matrix_along(matrix: torch.Tensor, tensor: torch.Tensor, dim: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ReplacementConfig
 from .fusion import DimResample
 from .planning import BlockPlan, coefficient_width
+from .surrogates import describe, merged_value, skipped_value, surrogate_family
 from .synthesis import ReplacementState, SynthesizedTensor, Term, compile_program, synthesize
 
 RESAMPLE_BUFFER_PREFIX = "replacement_resample_"
@@ -73,9 +74,12 @@ def apply_plan(plan: BlockPlan, coefficients: ReplacementCoefficients, config: R
         # tensor has one coefficient and keeps its shape.
         per_channel = config.coefficient_granularity == "channel" and len(tensor.shape) > 0
         shapes.append((width,) + (1,) * (len(tensor.shape) - 1) if per_channel else ())
-    for tensor in tensors:
+    # A surrogate's unused tensors (its token mixer) go as well: neither kept nor synthesized.
+    unused = tuple(_tensor_of(module, name) for name, _ in plan.unused)
+    for tensor in tensors + list(unused):
         del tensor.owner._parameters[tensor.attr]
         _explain_freed_parameter(tensor.owner, tensor.attr, plan, f"{plan.block.name}.{tensor.name}")
+    family = surrogate_family(module, plan.surrogate, plan.block.name)
     module._replacement = ReplacementState(
         plan=plan,
         granularity=config.coefficient_granularity,
@@ -86,8 +90,16 @@ def apply_plan(plan: BlockPlan, coefficients: ReplacementCoefficients, config: R
         table_names=tuple(table_names),
         detach_neighbors=config.detach_neighbors,
         recompute=config.recompute_replaced,
+        surrogate=family.forward if family is not None else None,
+        unused=unused,
     )
     module.__class__ = _swapped_class(ReplacedBlockMixin, type(module))
+
+
+def _tensor_of(module: nn.Module, name: str) -> SynthesizedTensor:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    return SynthesizedTensor(name, owner, attr, owner._parameters[attr].requires_grad)
 
 
 def _register_tables(
@@ -152,17 +164,32 @@ class ReplacedBlockMixin(FreedParametersMixin):
         return self._forward_with_synthesized_weights(*args, **kwargs)
 
     def _forward_with_synthesized_weights(self, *args, **kwargs):
+        surrogate = self._replacement.surrogate
         with _synthesized_weights_attached(self):
+            if surrogate is not None:  # a lighter surrogate (surrogates.py) instead of the block's own forward
+                return surrogate(self, *args, **kwargs)
             return super().forward(*args, **kwargs)
 
     def extra_repr(self) -> str:
         state = self._replacement
-        return f"replaced: weights = a·block {state.plan.previous.index} + b·block {state.plan.next.index}"
+        computes = describe(surrogate_family(self, state.plan.surrogate, state.plan.block.name), state.plan.surrogate)
+        return (
+            f"replaced: weights = a·block {state.plan.previous.index} + b·block {state.plan.next.index}; "
+            f"computes {computes}"
+        )
 
     def __repr__(self) -> str:
-        # Submodules such as nn.Linear read their weights in extra_repr: show the synthesized ones.
-        with torch.no_grad(), _synthesized_weights_attached(self):
-            return super().__repr__()
+        # Submodules such as nn.Linear read their weights in extra_repr: show the synthesized ones, and
+        # (shapes only) the ones a surrogate does not use.
+        unused = self._replacement.unused
+        for tensor, (_, shape) in zip(unused, self._replacement.plan.unused):
+            tensor.owner.__dict__[tensor.attr] = torch.empty(shape, device="meta")
+        try:
+            with torch.no_grad(), _synthesized_weights_attached(self):
+                return super().__repr__()
+        finally:
+            for tensor in unused:
+                del tensor.owner.__dict__[tensor.attr]
 
 
 @contextlib.contextmanager
@@ -205,11 +232,14 @@ def is_replaced(module: nn.Module) -> bool:
 def materialize(module: nn.Module) -> None:
     """Turn a replaced block back into an ordinary block holding its synthesized weights."""
     state: ReplacementState = module._replacement
-    for tensor, value in zip(state.tensors, synthesize(module)):
-        tensor.owner.register_parameter(
-            tensor.attr, nn.Parameter(value.detach().clone(), requires_grad=tensor.requires_grad)
-        )
-    for owner in {id(tensor.owner): tensor.owner for tensor in state.tensors}.values():
+    values = [
+        merged_value(value.detach(), plan.block_shape) for plan, value in zip(state.plan.tensors, synthesize(module))
+    ]
+    # A surrogate's skipped tensors get values that make the plain block compute the surrogate.
+    values += [skipped_value(module, name, shape, values[0]) for name, shape in state.plan.unused]
+    for tensor, value in zip(state.tensors + state.unused, values):
+        tensor.owner.register_parameter(tensor.attr, nn.Parameter(value.clone(), requires_grad=tensor.requires_grad))
+    for owner in {id(tensor.owner): tensor.owner for tensor in state.tensors + state.unused}.values():
         del owner.__dict__["_freed_parameters"]
         if owner is not module:
             owner.__class__ = type(owner).__bases__[1]

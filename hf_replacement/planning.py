@@ -13,19 +13,23 @@ import torch
 
 from .blocks import Block
 from .config import ReplacementConfig
-from .fusion import DimResample, FusionError, fan_in_dims, resample_plan
+from .fusion import DimNarrow, FusionError, Step, fan_in_dims, resample_plan
+from .surrogates import Family, surrogate_family
 
-# The resampling steps mapping a neighbour's tensor to the replaced block's shape: () when the shapes
-# match, None when that neighbour is not used (fusion="nearest" and another shape).
-SourcePlan = tuple[DimResample, ...] | None
+# The steps mapping a neighbour's tensor to the replaced block's shape (narrowing for a surrogate,
+# then resampling): () when the shapes match, None when that neighbour is not used (fusion="nearest"
+# and another shape).
+SourcePlan = tuple[Step, ...] | None
 
 
 @dataclass(frozen=True)
 class TensorPlan:
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # what is synthesized
     previous: SourcePlan
     next: SourcePlan
+    # The block's own shape where a surrogate uses only the leading `shape` entries of the tensor.
+    block_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -37,29 +41,40 @@ class BlockPlan:
     next: Block
     tensors: tuple[TensorPlan, ...]
     num_columns: int
+    surrogate: str = "block"  # `ReplacementConfig.surrogate`
+    # The block's parameters the surrogate does not use (name, shape): freed, never synthesized.
+    unused: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 def plan_block(block: Block, previous: Block, next_block: Block, config: ReplacementConfig) -> BlockPlan:
-    """Check that `block` can be synthesized from its neighbours; raise `FusionError` if not."""
-    tensors = []
+    """Check that `block` can be synthesized from its neighbours; raise `FusionError` if not (and
+    `ReplacementConfigError` if its family has no such `config.surrogate`)."""
+    family = surrogate_family(block.module, config.surrogate, block.name)
+    tensors, unused = [], []
     num_columns = 0
     for name, parameter in block.module.named_parameters():
+        block_shape = tuple(parameter.shape)
+        if family is not None and not family.uses(name):
+            unused.append((name, block_shape))
+            continue
+        shape = family.shape(config.surrogate, name, block_shape) if family is not None else block_shape
         owner_name, _, attr = name.rpartition(".")
         fan_in = fan_in_dims(block.module.get_submodule(owner_name), attr, parameter.ndim)
         sources = [
-            _plan_source(block, neighbour, name, parameter.shape, fan_in, config.fusion)
-            for neighbour in (previous, next_block)
+            _plan_source(block, neighbour, name, shape, fan_in, config, family) for neighbour in (previous, next_block)
         ]
         if sources == [None, None]:
             raise FusionError(
-                f"{block.name}.{name} {tuple(parameter.shape)}: no neighbour tensor of the same shape "
+                f"{block.name}.{name} {shape}: no neighbour tensor of the same shape "
                 f"(fusion='nearest'); use fusion='resample' or replace another block."
             )
-        tensors.append(TensorPlan(name, tuple(parameter.shape), *sources))
-        num_columns += coefficient_width(config.coefficient_granularity, parameter.shape)
+        tensors.append(TensorPlan(name, shape, *sources, block_shape=None if shape == block_shape else block_shape))
+        num_columns += coefficient_width(config.coefficient_granularity, shape)
     if not tensors:
         raise FusionError(f"{block.name} has no parameters: there is nothing to replace.")
-    return BlockPlan(block, previous, next_block, tuple(tensors), max(num_columns, 1))
+    return BlockPlan(
+        block, previous, next_block, tuple(tensors), max(num_columns, 1), config.surrogate, tuple(unused)
+    )
 
 
 def coefficient_width(granularity: str, shape: tuple[int, ...]) -> int:
@@ -72,7 +87,13 @@ def coefficient_width(granularity: str, shape: tuple[int, ...]) -> int:
 
 
 def _plan_source(
-    block: Block, neighbour: Block, name: str, shape: torch.Size, fan_in: set[int], fusion: str
+    block: Block,
+    neighbour: Block,
+    name: str,
+    shape: tuple[int, ...],
+    fan_in: set[int],
+    config: ReplacementConfig,
+    family: Family | None,
 ) -> SourcePlan:
     try:
         source = neighbour.module.get_parameter(name)
@@ -81,18 +102,23 @@ def _plan_source(
             f"{block.name} and its neighbour {neighbour.name} are different kinds of block: "
             f"the neighbour has no parameter {name!r}."
         ) from None
-    if source.shape == shape:
-        return ()
     if source.ndim != len(shape):
         raise FusionError(
             f"{block.name} and its neighbour {neighbour.name} are different kinds of block: "
             f"{name} has shape {tuple(shape)} here and {tuple(source.shape)} there."
         )
-    if fusion == "nearest":
+    # A surrogate takes the neighbour's own leading hidden units (half of *its* width), then resamples.
+    narrowed = family.shape(config.surrogate, name, tuple(source.shape)) if family is not None else source.shape
+    steps = tuple(
+        DimNarrow(dim, full, kept) for dim, (full, kept) in enumerate(zip(source.shape, narrowed)) if full != kept
+    )
+    if tuple(narrowed) == tuple(shape):
+        return steps
+    if config.fusion == "nearest":
         return None
-    if fusion == "error":
+    if config.fusion == "error":
         raise FusionError(
             f"{block.name}.{name} has shape {tuple(shape)} but {neighbour.name}.{name} has "
-            f"{tuple(source.shape)} (fusion='error'); use fusion='resample' or 'nearest'."
+            f"{tuple(narrowed)} (fusion='error'); use fusion='resample' or 'nearest'."
         )
-    return resample_plan(source.shape, shape, fan_in)
+    return steps + resample_plan(torch.Size(narrowed), torch.Size(shape), fan_in)

@@ -16,13 +16,14 @@ import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.hooks import RemovableHandle
 
-from .fusion import DimResample, resample_matrix
+from .fusion import Step
 from .planning import BlockPlan, coefficient_width
 
 
@@ -35,7 +36,7 @@ class Term:
 
     row: int  # 0: `a`, the previous neighbour; 1: `b`, the next one
     output: int  # the synthesized tensor it is part of
-    resample: tuple[tuple[DimResample, tuple[int, ...]], ...]
+    resample: tuple[tuple[Step, tuple[int, ...]], ...]
     shrinks: bool  # the neighbour's tensor has more entries than the synthesized one
 
 
@@ -120,6 +121,10 @@ class ReplacementState:
     table_names: tuple[str, ...]
     detach_neighbors: bool
     recompute: bool
+    # A lighter surrogate (`surrogates.py`): what the block computes instead of its own forward, and
+    # the block's parameters it does not use (freed, never synthesized; zero or identity when merged).
+    surrogate: Callable[..., Any] | None = None
+    unused: tuple[SynthesizedTensor, ...] = ()
 
     @property
     def index(self) -> int:
@@ -338,8 +343,8 @@ def reference_synthesize(module: nn.Module) -> list[torch.Tensor]:
     return weights
 
 
-def _dense_resample(tensor: torch.Tensor, step: DimResample) -> torch.Tensor:
-    matrix = resample_matrix(step.source_size, step.target_size, step.fan_in).to(tensor)
+def _dense_resample(tensor: torch.Tensor, step: Step) -> torch.Tensor:
+    matrix = step.matrix().to(tensor)
     moved = torch.tensordot(matrix, tensor.movedim(step.dim, 0), dims=1)
     return moved.movedim(0, step.dim)
 

@@ -205,6 +205,12 @@ def test_tiny_run_writes_every_output(tmp_path):
         assert methods["repl-k4-recompute"]["synthesis_calls_per_block_per_step"] == pytest.approx(2.0)
         assert methods["repl-k4"]["synthesis_calls_per_block_per_step"] == pytest.approx(1.0)
         assert methods["drop-k4"]["inference_params"] < bp["inference_params"]
+        # Forward FLOPs of a replaced block: the whole block, its MLP sub-block, that at half width, nothing.
+        assert methods["repl-k4"]["block_flops_ratio_vs_bp"] == pytest.approx(1.0)
+        assert 0 < methods["repl-k4-half"]["block_flops_ratio_vs_bp"] < methods["repl-k4-mlp"][
+            "block_flops_ratio_vs_bp"] < 1
+        assert methods["drop-k4"]["block_flops_per_image"] == 0 and "block_flops_per_image" not in methods["repl-k3"]
+        assert methods["repl-k4-half"]["inference_params"] == bp["inference_params"]  # merged: the plain model
         assert methods["freeze-k4"]["total_params"] == bp["total_params"] > methods["freeze-k4"]["trainable_params"]
         assert methods["lora"]["trainable_params"] < methods["repl-k3"]["trainable_params"]
         # Recomputing changes memory, not arithmetic: the same losses as repl-k4.
@@ -282,6 +288,55 @@ def test_findings_judge_repl_against_drop_by_the_seed_spread(repl_accuracies, dr
     text = "\n".join(report._pair_findings("vit-mini", methods, 4))
     assert "- vit-mini, repl-k4: 25.0% fewer trainable parameters than bp" in text
     assert verdict in text
+
+
+def _mlp_flops(tokens: int, width: int, hidden: int) -> int:
+    return 2 * tokens * 2 * width * hidden  # two Linear layers, 2 FLOPs a multiply-add
+
+
+@pytest.mark.parametrize("model_name", ["vit-mini", "convnext-mini"])
+def test_block_flops_are_the_analytic_count(model_name):
+    """FLOPs per image of the blocks repl-k4 replaces, written out from the presets' shapes (8 px images)."""
+    from benchmarks.harness.measure import block_flops
+
+    if model_name == "vit-mini":  # 4x4 patches of 2 px + CLS = 17 tokens, width 64, MLP 256; block 3 replaced
+        tokens, width = 17, 64
+        attention = 2 * tokens * 4 * width * width + 2 * 2 * tokens * tokens * width  # projections, scores, mix
+        per_block = [(tokens, width, attention)]
+    else:  # stem stride 1: block 3 at 4x4 px, 32 channels; block 7 at 2x2 px, 64 channels; dwconv 7x7
+        per_block = [(16, 32, 2 * 16 * 32 * 49), (4, 64, 2 * 4 * 64 * 49)]
+    expected = {
+        "bp": [mixer + _mlp_flops(n, c, 4 * c) for n, c, mixer in per_block],
+        "repl-k4": [mixer + _mlp_flops(n, c, 4 * c) for n, c, mixer in per_block],
+        "repl-k4-mlp": [_mlp_flops(n, c, 4 * c) for n, c, _ in per_block],
+        "repl-k4-half": [_mlp_flops(n, c, 2 * c) for n, c, _ in per_block],
+        "drop-k4": [0],
+    }
+    for method, flops in expected.items():
+        assert block_flops(_build(method, model_name), {"pixel_values": _pixels()}) == pytest.approx(
+            statistics.mean(flops)
+        ), method
+
+
+def test_surrogate_summary_answers_against_drop_at_equal_cost():
+    def method(step: float, accuracies: list[float], flops: float | None = None) -> dict:
+        entry = {"step_ratio_vs_bp": step, "median_step_s": step, "memory_ratio_vs_bp": 0.9, "accuracies": accuracies,
+                 "accuracy_mean": statistics.mean(accuracies), "accuracy_std": statistics.stdev(accuracies)}
+        return entry | ({"block_flops_ratio_vs_bp": flops} if flops is not None else {})
+
+    results = {"models": {"vit-mini": {"methods": {
+        "bp": method(1.0, [0.8, 0.8, 0.8]), "drop-k4": method(0.86, [0.70, 0.71, 0.72]),
+        "repl-k4-mlp": method(0.95, [0.80, 0.81, 0.82], 0.67), "repl-k4-half": method(0.88, [0.80, 0.81, 0.82], 0.33),
+    }}}}  # fmt: skip
+    text = "\n".join(report.surrogate_summary(results))
+    assert "at equal cost (step time within 5% of drop-k4's): repl-k4-half on vit-mini." in text
+    assert "Beating it in accuracy at a higher cost: repl-k4-mlp on vit-mini." in text
+    assert "- vit-mini, repl-k4-mlp: a replaced block costs ×0.67 of a plain block's forward FLOPs; step ×0.95" in text
+    results["models"]["vit-mini"]["methods"]["repl-k4-half"] = method(0.88, [0.70, 0.72, 0.71], 0.33)
+    results["models"]["vit-mini"]["methods"]["repl-k4-mlp"] = method(0.95, [0.60, 0.62, 0.61], 0.67)
+    text = "\n".join(report.surrogate_summary(results))
+    assert "drop-k4's): none." in text and "higher cost" not in text and "loses to drop-k4" in text
+    assert report.surrogate_summary({"models": {"vit-mini": {"methods": {"bp": method(1.0, [0.8, 0.8])}}}}) == []
 
 
 class _CheckpointedLinear(nn.Linear):

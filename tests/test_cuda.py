@@ -18,9 +18,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ARCHITECTURES = ["vit", "convnext"]
 
 
-def replacement_model(arch: str) -> ReplacementModel:
+def replacement_model(arch: str, surrogate: str = "block") -> ReplacementModel:
     model = tiny_models.build(arch)
-    return get_replacement_model(model, ReplacementConfig(replace_interval=3, block_path=tiny_models.block_path(arch)))
+    config = ReplacementConfig(replace_interval=3, block_path=tiny_models.block_path(arch), surrogate=surrogate)
+    return get_replacement_model(model, config)
 
 
 def forward_backward(model: ReplacementModel, device: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -30,9 +31,10 @@ def forward_backward(model: ReplacementModel, device: str) -> tuple[torch.Tensor
     return logits.detach().cpu(), {name: p.grad.detach().cpu() for name, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("surrogate", ["block", "half"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_cuda_matches_cpu(arch):
-    cpu_model = replacement_model(arch)
+def test_cuda_matches_cpu(arch, surrogate):
+    cpu_model = replacement_model(arch, surrogate)
     cuda_model = copy.deepcopy(cpu_model).cuda()
     # TF32 matmuls would differ from the CPU by ~1e-3: compare full fp32.
     previous = torch.backends.cuda.matmul.allow_tf32
@@ -48,9 +50,10 @@ def test_cuda_matches_cpu(arch):
         torch.testing.assert_close(cuda_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("surrogate", ["block", "half"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_cuda_bf16_autocast_keeps_fp32_coefficients(arch):
-    model = replacement_model(arch).cuda()
+def test_cuda_bf16_autocast_keeps_fp32_coefficients(arch, surrogate):
+    model = replacement_model(arch, surrogate).cuda()
     with torch.no_grad():
         fp32 = tiny_models.logits(model(pixel_values=tiny_models.inputs().cuda()))
     with torch.autocast("cuda", dtype=torch.bfloat16):

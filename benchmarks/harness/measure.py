@@ -13,14 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_replacement import ReplacementModel, find_blocks
 from hf_replacement.layer import is_replaced
 from hf_replacement.steps import make_optimizer, train_step
 from hf_replacement.synthesis import synthesize
 from hf_replacement.utils import count_parameters
 
 from .device import autocast, synchronize
-from .meters import SavedTensorMeter, SynthesisCounter, state_memory
-from .methods import MethodModel, build_method_model, inference_model
+from .meters import SavedTensorMeter, SynthesisCounter, forward_flops_per_image, state_memory
+from .methods import FLOPS_INTERVAL, MethodModel, build_method_model, inference_model, replaced_block_indices
 from .suites import SuiteSpec
 
 Batch = Mapping[str, torch.Tensor]
@@ -93,6 +94,27 @@ def time_synthesis(
     }
 
 
+def block_flops(built: MethodModel, batch: Batch) -> float | None:
+    """Forward FLOPs per image of one of the blocks RepL with k=`FLOPS_INTERVAL` replaces, as this method
+    runs it (mean over those blocks; the synthesis, a cost per step, not included): the plain block for
+    bp and freeze, the replaced block (its surrogate) for RepL with that k, 0 for the blocks drop
+    deletes. None where not comparable (another k, LoRA)."""
+    method, model = built.method, built.model
+    if method.kind not in ("bp", "freeze") and method.interval != FLOPS_INTERVAL:
+        return None
+    if method.kind == "drop":
+        return 0.0
+    if isinstance(model, ReplacementModel):
+        modules = [model.base_model.get_submodule(name) for name in model.replaced_blocks.values()]
+    elif method.kind in ("bp", "freeze"):
+        blocks = find_blocks(model)
+        modules = [blocks[index].module for index in replaced_block_indices(model, FLOPS_INTERVAL)]
+    else:
+        return None
+    counts = forward_flops_per_image(model, modules, batch["pixel_values"])
+    return sum(counts) / len(counts)
+
+
 def measure_memory(
     suite: SuiteSpec, model_name: str, method: str, batch: Batch, num_labels: int, device: torch.device
 ) -> dict[str, Any]:
@@ -103,6 +125,7 @@ def measure_memory(
     built = build_method_model(method, model_name, num_labels, suite.image_size, suite.num_channels, seed=0)
     model = built.model.to(device).train()
     trainable, total = count_parameters(model)
+    flops = block_flops(built, batch)
     optimizer = make_optimizer(model, suite.lr, suite.weight_decay)
     # One step with the meter around the forward: what autograd holds at the start of backward.
     meter = SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
@@ -123,6 +146,8 @@ def measure_memory(
         "saved_activation_bytes": meter.bytes,
         "batch_size": int(batch["labels"].shape[0]),
     }
+    if flops is not None:
+        result["block_flops_per_image"] = flops
     if device.type == "cuda":
         # Second step: the optimizer state exists, as in every later step.
         torch.cuda.synchronize(device)

@@ -18,16 +18,18 @@ from .errors import BenchmarkError
 
 @dataclass(frozen=True)
 class Method:
-    """One way of training: `kind` is bp, repl, drop, freeze or lora; `interval` the k of RepL's blocks."""
+    """One way of training: `kind` is bp, repl, drop, freeze or lora; `interval` the k of RepL's blocks;
+    `surrogate` what a replaced block computes (`ReplacementConfig.surrogate`)."""
 
     name: str
     kind: str
     interval: int | None = None
     recompute: bool = False
+    surrogate: str = "block"
 
     def describe(self) -> str:
         """What the method trains, in one line (the README's table)."""
-        text = KIND_DESCRIPTIONS[self.kind].format(k=self.interval)
+        text = KIND_DESCRIPTIONS[self.kind].format(k=self.interval) + SURROGATE_DESCRIPTIONS.get(self.surrogate, "")
         return text + (", the replaced blocks' activations recomputed in backward" if self.recompute else "")
 
 
@@ -40,11 +42,19 @@ KIND_DESCRIPTIONS = {
     "lora": "PEFT LoRA (r=8) on the attention q/v projections (ViT/DeiT) or the pointwise layers (ConvNeXt), "
             "the classifier trained fully",
 }
+SURROGATE_DESCRIPTIONS = {
+    "mlp": ", each computing a lighter surrogate (`surrogate=\"mlp\"`): its MLP sub-block only, the token mixer "
+           "(attention; ConvNeXt's depthwise conv) skipped",
+    "half": ", each computing a lighter surrogate (`surrogate=\"half\"`): its MLP sub-block at half its hidden width, "
+            "the token mixer skipped",
+}
 
 METHODS: dict[str, Method] = {
     "bp": Method("bp", "bp"),
     "repl-k4": Method("repl-k4", "repl", 4),
     "repl-k3": Method("repl-k3", "repl", 3),
+    "repl-k4-mlp": Method("repl-k4-mlp", "repl", 4, surrogate="mlp"),
+    "repl-k4-half": Method("repl-k4-half", "repl", 4, surrogate="half"),
     "repl-k4-recompute": Method("repl-k4-recompute", "repl", 4, recompute=True),
     "repl-k3-recompute": Method("repl-k3-recompute", "repl", 3, recompute=True),
     "drop-k4": Method("drop-k4", "drop", 4),
@@ -54,7 +64,13 @@ METHODS: dict[str, Method] = {
     "lora": Method("lora", "lora"),
 }
 METHOD_ALIASES = {"repl": "repl-k4", "drop": "drop-k4", "freeze": "freeze-k4", "baseline": "bp"}
-DEFAULT_METHODS = ("bp", "repl-k4", "repl-k3", "repl-k4-recompute", "drop-k4", "drop-k3", "freeze-k4", "lora")
+DEFAULT_METHODS = (
+    "bp", "repl-k4", "repl-k4-mlp", "repl-k4-half", "repl-k3", "repl-k4-recompute", "drop-k4", "drop-k3", "freeze-k4",
+    "lora",
+)
+
+# The replaced blocks whose forward FLOPs the benchmark compares across methods (repl-k4 and its surrogates).
+FLOPS_INTERVAL = 4
 
 LORA_RANK = 8
 # PEFT has no default LoRA targets for v5 ViT (DESIGN.md §3): name them per architecture.
@@ -180,7 +196,9 @@ def build_method_model(
     if method.kind in ("drop", "freeze", "repl"):
         affected = replaced_block_indices(model, method.interval)
     if method.kind == "repl":
-        config = ReplacementConfig(replace_interval=method.interval, recompute_replaced=method.recompute)
+        config = ReplacementConfig(
+            replace_interval=method.interval, recompute_replaced=method.recompute, surrogate=method.surrogate
+        )
         model = get_replacement_model(model, config)
     elif method.kind == "drop":
         model = drop_blocks(model, affected)

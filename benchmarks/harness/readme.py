@@ -16,7 +16,7 @@ from hf_replacement.checkpoint import atomic_write
 
 from .methods import METHODS
 from .paths import BENCHMARKS_DIR, SYNTHESIS_OVERHEAD_NAME
-from .report import lora_footnote, render_settings, render_tables
+from .report import lora_footnote, render_settings, render_tables, surrogate_summary
 from .suites import SUITES
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def _suite_section(name: str, results: dict[str, Any]) -> list[str]:
         f"Full report with findings, and plots: {links}.",
         "",
         *render_tables(results),
+        *surrogate_summary(results),
         *lora_footnote(results),
         f"![test accuracy per epoch, suite {name}]({name}/accuracy_curves.png)",
         f"![RepL coefficients over training, suite {name}]({name}/coefficients.png)",

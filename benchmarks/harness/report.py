@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .methods import LORA_FROM_SCRATCH_NOTE
+from .methods import LORA_FROM_SCRATCH_NOTE, METHODS
+
+# Step times within this fraction of each other count as equal cost: the timing noise of a shared machine.
+EQUAL_COST_TOLERANCE = 0.05
 
 
 def _format_count(count: int) -> str:
@@ -15,6 +18,15 @@ def _format_count(count: int) -> str:
 def _accuracy(entry: dict[str, Any]) -> str:
     """Mean ± std test accuracy over seeds, in percent."""
     return f"{100 * entry['accuracy_mean']:.1f} ± {100 * entry['accuracy_std']:.1f}"
+
+
+def _block_flops(entry: dict[str, Any]) -> str:
+    """Forward FLOPs per image of a k=4 replaced block as the method runs it, and the ratio to bp's block."""
+    flops = entry.get("block_flops_per_image")
+    if flops is None:
+        return "–"
+    ratio = entry.get("block_flops_ratio_vs_bp")
+    return f"{flops / 1e6:.2f}M" + (f" ({ratio:.2f})" if ratio is not None else "")
 
 
 def method_label(method: str, suite: dict[str, Any]) -> str:
@@ -27,7 +39,7 @@ def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) 
     methods = model["methods"]
     cuda = any("cuda_peak_mb" in entry for entry in methods.values())
     header = [
-        "method", "trainable params", "state MB", "saved act. MB", "memory ×bp",
+        "method", "trainable params", "block FLOPs/img (×bp)", "state MB", "saved act. MB", "memory ×bp",
         *(["CUDA peak MB", "peak ×bp"] if cuda else []),
         "median step ms", "step ×bp", "synthesis % of step", "accuracy (mean ± std)", "checkpoint MB",
         "inference img/s",
@@ -44,6 +56,7 @@ def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) 
         row = [
             method_label(method, suite),
             f"{_format_count(entry['trainable_params'])} / {_format_count(entry['total_params'])}",
+            _block_flops(entry),
             f"{entry['state_memory_mb']:.2f}",
             f"{entry['saved_activations_mb']:.2f}",
             ratio("memory_ratio_vs_bp"),
@@ -67,7 +80,8 @@ def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) 
 
 
 WHERE_REPL_DOES_NOT_SAVE_TIME = (
-    "A replaced block still runs its full forward and backward, with synthesized instead of stored weights: "
+    "With the default `surrogate=\"block\"`, a replaced block still runs its full forward and backward, with "
+    "synthesized instead of stored weights: "
     "RepL removes only that block's weight gradients and AdamW update, and adds the synthesis (a few "
     "element-wise passes over two neighbours' weights, forward and backward). So a RepL step costs about "
     "what a bp step costs: it cannot approach the time of dropping the blocks (which skips their compute "
@@ -79,7 +93,9 @@ WHERE_REPL_DOES_NOT_SAVE_TIME = (
     "ConvNeXt, a replaced block next to a stage boundary fuses a neighbour of another width through "
     "resampling (small interpolation tables held as buffers, counted in state MB), which costs more "
     "synthesis time than a same-shape neighbour: on tiny blocks that is a fixed few µs per operation, "
-    "a visible share of a short step."
+    "a visible share of a short step. The lighter surrogates (`surrogate=\"mlp\"` or `\"half\"`, rows "
+    "repl-k4-mlp and repl-k4-half) skip part of a replaced block's compute (the block FLOPs column): their step "
+    "lies between RepL's and dropping's."
 )
 
 
@@ -136,6 +152,66 @@ def _findings(model_name: str, model: dict[str, Any]) -> list[str]:
     return _pair_findings(model_name, methods, 4) + _pair_findings(model_name, methods, 3)
 
 
+def _accuracy_verdict(entry: dict[str, Any], other: dict[str, Any]) -> str | None:
+    """"beats", "loses to" or "is within the seed spread of" `other` (difference against the combined std);
+    None without accuracies or spread (fewer than two seeds)."""
+    if "accuracy_mean" not in entry or "accuracy_mean" not in other:
+        return None
+    if min(len(entry["accuracies"]), len(other["accuracies"])) < 2:
+        return None
+    difference = entry["accuracy_mean"] - other["accuracy_mean"]
+    spread = math.hypot(entry["accuracy_std"], other["accuracy_std"])
+    return "beats" if difference > spread else "loses to" if difference < -spread else "is within the seed spread of"
+
+
+def _surrogate_lines(results: dict[str, Any]) -> tuple[list[str], list[str], list[str], bool]:
+    """Each lighter surrogate against drop-k4, per model: (finding lines, winners at equal cost, winners at a
+    higher cost, whether any accuracy could be judged: two seeds or more)."""
+    lines, equal_cost, higher_cost, judged = [], [], [], False
+    for model_name, model in results["models"].items():
+        methods = model["methods"]
+        drop = methods.get("drop-k4")
+        for name, entry in methods.items():
+            method = METHODS.get(name)
+            if method is None or method.surrogate == "block" or drop is None or "step_ratio_vs_bp" not in entry:
+                continue
+            flops = entry.get("block_flops_ratio_vs_bp")
+            text = f"- {model_name}, {name}: a replaced block costs " + (
+                f"×{flops:.2f} of a plain block's forward FLOPs" if flops is not None else "(FLOPs not measured)"
+            )
+            text += f"; step ×{entry['step_ratio_vs_bp']:.2f} of bp against ×{drop['step_ratio_vs_bp']:.2f} for drop-k4"
+            if "memory_ratio_vs_bp" in entry:
+                text += f", memory ×{entry['memory_ratio_vs_bp']:.2f} (drop-k4 ×{drop['memory_ratio_vs_bp']:.2f})"
+            verdict = _accuracy_verdict(entry, drop)
+            judged = judged or verdict is not None
+            if "accuracy_mean" in entry and "accuracy_mean" in drop:
+                text += f"; accuracy {_accuracy(entry)} vs drop-k4 {_accuracy(drop)}"
+                text += f": {verdict} drop-k4" if verdict else " (one seed: no spread to judge by)"
+            lines.append(text + ".")
+            if verdict == "beats":
+                cheap = entry["median_step_s"] <= drop["median_step_s"] * (1 + EQUAL_COST_TOLERANCE)
+                (equal_cost if cheap else higher_cost).append(f"{name} on {model_name}")
+    return lines, equal_cost, higher_cost, judged
+
+
+def surrogate_summary(results: dict[str, Any]) -> list[str]:
+    """The plain answer: does a lighter surrogate beat dropping the same blocks at equal cost? (Markdown lines;
+    none when the run measured no surrogate next to drop-k4.)"""
+    lines, equal_cost, higher_cost, judged = _surrogate_lines(results)
+    if not lines:
+        return []
+    answer = ", ".join(equal_cost) if equal_cost else "none"
+    if not judged:
+        answer = "not judged in this run (accuracies over two or more seeds are needed)"
+    summary = (
+        f"**Lighter surrogates against dropping the blocks (drop-k4):** beating it in accuracy by more than the "
+        f"seed spread at equal cost (step time within {EQUAL_COST_TOLERANCE:.0%} of drop-k4's): {answer}."
+    )
+    if higher_cost:
+        summary += f" Beating it in accuracy at a higher cost: {', '.join(higher_cost)}."
+    return [summary, "", *lines, ""]
+
+
 def render_settings(results: dict[str, Any]) -> list[str]:
     """Markdown bullets: the command, machine, data, training settings, runtime and the suite's notes."""
     suite = results["suite"]
@@ -160,7 +236,10 @@ def render_settings(results: dict[str, Any]) -> list[str]:
 
 COLUMNS = (
     "Columns: trainable / total parameters held in memory; state MB = parameters + buffers + gradients + AdamW state "
-    "(exact, from the tensors); saved act. MB = bytes autograd keeps for backward during one forward (each storage "
+    "(exact, from the tensors); block FLOPs/img = forward FLOPs per image of one of the blocks repl-k4 replaces, "
+    "as the method computes it (mean over those blocks; matrix products and convolutions counted by "
+    "torch's FlopCounterMode), and its ratio to bp's plain block (0 for drop-k4, – where not comparable); "
+    "saved act. MB = bytes autograd keeps for backward during one forward (each storage "
     "once, parameters excluded); memory ×bp = (state + saved activations) relative to bp; median step = forward + "
     "backward + AdamW, warm-up excluded, methods interleaved in rounds in this run; synthesis % = time to build the "
     "replaced blocks' weights (forward + backward, measured alone; twice the forward with recompute) over the median "
@@ -192,6 +271,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     findings = [line for model_name, model in results["models"].items() for line in _findings(model_name, model)]
     if findings:
         lines += ["## Findings (computed from the numbers above)", "", *findings, ""]
+    lines += surrogate_summary(results)
     lines += ["## Where RepL does not save time", "", WHERE_REPL_DOES_NOT_SAVE_TIME, ""]
     lines += [
         "The synthesis cost per model size and granularity, against the plain-autograd reference implementation, "

@@ -127,5 +127,7 @@ def _summarize(results: dict[str, Any]) -> None:
                 entry["step_ratio_vs_bp"] = entry["median_step_s"] / bp["median_step_s"]
                 entry["memory_ratio_vs_bp"] = entry["training_memory_mb"] / bp["training_memory_mb"]
                 entry["trainable_ratio_vs_bp"] = entry["trainable_params"] / bp["trainable_params"]
+                if entry.get("block_flops_per_image") is not None and bp.get("block_flops_per_image"):
+                    entry["block_flops_ratio_vs_bp"] = entry["block_flops_per_image"] / bp["block_flops_per_image"]
                 if "cuda_peak_mb" in entry and "cuda_peak_mb" in bp:
                     entry["cuda_peak_ratio_vs_bp"] = entry["cuda_peak_mb"] / bp["cuda_peak_mb"]

@@ -63,7 +63,7 @@ SUITES: dict[str, SuiteSpec] = {
     # 2 CPU cores: 6 min in an earlier run, 13 min in the last one on a slower shared VM (benchmarks/quick/results.md).
     "quick": SuiteSpec(
         name="quick",
-        summary="digits, vit-mini + convnext-mini, 3 seeds: 6-13 min on 2 CPU cores",
+        summary="digits, vit-mini + convnext-mini, 3 seeds: 8-17 min on 2 CPU cores (estimated with the surrogates)",
         models=("vit-mini", "convnext-mini"),
         dataset="digits",
         image_size=8,
@@ -81,18 +81,19 @@ SUITES: dict[str, SuiteSpec] = {
                "tests/test_benchmark.py): measured for memory/time, not retrained, to keep the suite under "
                "10 minutes."),
     ),
-    # 2 CPU cores, under an hour with 3 seeds (measured: see benchmarks/fashion-mnist/results.md): the
+    # 2 CPU cores, under an hour with 3 seeds before the two surrogates were added (measured: see
+    # benchmarks/fashion-mnist/results.md; 45 runs now instead of 27, the added ones cheaper than bp): the
     # 12-block ViT/DeiT-tiny take ~0.4 s per step of 32 at 28x28 and ConvNeXt-tiny (stride-2 stem) ~0.46 s,
     # so a full 60k epoch (12-15 min per run, 27 runs) cannot fit: a random subset of the data, and the
     # methods that differ in accuracy are trained.
     "fashion-mnist": SuiteSpec(
         name="fashion-mnist",
-        summary="ViT/DeiT/ConvNeXt-tiny at 28x28 on a Fashion-MNIST subset, 3 seeds: < 1 h on 2 CPU cores",
+        summary="ViT/DeiT/ConvNeXt-tiny at 28x28 on a Fashion-MNIST subset, 3 seeds: < 2 h on 2 CPU cores",
         models=("vit-tiny", "deit-tiny", "convnext-tiny"),
         dataset="fashion-mnist",
         image_size=28,
         methods=DEFAULT_METHODS,
-        accuracy_methods=("bp", "repl-k4", "drop-k4"),
+        accuracy_methods=("bp", "repl-k4", "repl-k4-mlp", "repl-k4-half", "drop-k4"),
         epochs=3,
         # Probed on vit-tiny bp (seed 0): lr 2e-3 / 5% warm-up / batch 64 left it at 20% test accuracy
         # after 3 epochs; 1e-3 / 20% / 64: 53%; 1e-3 / 20% / 32: 59% (twice the updates, same time).
@@ -100,10 +101,11 @@ SUITES: dict[str, SuiteSpec] = {
         max_train_samples=2048, max_test_samples=1000,
         timing_rounds=3, timing_steps_per_round=2, timing_warmup_steps=2,
         inference_batch_size=64, inference_rounds=3,
-        notes=("Fashion-MNIST subsampled (a random subset, seed 0) so the suite fits an hour on 2 CPU cores "
+        notes=("Fashion-MNIST subsampled (a random subset, seed 0) so the suite fits two hours on 2 CPU cores "
                "with 3 seeds (a step of 32 takes ~0.4 s on ViT/DeiT-tiny at 28 px and ConvNeXt-tiny with its "
                "stride-2 stem): about two hundred updates from scratch, so accuracies are far below full-data numbers.",
-               "Trained for accuracy: bp, repl-k4 and the ablation it must beat, drop-k4; the other methods are "
+               "Trained for accuracy: bp, repl-k4, its lighter surrogates repl-k4-mlp and repl-k4-half, and the "
+               "ablation they must beat, drop-k4; the other methods are "
                "measured (memory, time, checkpoint, throughput) only. repl-k4-recompute does the same arithmetic "
                "as repl-k4; lora would adapt a random network."),
     ),
