@@ -27,7 +27,7 @@ from torch.func import functional_call
 from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model
 from hf_replacement.config import ReplacementConfigError
 
-TRANSFORMERS = ["vit", "deit", "deit-teacher", "beit", "dinov2", "swin"]
+TRANSFORMERS = ["vit", "deit", "deit-teacher", "beit", "dinov2", "dinov2-swiglu", "swin"]
 CONVNEXTS = ["convnext", "convnextv2"]
 SUPPORTED = {
     **{arch: ("mlp", "half") for arch in TRANSFORMERS + CONVNEXTS},
@@ -44,6 +44,7 @@ MIXER = {
     "swin": ("attention.", "layernorm_before."),
     "beit": ("attention.", "layernorm_before.", "lambda_1", "relative_position_bias."),
     "dinov2": ("attention.", "norm1.", "layer_scale1."),
+    "dinov2-swiglu": ("attention.", "norm1.", "layer_scale1."),
     "convnext": ("dwconv.",),
     "convnextv2": ("dwconv.",),
     "resnet": (),
@@ -53,6 +54,8 @@ _MLP = {"mlp.fc1.weight": (0,), "mlp.fc1.bias": (0,), "mlp.fc2.weight": (1,)}
 _PW = {"pwconv1.weight": (0,), "pwconv1.bias": (0,), "pwconv2.weight": (1,)}
 HIDDEN = {
     **dict.fromkeys(TRANSFORMERS, _MLP),
+    "dinov2-swiglu": {"mlp.gate_proj.weight": (0,), "mlp.gate_proj.bias": (0,), "mlp.up_proj.weight": (0,),
+                      "mlp.up_proj.bias": (0,), "mlp.down_proj.weight": (1,)},  # fmt: skip
     "convnext": _PW,
     "convnextv2": {**_PW, "grn.weight": (3,), "grn.bias": (3,)},
     "resnet": {
@@ -72,7 +75,14 @@ def case_id(case) -> str:
 
 
 def build(arch: str, seed: int = 0) -> torch.nn.Module:
-    if arch == "resnet-basic":  # ResNet-18/34's two 3x3 convolutions per block
+    if arch == "dinov2-swiglu":  # DINOv2's SwiGLU MLP (gate, up, down projections)
+        torch.manual_seed(seed)
+        config = transformers.Dinov2Config(**tiny_models.ARCHITECTURES["dinov2"][2], use_swiglu_ffn=True)
+        model = transformers.Dinov2ForImageClassification(config).eval()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    elif arch == "resnet-basic":  # ResNet-18/34's two 3x3 convolutions per block
         torch.manual_seed(seed)
         config = transformers.ResNetConfig(num_labels=tiny_models.NUM_LABELS, embedding_size=8, layer_type="basic",
                                            hidden_sizes=[8, 16, 16, 32], depths=[2, 2, 2, 2])  # fmt: skip
@@ -167,6 +177,14 @@ def formula(arch: str, block, w: dict):
 
         def forward(x, *args, **kwargs):
             return x + w["layer_scale2.lambda1"] * mlp(layer_norm(x, w, "norm2", block.norm2.eps), w)
+
+    elif arch == "dinov2-swiglu":
+
+        def forward(x, *args, **kwargs):
+            h = layer_norm(x, w, "norm2", block.norm2.eps)
+            gate = F.silu(F.linear(h, w["mlp.gate_proj.weight"], w["mlp.gate_proj.bias"]))
+            h = gate * F.linear(h, w["mlp.up_proj.weight"], w["mlp.up_proj.bias"])
+            return x + w["layer_scale2.lambda1"] * F.linear(h, w["mlp.down_proj.weight"], w["mlp.down_proj.bias"])
 
     elif arch in CONVNEXTS:
 
