@@ -4,6 +4,7 @@ from .blocks import Block, BlockDiscoveryError, find_blocks
 from .config import CONFIG_NAME, ReplacementConfig, ReplacementConfigError
 from .fusion import FusionError
 from .model import ReplacementModel, get_replacement_model
+from .sharding import gather_state_dict, shard_model, sharding_units
 from .trainer import ReplacementCallback, ReplacementTrainer
 
 __version__ = "0.1.0"
@@ -19,6 +20,9 @@ __all__ = [
     "ReplacementModel",
     "ReplacementTrainer",
     "find_blocks",
+    "gather_state_dict",
     "get_replacement_model",
+    "shard_model",
+    "sharding_units",
     "__version__",
 ]
