@@ -207,10 +207,11 @@ def render(report: dict[str, Any]) -> str:
         *render_table(report),
         "",
         "Parameters and gradients are sharded along their first dimension across the processes; AdamW's "
-        "moments follow their parameters, and its step counts (one scalar per parameter) are kept whole. "
-        "RepL's saving (the replaced blocks hold no weights, gradients or moments) divides by the process "
-        "count like the rest. The price of RepL under FSDP is the last column: a replaced block shares its "
-        "unit with both neighbours, so FSDP gathers two blocks' weights at once where bp gathers one.",
+        "moments follow their parameters, and its step counts (one scalar per parameter tensor) are held "
+        "whole by every process. RepL's saving (the replaced blocks hold no weights, gradients or moments) "
+        "divides by the process count like the rest. The price of RepL under FSDP is the last column: a "
+        "replaced block shares its unit with both neighbours, so FSDP gathers two blocks' weights at once "
+        "where bp gathers one.",
         "",
         "FSDP units (block indices; the root unit holds the rest):",
         "",
