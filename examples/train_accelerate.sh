@@ -7,6 +7,8 @@
 #   bash examples/train_accelerate.sh multi-gpu    # every GPU of this machine, bf16
 #   NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash examples/train_accelerate.sh multi-node   # on node 0
 #   NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash examples/train_accelerate.sh multi-node   # on node 1
+#   bash examples/train_accelerate.sh fsdp         # every GPU of this machine, FSDP2 (--fsdp), bf16
+#   bash examples/train_accelerate.sh fsdp-cpu-demo   # runs here: FSDP2 over 2 CPU processes (gloo)
 #
 # --batch-size is per process: the global batch is batch-size x processes x accumulation steps.
 # Only the main process writes the output directory (model, results.json, checkpoints).
@@ -34,6 +36,17 @@ case "$MODE" in
       --main_process_port "${MASTER_PORT:-29500}" --mixed_precision bf16 \
       "${TRAIN[@]}" --model vit-small --mixed-precision bf16 --batch-size 32 --epochs 30 --output-dir "$OUT/multi-node"
     ;;
+  fsdp)
+    # hf-replacement shards the model itself (each replaced block with its neighbours): no --use_fsdp.
+    GPUS="${GPUS:-$(nvidia-smi --list-gpus | wc -l)}"
+    accelerate launch --multi_gpu --num_processes "$GPUS" \
+      "${TRAIN[@]}" --fsdp --model vit-small --mixed-precision bf16 --batch-size 32 --epochs 30 --output-dir "$OUT/fsdp"
+    ;;
+  fsdp-cpu-demo)
+    export ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1
+    accelerate launch --multi_gpu --num_processes 2 "${TRAIN[@]}" --fsdp --model vit-mini --batch-size 32 --epochs 10 \
+      --output-dir "$OUT/fsdp-cpu-2-processes"
+    ;;
   cpu-demo)
     # Without a GPU, ACCELERATE_USE_CPU=1 makes --multi_gpu real DDP over gloo (a plain
     # `--cpu --num_processes 2` silently runs one process).
@@ -51,7 +64,7 @@ case "$MODE" in
     for PID in "${PIDS[@]}"; do wait "$PID"; done   # fails if either node failed
     ;;
   *)
-    echo "usage: $0 cpu-demo|single|multi-gpu|multi-node (got '$MODE')" >&2
+    echo "usage: $0 cpu-demo|single|multi-gpu|multi-node|fsdp|fsdp-cpu-demo (got '$MODE')" >&2
     exit 2
     ;;
 esac

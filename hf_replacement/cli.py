@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="no",
         help="autocast; coefficients and master weights stay fp32",
     )
+    train.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state with FSDP2 across the processes of a torchrun / "
+        "accelerate launch (each replaced block with its neighbours in one unit); with --mixed-precision bf16, "
+        "FSDP's bf16 compute with fp32 master weights",
+    )
     train.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
     train.add_argument("--epochs", type=positive_float, default=10, help="may be fractional")
     train.add_argument("--lr", type=positive_float, default=1e-3)

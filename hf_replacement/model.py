@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from .blocks import find_blocks
 from .checkpoint import WEIGHTS_NAME, load_weights, remove_other_weight_files, weight_files, write_checkpoint
@@ -31,7 +33,7 @@ from .loading import (
 from .pipeline_support import allow_replacement_models_in_pipelines
 from .selection import select_blocks
 from .synthesis import synthesize
-from .utils import count_parameters
+from .utils import count_parameters, is_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,11 @@ class ReplacementModel(nn.Module):
         if self.replaced_blocks:
             raise ValueError(f"Blocks {sorted(self.replaced_blocks)} are already replaced.")
         _refuse_peft_modules(self)
+        if is_sharded(self):
+            raise ValueError(
+                "This model is sharded with FSDP: replacing blocks now would free weights FSDP manages. Replace "
+                "them before sharding (replace_blocks(), then hf_replacement.shard_model)."
+            )
         # Planned again here, not at construction: the model may have moved device or dtype since.
         for plan in select_blocks(self._blocks, self.replacement_config):
             apply_plan(plan, self.replacement_coefficients, self.replacement_config)
@@ -173,6 +180,7 @@ class ReplacementModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Write each replaced block's synthesized weights into it and return the plain base model."""
+        _refuse_sharded(self, "merge")
         for block in self._blocks:
             if is_replaced(block.module):
                 materialize(block.module)
@@ -217,6 +225,12 @@ class ReplacementModel(nn.Module):
                 "checkpoint saved before get_peft_model is its base), or merge both first: "
                 "hf_replacement.merge_peft_and_replacement(peft_model).save_pretrained(dir)."
             )
+        if state_dict is None and is_sharded(self):
+            raise ValueError(
+                "This model is sharded with FSDP: its state_dict() holds each process's shards. Gather it on every "
+                "process with hf_replacement.gather_state_dict(model) and pass it: "
+                "model.save_pretrained(directory, state_dict=..., is_main_process=<rank 0>)."
+            )
         if is_main_process:
             files: dict[str, Any] = {CONFIG_NAME: self.replacement_config.to_json_string()}
             if self.config is not None and hasattr(self.config, "to_json_string"):
@@ -234,6 +248,7 @@ class ReplacementModel(nn.Module):
 
     def save_merged(self, save_directory: str | os.PathLike) -> None:
         """Save the merged plain Transformers model (`merge_and_unload` of a copy); this model is unchanged."""
+        _refuse_sharded(self, "merge")
         plain = copy.deepcopy(self).merge_and_unload()
         if not hasattr(plain, "save_pretrained"):
             raise TypeError(
@@ -333,6 +348,15 @@ class ReplacementModel(nn.Module):
         return replacement_model.eval()  # like Transformers' from_pretrained; call .train() to train
 
 
+def _refuse_sharded(model: ReplacementModel, action: str) -> None:
+    if is_sharded(model):
+        raise ValueError(
+            f"This model is sharded with FSDP: {action} a whole model instead. Save it (gather_state_dict on every "
+            "process, save_pretrained(directory, state_dict=...) on the main one) and "
+            f"{action} ReplacementModel.from_pretrained(directory)."
+        )
+
+
 # See loading.GUARD_MODEL_TYPE: Transformers reads `model_type` first and names it in its error.
 _GUARD_CONFIG = json.dumps({"model_type": GUARD_MODEL_TYPE, "architectures": ["ReplacementModel"]}, indent=2) + "\n"
 
@@ -340,12 +364,20 @@ _GUARD_CONFIG = json.dumps({"model_type": GUARD_MODEL_TYPE, "architectures": ["R
 def coefficient_logs(model: nn.Module) -> dict[str, float]:
     """`replacement/a/block_<i>`, `replacement/b/block_<i>`: each replaced block's coefficients (means).
 
-    Empty for a model without replaced blocks, so a baseline run logs the same way.
+    Empty for a model without replaced blocks, so a baseline run logs the same way. On a model
+    sharded with FSDP every process must call it (the coefficients are gathered).
     """
     if not isinstance(model, ReplacementModel):
         return {}
+    # A forward without backward (evaluation) leaves FSDP's root unit gathered, its parameters the
+    # compute copies (bf16 under mixed precision): read the fp32 shards instead.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     logs = {}
     for index, parameter in model.replacement_coefficients().named_parameters():
+        if isinstance(parameter, DTensor):  # sharded with FSDP: every process takes part
+            parameter = parameter.full_tensor()
         a, b = parameter.detach().float().mean(dim=1).tolist()
         logs[f"{LOG_PREFIX}a/block_{index}"] = a
         logs[f"{LOG_PREFIX}b/block_{index}"] = b

@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -37,9 +37,17 @@ from .data import (
 )
 from .hub import push_to_hub
 from .loading import load_image_classifier, load_pretrained_config
-from .model import coefficient_logs, get_replacement_model
+from .model import ReplacementModel, coefficient_logs, get_replacement_model
 from .presets import PRESETS, build_preset_model
 from .processing import PROCESSOR_NAME, build_image_processor
+from .sharding import (
+    check_deepspeed_stage,
+    gather_optimizer_state_dict,
+    gather_state_dict,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+    shard_model,
+)
 from .steps import check_finite, evaluate_accuracy, make_optimizer, make_scheduler, train_step
 from .training_state import check_resumable, load_training_state, save_training_state
 from .utils import count_parameters
@@ -62,6 +70,7 @@ class TrainingOptions:
     replacement: ReplacementConfig = field(default_factory=ReplacementConfig)
     baseline: bool = False
     mixed_precision: str = "no"
+    fsdp: bool = False
     gradient_accumulation_steps: int = 1
     epochs: float = 10
     batch_size: int = 64
@@ -129,6 +138,7 @@ def train(options: TrainingOptions) -> dict[str, Any]:
             "--mixed-precision fp16 needs a CUDA GPU, and none is available: use --mixed-precision bf16 "
             "(CPU autocast) or no."
         )
+    _check_sharding(options)
     _check_output_dir(options.output_dir)
     _forget_previous_single_process_state()
     accelerator = Accelerator(
@@ -141,6 +151,11 @@ def train(options: TrainingOptions) -> dict[str, Any]:
         project_dir=options.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=options.seed),
     )
+    if options.fsdp and not torch.distributed.is_initialized():
+        raise ValueError(
+            "--fsdp shards the model across the processes of a distributed launch, and this is one process: "
+            "run it under torchrun --nproc_per_node N or accelerate launch --multi_gpu --num_processes N."
+        )
     set_seed(options.seed)
     raw = load_image_dataset(options.dataset, data_dir=options.data_dir, seed=options.seed)
     raw = subsample(raw, options.max_train_samples, options.max_eval_samples, seed=options.seed)
@@ -158,6 +173,9 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     if replacement_config is not None:
         model = get_replacement_model(model, replacement_config)
     trainable, total = count_parameters(model)
+    if options.fsdp:
+        # Sharded before the optimizer is built: it must hold the sharded parameters.
+        model = shard_model(model, **_fsdp_settings(options, accelerator))
 
     data = prepare_dataset(raw, image_size, num_channels, image_processor)
     train_loader = DataLoader(
@@ -165,7 +183,10 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     )
     eval_loader = DataLoader(data["test"], batch_size=options.batch_size, collate_fn=collate_fn)
     optimizer = make_optimizer(model, options.lr, options.weight_decay)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if options.fsdp:  # FSDP has sharded the model: Accelerate would wrap it in DDP as well
+        optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
+    else:
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     updates_per_epoch = math.ceil(len(train_loader) / options.gradient_accumulation_steps)
     total_updates = max(1, math.ceil(options.epochs * updates_per_epoch))
     # The prepared scheduler steps once per process on every update (Accelerate assumes the global
@@ -180,8 +201,10 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     step, start_epoch, skip_batches = 0, 0, 0
     if options.resume_from:
         check_resumable(options.resume_from, _run_identity(options))
-        accelerator.unwrap_model(model).load_state_dict(load_weights(options.resume_from))
-        progress = load_training_state(options.resume_from, optimizer.optimizer, scheduler.scheduler)
+        unwrapped = accelerator.unwrap_model(model)
+        load_full_state_dict(unwrapped, load_weights(options.resume_from))
+        progress, optimizer_state = load_training_state(options.resume_from, scheduler.scheduler)
+        load_full_optimizer_state_dict(unwrapped, optimizer.optimizer, optimizer_state)
         step, start_epoch, skip_batches = progress["step"], progress["epoch"], progress["batch_in_epoch"]
         logger.info(
             f"Resumed from {options.resume_from} at update {step} (epoch {start_epoch}).", main_process_only=True
@@ -253,8 +276,9 @@ def train(options: TrainingOptions) -> dict[str, Any]:
         accelerator.log({"eval/accuracy": accuracy}, step=step)
         accelerator.end_training()
     accelerator.wait_for_everyone()
+    weights = gather_state_dict(unwrapped)  # every process takes part when the model is sharded
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(options.output_dir)
+        unwrapped.save_pretrained(options.output_dir, state_dict=weights)
         write_checkpoint(
             options.output_dir,
             {
@@ -266,7 +290,7 @@ def train(options: TrainingOptions) -> dict[str, Any]:
             f"Saved the model, its image processor and {RESULTS_NAME} to {options.output_dir}", main_process_only=True
         )
         if options.push_to_hub:
-            _push(unwrapped, image_processor, options, results)
+            _push(_saved_model(options) if options.fsdp else unwrapped, image_processor, options, results)
     accelerator.wait_for_everyone()
     return results
 
@@ -285,6 +309,44 @@ def _resumed_batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
     if first is not None:
         yield first
         yield from batches
+
+
+def _check_sharding(options: TrainingOptions) -> None:
+    """Refuse, before anything starts, the parameter sharding a RepL model cannot train with."""
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        raise ValueError(
+            "Accelerate's FSDP (accelerate launch --use_fsdp, or an FSDP config) shards each block on its own, "
+            "which a replaced block cannot read its neighbours from: launch without it and pass --fsdp to "
+            "hf-replacement train, which groups each replaced block with its neighbours."
+        )
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and not options.baseline:
+        from accelerate.utils import DeepSpeedPlugin
+
+        check_deepspeed_stage(DeepSpeedPlugin().zero_stage)  # reads Accelerate's DeepSpeed settings
+    if options.fsdp and options.mixed_precision == "fp16":
+        raise ValueError(
+            "--mixed-precision fp16 with --fsdp is not supported: fp16 loss scaling would skip steps per process, "
+            "each seeing only its shard. Use --mixed-precision bf16."
+        )
+
+
+def _fsdp_settings(options: TrainingOptions, accelerator: Accelerator) -> dict[str, Any]:
+    """`fully_shard`'s settings: one mesh over every process; bf16 compute with fp32 master weights and
+    gradient reduction (`--mixed-precision bf16`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    settings: dict[str, Any] = {"mesh": init_device_mesh(accelerator.device.type, (accelerator.num_processes,))}
+    if options.mixed_precision == "bf16":
+        settings["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return settings
+
+
+def _saved_model(options: TrainingOptions) -> torch.nn.Module:
+    """The model just saved to `output_dir`, loaded whole (a sharded model cannot be pushed as it is)."""
+    if options.baseline:
+        return load_image_classifier(options.output_dir)
+    return ReplacementModel.from_pretrained(options.output_dir)
 
 
 def _check_output_dir(directory: str) -> None:
@@ -348,12 +410,16 @@ def _save_checkpoint(
         epoch, batch_in_epoch = epoch + 1, 0
     directory = os.path.join(options.output_dir, f"checkpoint-{step}")
     accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    # Whole tensors, as an unsharded run saves them (every process takes part when the model is sharded).
+    weights = gather_state_dict(unwrapped)
+    optimizer_state = gather_optimizer_state_dict(unwrapped, optimizer.optimizer)
     if accelerator.is_main_process:
         with staged_directory(directory) as staging:  # a checkpoint appears whole, or not at all
-            accelerator.unwrap_model(model).save_pretrained(staging)
+            unwrapped.save_pretrained(staging, state_dict=weights)
             image_processor.save_pretrained(staging)  # `merge` carries it over to the plain model
             progress = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-            save_training_state(staging, optimizer.optimizer, scheduler.scheduler, progress, _run_identity(options))
+            save_training_state(staging, optimizer_state, scheduler.scheduler, progress, _run_identity(options))
     accelerator.wait_for_everyone()
 
 

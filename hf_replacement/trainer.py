@@ -21,6 +21,8 @@ from transformers.utils import logging
 
 from .hub import render_model_card
 from .model import LOG_PREFIX, ReplacementModel, coefficient_logs
+from .sharding import check_deepspeed_stage, gather_state_dict, shard_model
+from .utils import is_sharded
 
 logger = logging.get_logger(__name__)
 
@@ -174,6 +176,8 @@ class ReplacementTrainer(Trainer):
         if model is not None:  # before the Trainer's own work (device placement, Hub repo creation)
             _check_model(model, callback.start_step)
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")  # the Trainer's default
+        deepspeed = getattr(args, "deepspeed_plugin", None)  # set by TrainingArguments(deepspeed=...) or the launcher
+        check_deepspeed_stage(deepspeed.zero_stage if deepspeed is not None else None)
         if args.ddp_find_unused_parameters is None:
             # Every parameter of a RepL model takes part in every forward (the replaced blocks' own are
             # freed): the Trainer's default for a non-PreTrainedModel, True, only costs an extra pass.
@@ -206,6 +210,8 @@ class ReplacementTrainer(Trainer):
                 )
             # Resuming (or loading the best model) from a checkpoint on the other side of the switch.
             model.register_load_state_dict_pre_hook(_match_checkpoint_replacement)
+        if self.is_fsdp_enabled and not is_sharded(model):
+            self.model = self.model_wrapped = _shard_with_plugin(model, self.accelerator)
         if self.args.push_to_hub and self.args.hub_token and self.is_world_process_zero():
             logger.warning(
                 "RepL: TrainingArguments.hub_token is pickled into training_args.bin, which the Trainer uploads "
@@ -240,6 +246,17 @@ class ReplacementTrainer(Trainer):
         if processor is not None:
             processor.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; under FSDP every process gathers the weights and the main one writes a whole
+        RepL checkpoint, whatever fsdp_config's `state_dict_type` (with the FSDP2 default, SHARDED_STATE_DICT,
+        the Trainer would keep the model only in its distributed checkpoint for resuming)."""
+        if not self.is_fsdp_enabled:
+            super().save_model(output_dir, _internal_call)
+            return
+        self._save(output_dir, state_dict=gather_state_dict(self.model))
+        if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model does
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def create_model_card(
         self,
@@ -431,6 +448,37 @@ def _check_model(model: nn.Module, start_step: int | None) -> ReplacementModel:
             "pass ReplacementTrainer(..., replacement_start_step=N), or call model.replace_blocks() first."
         )
     return model
+
+
+def _shard_with_plugin(model: ReplacementModel, accelerator: Any) -> ReplacementModel:
+    """`shard_model` with the settings of the Trainer's FSDP plugin, before Accelerate sees the model.
+
+    Accelerate's own wrapping (its auto-wrap policies) puts each module in a unit of its own, and a
+    replaced block must share one with its neighbours; Accelerate leaves a model that is sharded already
+    as it is.
+    """
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            f"RepL shards with FSDP2, and fsdp_config asks for FSDP version {plugin.fsdp_version}: pass "
+            "TrainingArguments(fsdp='full_shard', fsdp_config={'version': 2})."
+        )
+    if plugin.activation_checkpointing:
+        raise ValueError(
+            "fsdp_config's activation_checkpointing wraps the blocks after RepL has sharded them: use "
+            "TrainingArguments(gradient_checkpointing=True) (or ReplacementConfig(recompute_replaced=True)) instead."
+        )
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    settings: dict[str, Any] = {
+        "reshard_after_forward": plugin.reshard_after_forward,
+        "offload_policy": plugin.cpu_offload,
+        "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+    }
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    if mesh is not None:  # as Accelerate passes it (a ParallelismConfig's FSDP dimensions)
+        settings["mesh"] = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    return shard_model(model, **settings)
 
 
 def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

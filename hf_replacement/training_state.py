@@ -32,14 +32,15 @@ class TrainingStateError(ValueError):
 
 
 def save_training_state(
-    directory: str, optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict[str, int], run: dict[str, Any]
+    directory: str, optimizer_state: dict[str, Any], scheduler: Any, progress: dict[str, int], run: dict[str, Any]
 ) -> None:
-    """Write the optimizer, scheduler, RNG states and `progress` (step, epoch, ...) atomically.
+    """Write the optimizer state, the scheduler, RNG states and `progress` (step, epoch, ...) atomically.
 
-    `run` (model, method, RepL config) and the digest of the directory's weights are recorded, so a
-    resume can refuse another run's checkpoint, or one whose weights were replaced by another save.
+    `optimizer_state`: `torch.optim.Optimizer.state_dict()`'s layout (a sharded model's gathered by
+    `sharding.gather_optimizer_state_dict`). `run` (model, method, RepL config) and the digest of the
+    directory's weights are recorded, so a resume can refuse another run's checkpoint, or one whose
+    weights were replaced by another save.
     """
-    optimizer_state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, state in optimizer_state["state"].items():
@@ -116,8 +117,9 @@ def _read_metadata(directory: str) -> dict[str, Any]:
     return metadata
 
 
-def load_training_state(directory: str, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, int]:
-    """Restore what `save_training_state` wrote; return its `progress`."""
+def load_training_state(directory: str, scheduler: Any) -> tuple[dict[str, int], dict[str, Any]]:
+    """Restore the scheduler and RNG states `save_training_state` wrote; return its `progress` and the
+    optimizer state (`Optimizer.load_state_dict`'s layout) for the caller to load."""
     metadata = _read_metadata(directory)
     try:
         tensors = load_file(os.path.join(directory, STATE_TENSORS))
@@ -130,7 +132,6 @@ def load_training_state(directory: str, optimizer: torch.optim.Optimizer, schedu
             state.setdefault(int(index), {})[name] = value
     for index, values in metadata["optimizer_scalars"].items():
         state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": metadata["optimizer_param_groups"]})
     scheduler.load_state_dict(metadata["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
@@ -139,4 +140,4 @@ def load_training_state(directory: str, optimizer: torch.optim.Optimizer, schedu
     np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), position, has_gauss, gauss))
     version, internal, gauss_next = metadata["rng_python"]
     random.setstate((version, tuple(internal), gauss_next))
-    return metadata["progress"]
+    return metadata["progress"], {"state": state, "param_groups": metadata["optimizer_param_groups"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -11,4 +12,9 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
 
 
-__all__ = ["count_parameters"]
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 (`fully_shard`) manages `module` or one of its submodules."""
+    return any(isinstance(submodule, FSDPModule) for submodule in module.modules())
+
+
+__all__ = ["count_parameters", "is_sharded"]

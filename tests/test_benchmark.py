@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import synthesis_overhead
+from benchmarks import fsdp_state, synthesis_overhead
 from benchmarks.harness import (
     METHODS,
     BenchmarkError,
@@ -430,18 +430,49 @@ def test_synthesis_overhead_script_writes_measured_numbers(overhead_dir):
     assert "fused / reference" in markdown and "| vit-mini (8px, 64) | [3] |" in markdown
 
 
-def test_readme_is_generated_from_the_results_on_disk(tmp_path, overhead_dir):
+@pytest.fixture(scope="module")
+def fsdp_state_dir(tmp_path_factory):
+    """A tiny fsdp_state.py run: vit-mini at 8 px, bp and repl-k4, 2 processes."""
+    directory = tmp_path_factory.mktemp("fsdp")
+    assert fsdp_state.main(["--models", "vit-mini", "--image-size", "8", "--output-dir", str(directory)]) == 0
+    return directory
+
+
+def test_fsdp_state_script_counts_what_each_process_holds(fsdp_state_dir):
+    report_json = json.loads((fsdp_state_dir / "fsdp_state.json").read_text())
+    assert report_json["command"].startswith("python benchmarks/fsdp_state.py --models vit-mini")
+    bp, repl = report_json["results"]
+    assert (bp["method"], repl["method"]) == ("bp", "repl-k4") and report_json["processes"] == 2
+    for entry in (bp, repl):
+        ranks, whole = entry["per_process"], entry["unsharded"]
+        # the shards partition the parameters and gradients: together, the whole model's bytes
+        for kind in ("parameters", "gradients"):
+            assert sum(rank[kind] for rank in ranks) == whole[kind] > 0
+        # AdamW: two moments per parameter, sharded; one fp32 step count per tensor, held by every process
+        step_bytes = whole["optimizer"] - 2 * whole["parameters"]
+        assert step_bytes > 0 and sum(rank["optimizer"] for rank in ranks) == 2 * whole["parameters"] + 2 * step_bytes
+        assert all(abs(rank["parameters"] - whole["parameters"] / 2) < whole["parameters"] / 10 for rank in ranks)
+    for bp_rank, repl_rank in zip(bp["per_process"], repl["per_process"]):
+        assert repl_rank["total"] < bp_rank["total"]
+    assert repl["units"] == [[0], [1], [2, 3, 4], [5], [6], [7]] and bp["units"] == [[i] for i in range(8)]
+    assert repl["largest_unit_bytes"] == 2 * bp["largest_unit_bytes"]  # two neighbours, gathered together
+    markdown = (fsdp_state_dir / "fsdp_state.md").read_text()
+    assert "| vit-mini | repl-k4 |" in markdown and "| vit-mini | repl-k4 | 0, 1, 2+3+4, 5, 6, 7 |" in markdown
+
+
+def test_readme_is_generated_from_the_results_on_disk(tmp_path, overhead_dir, fsdp_state_dir):
     empty = render_readme(str(tmp_path))
     for command in ("python -m benchmarks --suite quick", "python -m benchmarks --suite fashion-mnist",
                     "python -m benchmarks --suite gpu", "python benchmarks/synthesis_overhead.py",
-                    "python -m benchmarks --readme"):
+                    "python benchmarks/fsdp_state.py", "python -m benchmarks --readme"):
         assert f"`{command}`" in empty
     assert "Not run yet (no `results.json`): `quick`, `fashion-mnist`, `gpu`." in empty
-    assert "## Suite" not in empty and "## Synthesis overhead" not in empty
+    assert "## Suite" not in empty and "## Synthesis overhead" not in empty and "## Training state" not in empty
     # With the committed quick results and a synthesis-overhead run beside them:
     (tmp_path / "quick").mkdir()
     shutil.copy(os.path.join(BENCHMARKS_DIR, "quick", "results.json"), tmp_path / "quick" / "results.json")
     shutil.copy(overhead_dir / "synthesis_overhead.json", tmp_path / "synthesis_overhead.json")
+    shutil.copy(fsdp_state_dir / "fsdp_state.json", tmp_path / "fsdp_state.json")
     assert write_readme(str(tmp_path)) == str(tmp_path / "README.md")
     text = (tmp_path / "README.md").read_text()
     assert text == render_readme(str(tmp_path))  # deterministic: regenerating changes nothing
@@ -450,6 +481,7 @@ def test_readme_is_generated_from_the_results_on_disk(tmp_path, overhead_dir):
     assert "### vit-mini" in text and "### convnext-mini" in text and "| repl-k4 |" in text
     assert "[`quick/results.md`](quick/results.md)" in text and "(quick/accuracy_curves.png)" in text
     assert "## Synthesis overhead" in text and "| vit-mini (8px, 64) | [3] |" in text
+    assert "## Training state per process under FSDP2" in text and "| vit-mini | repl-k4 |" in text
 
 
 def test_committed_readme_is_up_to_date():

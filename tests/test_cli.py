@@ -177,6 +177,7 @@ BAD_FLAGS = [
         "--model /nonexistent/model-dir/x: its config could not be loaded",
     ),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["train", *TINY, "--fsdp"], "--fsdp shards the model across the processes of a distributed launch"),
 ]
 
 
@@ -396,8 +397,8 @@ def _launch(commands: list[list[str]], tmp_path) -> None:
 DISTRIBUTED_ARGS = [*TINY, "--epochs", "1", "--lr", "3e-3"]
 
 
-def _compare_with_single_process(tmp_path, distributed_dir) -> None:
-    run_cli("train", *DISTRIBUTED_ARGS, "--output-dir", str(tmp_path / "single"))
+def _compare_with_single_process(tmp_path, distributed_dir, *extra: str) -> None:
+    run_cli("train", *DISTRIBUTED_ARGS, *extra, "--output-dir", str(tmp_path / "single"))
     single = load_file(tmp_path / "single" / "model.safetensors")
     multi = load_file(distributed_dir / "model.safetensors")
     results = json.loads((distributed_dir / "results.json").read_text())
@@ -475,3 +476,83 @@ def test_divergence_stops_every_process_of_a_distributed_run(tmp_path):
     assert process.returncode != 0
     assert process.stdout.count("the run diverged") + process.stderr.count("the run diverged") == 2
     assert not (tmp_path / "ddp" / "model.safetensors").exists()
+
+
+def _torchrun_train(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(_free_port()), "-m", "hf_replacement.cli", "train", *args]  # fmt: skip
+
+
+FSDP_ARGS = [*(a if a != "32" else "16" for a in DISTRIBUTED_ARGS), "--fsdp"]  # the same global batch
+
+
+def test_fsdp_vit_equals_one_process_and_resumes_exactly(tmp_path):
+    """--fsdp over 2 processes ends with one process's weights and coefficients; its checkpoint resumes exactly."""
+    straight, resumed = tmp_path / "fsdp", tmp_path / "resumed"
+    _launch([_torchrun_train(*FSDP_ARGS, "--checkpointing-steps", "4", "--output-dir", str(straight))], tmp_path)
+    _compare_with_single_process(tmp_path, straight)
+    checkpoint = straight / "checkpoint-4"
+    _launch([_torchrun_train(*FSDP_ARGS, "--output-dir", str(resumed), "--resume-from", str(checkpoint))], tmp_path)
+    expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+def test_fsdp_convnext_fusing_across_a_stage_boundary_equals_one_process_loads_and_merges(tmp_path, capsys):
+    from transformers import AutoModelForImageClassification
+
+    run = tmp_path / "fsdp"
+    _launch([_torchrun_train(*FSDP_ARGS, "--model", "convnext-mini", "--output-dir", str(run))], tmp_path)
+    _compare_with_single_process(tmp_path, run, "--model", "convnext-mini")
+    results = json.loads((run / "results.json").read_text())
+    saved = load_file(run / "model.safetensors")
+    # blocks 3 and 7 fuse the last block of one stage with the first of the next (other widths)
+    stages = "convnext.encoder.stages"
+    assert results["replaced_blocks"] == {"3": f"{stages}.1.layers.1", "7": f"{stages}.2.layers.3"}
+    assert results["coefficients"]["replacement/b/block_7"] == saved["replacement_coefficients.7"][1, 0].item()
+
+    model = ReplacementModel.from_pretrained(run)
+    run_cli("merge", str(run), str(tmp_path / "merged"))
+    capsys.readouterr()
+    merged = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
+    pixels = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+
+
+def test_fsdp_bf16_computes_in_bf16_and_keeps_fp32_weights(tmp_path):
+    """FSDP's mixed precision (bf16 compute, fp32 shards): what is saved and reported is fp32. One rank, in process."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        run_cli("train", *TINY, "--max-train-samples", "32", "--epochs", "1", "--fsdp", "--mixed-precision", "bf16",
+                "--output-dir", str(tmp_path))  # fmt: skip
+    finally:
+        torch.distributed.destroy_process_group()
+    results = json.loads((tmp_path / "results.json").read_text())
+    weights = load_file(tmp_path / "model.safetensors")
+    assert results["mixed_precision"] == "bf16" and {w.dtype for w in weights.values()} == {torch.float32}
+    a, b = weights["replacement_coefficients.3"][:, 0].tolist()
+    assert results["coefficients"] == {"replacement/a/block_3": a, "replacement/b/block_3": b}
+    assert torch.tensor([a, b], dtype=torch.bfloat16).float().tolist() != [a, b]  # not bf16 values
+
+
+@pytest.mark.parametrize(
+    "environment, message",
+    [
+        ({"ACCELERATE_USE_FSDP": "true"}, "launch without it and pass --fsdp to hf-replacement train"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            "DeepSpeed ZeRO-3 partitions the parameters per module",
+        ),
+    ],
+    ids=["accelerate-fsdp", "deepspeed-zero3"],
+)
+def test_sharding_a_repl_model_cannot_train_under_is_refused(environment, message, tmp_path, capsys, monkeypatch):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *TINY, "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error

@@ -84,3 +84,38 @@ def test_cuda_checkpoint_loads_on_cpu(tmp_path):
             rtol=1e-4,
             atol=1e-5,
         )
+
+
+def test_trainer_under_fsdp_trains_as_one_process_and_saves_repl_checkpoints(tmp_path):
+    """TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2}): ReplacementTrainer shards the model in
+    RepL units; the weights match an unsharded run of the same global batch and every save is a RepL checkpoint."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    processes = min(2, torch.cuda.device_count())
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_trainer_run.py")
+    environment = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(script)))
+
+    def launch(output_dir, mode: str, process_count: int, batch_size: int) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = str(probe.getsockname()[1])
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(process_count),
+                   "--master_port", port, script, str(output_dir), mode, str(batch_size)]  # fmt: skip
+        finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+        assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+    launch(tmp_path / "fsdp", "fsdp", processes, 4)
+    launch(tmp_path / "plain", "plain", 1, 4 * processes)
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    for directory in (tmp_path / "fsdp", tmp_path / "fsdp" / "checkpoint-4"):
+        loaded = ReplacementModel.from_pretrained(directory)  # a whole RepL checkpoint, whatever was sharded
+        assert loaded.replaced_blocks == {1: "vit.layers.1"}
+    sharded = load_file(tmp_path / "fsdp" / "model.safetensors")
+    assert sharded.keys() == plain.keys()
+    for key in plain:
+        torch.testing.assert_close(sharded[key], plain[key], rtol=0, atol=2e-4, msg=key)

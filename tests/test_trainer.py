@@ -538,3 +538,51 @@ def test_ddp_does_not_look_for_unused_parameters_by_default(tmp_path):
         repl_vit(), training_args(tmp_path, ddp_find_unused_parameters=True), train_dataset=dataset()
     )
     assert chosen.args.ddp_find_unused_parameters is True  # the user's choice stands
+
+
+# ---- parameter sharding: FSDP2 and DeepSpeed ---------------------------------------------------------
+
+
+def test_deepspeed_zero3_is_refused_at_construction_pointing_to_fsdp(tmp_path):
+    from accelerate.utils import DeepSpeedPlugin
+
+    args = training_args(tmp_path)
+    # What TrainingArguments(deepspeed=...) holds with ZeRO-3 (building it needs the deepspeed package).
+    args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 3}})
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3 .* Shard with FSDP2 instead"):
+        ReplacementTrainer(repl_vit(), args, train_dataset=dataset())
+
+
+@pytest.fixture
+def process_group():
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_plugin_settings_shard_the_model_in_repl_units(process_group):
+    """What ReplacementTrainer does under TrainingArguments(fsdp=...) before Accelerate sees the model.
+
+    The Trainer's FSDP path itself needs CUDA (Accelerate falls back to DDP on the CPU): tests/test_cuda.py.
+    """
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from hf_replacement.trainer import _shard_with_plugin
+
+    def accelerator(**plugin_options) -> SimpleNamespace:
+        return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin(**plugin_options)))
+
+    with pytest.raises(ValueError, match=r"fsdp_config=\{'version': 2\}"):
+        _shard_with_plugin(repl_vit(), accelerator(fsdp_version=1))
+    with pytest.raises(ValueError, match="gradient_checkpointing=True"):
+        _shard_with_plugin(repl_vit(), accelerator(fsdp_version=2, activation_checkpointing=True))
+
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = _shard_with_plugin(repl_vit(), accelerator(fsdp_version=2, mixed_precision_policy=bf16))
+    layers = model.base_model.vit.layers
+    states = [layer._get_fsdp_state() for layer in layers]
+    assert states[0] is states[1] is states[2] and states[3] is not states[0]  # block 1 with its neighbours
+    assert logits(model, torch.randn(2, 1, 8, 8)).dtype == torch.bfloat16  # the plugin's mixed precision

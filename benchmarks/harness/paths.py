@@ -8,6 +8,8 @@ import os
 BENCHMARKS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # benchmarks/synthesis_overhead.py writes <name>.json and <name>.md beside itself.
 SYNTHESIS_OVERHEAD_NAME = "synthesis_overhead"
+# benchmarks/fsdp_state.py writes <name>.json and <name>.md beside itself.
+FSDP_STATE_NAME = "fsdp_state"
 
 
 def suite_dir(suite_name: str) -> str:

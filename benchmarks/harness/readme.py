@@ -15,7 +15,7 @@ from typing import Any
 from hf_replacement.checkpoint import atomic_write
 
 from .methods import METHODS
-from .paths import BENCHMARKS_DIR, SYNTHESIS_OVERHEAD_NAME
+from .paths import BENCHMARKS_DIR, FSDP_STATE_NAME, SYNTHESIS_OVERHEAD_NAME
 from .report import lora_footnote, render_settings, render_tables, surrogate_summary
 from .suites import SUITES
 
@@ -44,6 +44,8 @@ def _how_to_run() -> list[str]:
         *rows,
         "| `python benchmarks/synthesis_overhead.py` | the share of a RepL step spent synthesizing weights: "
         "the shipped fused synthesis against the plain-autograd reference |",
+        "| `python benchmarks/fsdp_state.py` | parameter, gradient and optimizer bytes per process under FSDP2 "
+        "(2 CPU processes), bp against RepL |",
         "| `python -m benchmarks --readme` | rewrites this file from the results below, without training |",
         "",
         "A suite writes `results.json`, `results.md`, `accuracy_curves.png` and `coefficients.png` to "
@@ -92,6 +94,20 @@ def _synthesis_section(overhead: dict[str, Any]) -> list[str]:
     ]
 
 
+def _fsdp_section(fsdp_state: dict[str, Any]) -> list[str]:
+    # The script's own renderers, so this section and fsdp_state.md always agree.
+    from ..fsdp_state import render_setting, render_table
+
+    return [
+        "## Training state per process under FSDP2",
+        "",
+        render_setting(fsdp_state) + " Units and notes: [`fsdp_state.md`](fsdp_state.md).",
+        "",
+        *render_table(fsdp_state),
+        "",
+    ]
+
+
 def render_readme(directory: str = BENCHMARKS_DIR) -> str:
     """The README text for the results found under `directory` (the `benchmarks` package directory)."""
     lines = [
@@ -118,6 +134,9 @@ def render_readme(directory: str = BENCHMARKS_DIR) -> str:
     overhead = _read_json(os.path.join(directory, f"{SYNTHESIS_OVERHEAD_NAME}.json"))
     if overhead is not None:
         lines += _synthesis_section(overhead)
+    fsdp_state = _read_json(os.path.join(directory, f"{FSDP_STATE_NAME}.json"))
+    if fsdp_state is not None:
+        lines += _fsdp_section(fsdp_state)
     return "\n".join(lines)
 
 
