@@ -11,8 +11,8 @@ setup(
     python_requires=">=3.10",
     # torch is pinned below 2.15: install the CPU or CUDA build you want first (see README).
     install_requires=[
-        "torch>=2.4,<2.15",
-        "transformers>=4.56,<6",
+        "torch>=2.6,<2.15",  # FSDP2 (torch.distributed.fsdp.fully_shard) is public from 2.6
+        "transformers>=5.23,<6",  # v5 module paths and image processors; tested with 5.23-5.24
         "accelerate>=1.0",
         "datasets>=3.0",
         "peft>=0.17",
