@@ -13,13 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_replacement import find_blocks
 from hf_replacement.layer import is_replaced
 from hf_replacement.steps import make_optimizer, train_step
 from hf_replacement.synthesis import synthesize
 from hf_replacement.utils import count_parameters
 
 from .device import autocast, synchronize
-from .meters import SavedTensorMeter, SynthesisCounter, state_memory
+from .meters import SavedTensorMeter, SynthesisCounter, parameter_state_bytes, state_memory
 from .methods import MethodModel, build_method_model, inference_model
 from .suites import SuiteSpec
 
@@ -112,6 +113,10 @@ def measure_memory(
     del loss
     optimizer.step()
     state = state_memory(model, optimizer)  # gradients still held: their bytes count
+    # bp's, per block: what RepL frees of it gives RepL's analytic memory (runner._summarize).
+    block_state = [
+        parameter_state_bytes(list(block.module.parameters()), optimizer) for block in find_blocks(model)
+    ] if built.method.kind == "bp" else None
     optimizer.zero_grad(set_to_none=True)
     result: dict[str, Any] = {
         "trainable_params": trainable,
@@ -123,6 +128,8 @@ def measure_memory(
         "saved_activation_bytes": meter.bytes,
         "batch_size": int(batch["labels"].shape[0]),
     }
+    if block_state is not None:
+        result["block_state_bytes"] = block_state
     if device.type == "cuda":
         # Second step: the optimizer state exists, as in every later step.
         torch.cuda.synchronize(device)
