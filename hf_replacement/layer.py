@@ -4,7 +4,8 @@ A replaced block keeps its module, its class (a subclass is swapped in, so `isin
 Transformers' gradient checkpointing, attention masks, drop-path and buffers behave as before) and
 its buffers, but its parameters are deleted. The synthesis runs inside the block's `forward`, so a
 gradient-checkpointing recompute rebuilds the weights from the coefficients and the neighbours
-instead of reusing stale ones.
+instead of reusing stale ones. Nor does autograd keep them for backward: it keeps a recipe, and
+backward synthesizes them again (`saved_weights.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ReplacementConfig
 from .fusion import DimResample
 from .planning import BlockPlan, coefficient_width
+from .saved_weights import saved_weight_hooks
 from .surrogates import describe, merged_value, skipped_value, surrogate_family
 from .synthesis import ReplacementState, SynthesizedTensor, Term, compile_program, synthesize
 
@@ -195,13 +197,21 @@ class ReplacedBlockMixin(FreedParametersMixin):
 @contextlib.contextmanager
 def _synthesized_weights_attached(module: nn.Module) -> Iterator[None]:
     tensors = module._replacement.tensors
+    weights = synthesize(module)
     # A plain tensor under a free name is what Module.__setattr__ stores in the instance dict, and
     # where `owner.weight` finds it; writing it there directly skips the checks (~1 µs a tensor).
-    for tensor, value in zip(tensors, synthesize(module)):
+    for tensor, value in zip(tensors, weights):
         tensor.owner.__dict__[tensor.attr] = value
+    # Autograd keeps recipes for these weights, not the weights (None where that does not apply). Not
+    # a second `with` in forward: Dynamo cannot resume a graph break under two.
+    hooks = saved_weight_hooks(module, weights)
+    if hooks is not None:
+        hooks.install()
     try:
         yield
     finally:
+        if hooks is not None:
+            hooks.uninstall()
         # The weights are rebuilt on the next call; keeping them would hold a block's worth of memory.
         for tensor in tensors:
             del tensor.owner.__dict__[tensor.attr]

@@ -57,11 +57,12 @@ class Program:
     paired: tuple[int, ...]  # ... and those outputs
     # Terms resampled to a larger tensor with a scalar coefficient, which commutes with the resampling
     # M: backward maps the gradient back to the neighbour's (smaller) shape first, where <Mᵀg, p> =
-    # <g, M p> is the coefficient's gradient, so the larger resampled tensor is not saved and forward
-    # scales it in place.
+    # <g, M p> is the coefficient's gradient, so backward needs no resampled tensor and forward scales
+    # it in place.
     source_side: tuple[int, ...]
-    target_side: tuple[int, ...]  # the rest: scaled, dot product with the resampled tensor, mapped back
-    kept: tuple[int, ...]  # the resampled target-side terms, whose resampled tensors backward needs
+    # The rest: scaled, mapped back; the coefficient's gradient is a dot product with the resampled
+    # tensor, which backward resamples again rather than keep one the size of the synthesized tensor.
+    target_side: tuple[int, ...]
 
 
 def compile_program(
@@ -90,7 +91,6 @@ def compile_program(
         tuple(paired),
         tuple(source_side),
         tuple(target_side),
-        tuple(i for i in target_side if terms[i].resample),
     )
 
 
@@ -125,6 +125,9 @@ class ReplacementState:
     # the block's parameters it does not use (freed, never synthesized; zero or identity when merged).
     surrogate: Callable[..., Any] | None = None
     unused: tuple[SynthesizedTensor, ...] = ()
+    # Autograd saves a recipe instead of each synthesized weight a layer saves, and backward rebuilds
+    # them (`saved_weights.py`); False keeps the weights from forward to backward.
+    rebuild_saved_weights: bool = True
 
     @property
     def index(self) -> int:
@@ -147,8 +150,9 @@ _SYNTHESIS_HOOKS: OrderedDict[int, Callable[[nn.Module], None]] = OrderedDict()
 def register_synthesis_hook(hook: Callable[[nn.Module], None]) -> RemovableHandle:
     """Call `hook(block)` at every synthesis of a replaced block's weights; `handle.remove()` stops it.
 
-    A training step synthesizes once per replaced block in forward, and once more in backward when
-    the block is recomputed (`recompute_replaced=True` or gradient checkpointing).
+    A training step synthesizes once per replaced block in forward, and once more in backward: to
+    rebuild the weights its layers saved (`saved_weights.py`), or, instead, when the block is
+    recomputed (`recompute_replaced=True` or gradient checkpointing).
     """
     handle = RemovableHandle(_SYNTHESIS_HOOKS)
     _SYNTHESIS_HOOKS[handle.id] = hook
@@ -187,7 +191,6 @@ class _Synthesis(torch.autograd.Function):
         with _autocast_disabled(coefficients.device.type):
             factors = _term_coefficients(program, coefficients.to(sources[0].dtype))
             products = [_resample(source, term, tables) for source, term in zip(sources, program.terms)]
-            kept = [products[i] for i in program.kept] if ctx.needs_input_grad[1] else []
             if program.source_side:  # fresh resampled tensors that backward does not need: scaled in place
                 torch._foreach_mul_(
                     [products[i] for i in program.source_side], [factors[i] for i in program.source_side]
@@ -205,7 +208,7 @@ class _Synthesis(torch.autograd.Function):
                 torch._foreach_add_([outputs[i] for i in program.paired], [products[i] for i in program.seconds])
         ctx.program = program
         ctx.num_tables = len(tables)
-        ctx.save_for_backward(coefficients, *sources, *tables, *kept)
+        ctx.save_for_backward(coefficients, *sources, *tables)
         return tuple(outputs)
 
     @staticmethod
@@ -214,8 +217,7 @@ class _Synthesis(torch.autograd.Function):
         program: Program = ctx.program
         terms = program.terms
         coefficients, *saved = ctx.saved_tensors
-        sources, tables = saved[: len(terms)], saved[len(terms) : len(terms) + ctx.num_tables]
-        resampled = dict(zip(program.kept, saved[len(terms) + ctx.num_tables :]))
+        sources, tables = saved[: len(terms)], saved[len(terms) :]
         need_sources = ctx.needs_input_grad[2 : 2 + len(terms)]
         need_coefficients = ctx.needs_input_grad[1]
         source_grads: list[torch.Tensor | None] = [None] * len(terms)
@@ -242,8 +244,8 @@ class _Synthesis(torch.autograd.Function):
             coefficient_grad = None
             if need_coefficients:
                 for i in program.target_side:
-                    used = resampled.get(i, sources[i])
-                    dots[i] = _row_dots(grads[terms[i].output], used, program.widths[terms[i].output])
+                    resampled = _resample(sources[i], terms[i], tables)
+                    dots[i] = _row_dots(grads[terms[i].output], resampled, program.widths[terms[i].output])
                 coefficient_grad = _coefficient_grad(program, dots).to(coefficients.dtype)
         return (None, coefficient_grad, *source_grads, *([None] * ctx.num_tables))
 

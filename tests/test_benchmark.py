@@ -36,7 +36,7 @@ from benchmarks.harness import (
     write_readme,
 )
 from benchmarks.harness import cli as benchmark_cli
-from benchmarks.harness.measure import replaced_modules
+from benchmarks.harness.measure import measure_memory, replaced_modules
 from benchmarks.harness.paths import BENCHMARKS_DIR
 from hf_replacement import find_blocks
 from hf_replacement.synthesis import reference_synthesize, synthesize
@@ -137,9 +137,9 @@ def test_saved_tensor_meter_sees_recompute_saving_memory():
         return meter.bytes
 
     bp, repl, recompute = saved("bp"), saved("repl-k4"), saved("repl-k4-recompute")
-    # RepL keeps the block's activations plus its synthesized weights; recomputing keeps only the
-    # block's input (saved by the checkpoint outside its own hooks).
-    assert repl > bp
+    # RepL keeps what bp keeps (its synthesized weights are rebuilt in backward, not saved); recomputing
+    # keeps only the replaced block's input (saved by the checkpoint outside its own hooks).
+    assert repl == bp
     assert recompute < repl
     assert recompute > 0.5 * repl
 
@@ -203,7 +203,12 @@ def test_tiny_run_writes_every_output(tmp_path):
             assert methods[method]["synthesis_percent"] > 0
             assert methods[method]["runs"][0]["coefficients"]["blocks"]
         assert methods["repl-k4-recompute"]["synthesis_calls_per_block_per_step"] == pytest.approx(2.0)
-        assert methods["repl-k4"]["synthesis_calls_per_block_per_step"] == pytest.approx(1.0)
+        assert methods["repl-k4"]["synthesis_calls_per_block_per_step"] == pytest.approx(2.0)  # rebuilt in backward
+        # The analytic memory, for RepL methods only; their saved activations are bp's.
+        assert {m for m, e in methods.items() if "analytic_memory_ratio_vs_bp" in e} == {
+            m for m in methods if METHODS[m].kind == "repl"
+        }
+        assert methods["repl-k4"]["saved_activations_mb"] == bp["saved_activations_mb"]
         assert methods["drop-k4"]["inference_params"] < bp["inference_params"]
         # Forward FLOPs of a replaced block: the whole block, its MLP sub-block, that at half width, nothing.
         assert methods["repl-k4"]["block_flops_ratio_vs_bp"] == pytest.approx(1.0)
@@ -218,7 +223,24 @@ def test_tiny_run_writes_every_output(tmp_path):
             methods["repl-k4"]["runs"][0]["train_loss_per_epoch"], rel=1e-5
         )
         assert methods["repl-k4-recompute"]["saved_activations_mb"] < methods["repl-k4"]["saved_activations_mb"]
-    assert "LoRA adapts a random" in markdown
+    assert "LoRA adapts a random" in markdown and "| analytic ×bp |" in markdown
+
+
+def test_analytic_memory_is_bp_less_exactly_the_replaced_blocks_parameter_state():
+    suite = _tiny_suite()
+    batch = {"pixel_values": _pixels(16), "labels": torch.zeros(16, dtype=torch.long)}
+    bp, repl = (measure_memory(suite, "convnext-mini", m, batch, 10, torch.device("cpu")) for m in ("bp", "repl-k4"))
+    assert len(bp["block_state_bytes"]) == bp["num_blocks"] and "block_state_bytes" not in repl
+    freed = sum(bp["block_state_bytes"][i] for i in repl["affected_blocks"])
+    # What RepL adds: its coefficients (with gradient, exp_avg, exp_avg_sq and a step scalar each) and
+    # the resampling tables of its stage-boundary blocks.
+    model = _build("repl-k4", "convnext-mini").model
+    coefficients = list(model.replacement_coefficients.parameters())
+    added = sum(4 * c.numel() * c.element_size() + 4 for c in coefficients)
+    added += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "replacement_resample_" in n)
+    assert added > 0
+    assert repl["state_memory_bytes"]["total"] == bp["state_memory_bytes"]["total"] - freed + added
+    assert repl["saved_activation_bytes"] == bp["saved_activation_bytes"]
 
 
 def test_accuracy_methods_subset_trains_only_those(tmp_path):
@@ -370,8 +392,9 @@ def test_synthesis_counter_counts_forward_and_recompute_syntheses():
         model(pixel_values=_pixels(), labels=torch.tensor([0, 1, 2, 3])).loss.backward()  # inactive: not counted
         return counter.calls, len(replaced_modules(model))
 
+    # Forward, then backward: the weights rebuilt for the saved views, or the block recomputed.
     calls_k4, replaced = calls("repl-k4")
-    assert replaced and calls_k4 == replaced
+    assert replaced and calls_k4 == 2 * replaced
     assert calls("repl-k4-recompute") == (2 * replaced, replaced)
 
 

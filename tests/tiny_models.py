@@ -79,12 +79,12 @@ class CustomModel(nn.Module):
         return self.head(hidden)
 
 
-def build(name: str, seed: int = 0) -> nn.Module:
+def build(name: str, seed: int = 0, **config_overrides) -> nn.Module:
     torch.manual_seed(seed)
     model_class, config_class, kwargs = ARCHITECTURES[name]
     if model_class is None:
         return CustomModel()
-    config = getattr(transformers, config_class)(**kwargs)
+    config = getattr(transformers, config_class)(**{**kwargs, **config_overrides})
     model = getattr(transformers, model_class)(config)
     _perturb_constants(model)
     return model.eval()

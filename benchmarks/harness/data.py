@@ -50,7 +50,8 @@ def timing_batch(
     """The one batch memory and time are measured on: the first training images, or (no data set)
     random images and labels drawn with seed 0."""
     if data is not None:
-        pixels, labels = data.train_x[:batch_size], data.train_y[:batch_size]
+        # Copies: a slice would keep, and the saved-tensor meter would count, the whole training set's storage.
+        pixels, labels = data.train_x[:batch_size].clone(), data.train_y[:batch_size].clone()
     else:
         generator = torch.Generator().manual_seed(0)
         pixels = torch.randn(batch_size, suite.num_channels, suite.image_size, suite.image_size, generator=generator)

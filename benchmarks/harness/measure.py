@@ -20,7 +20,7 @@ from hf_replacement.synthesis import synthesize
 from hf_replacement.utils import count_parameters
 
 from .device import autocast, synchronize
-from .meters import SavedTensorMeter, SynthesisCounter, forward_flops_per_image, state_memory
+from .meters import SavedTensorMeter, SynthesisCounter, forward_flops_per_image, parameter_state_bytes, state_memory
 from .methods import FLOPS_INTERVAL, MethodModel, build_method_model, inference_model, replaced_block_indices
 from .suites import SuiteSpec
 
@@ -135,6 +135,10 @@ def measure_memory(
     del loss
     optimizer.step()
     state = state_memory(model, optimizer)  # gradients still held: their bytes count
+    # bp's, per block: what RepL frees of it gives RepL's analytic memory (runner._summarize).
+    block_state = [
+        parameter_state_bytes(list(block.module.parameters()), optimizer) for block in find_blocks(model)
+    ] if built.method.kind == "bp" else None
     optimizer.zero_grad(set_to_none=True)
     result: dict[str, Any] = {
         "trainable_params": trainable,
@@ -148,6 +152,8 @@ def measure_memory(
     }
     if flops is not None:
         result["block_flops_per_image"] = flops
+    if block_state is not None:
+        result["block_state_bytes"] = block_state
     if device.type == "cuda":
         # Second step: the optimizer state exists, as in every later step.
         torch.cuda.synchronize(device)

@@ -43,6 +43,14 @@ def state_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     return result
 
 
+def parameter_state_bytes(parameters: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of `parameters` with their gradients and optimizer state: what freeing them saves."""
+    optimizer_tensors = [
+        value for p in parameters for value in optimizer.state.get(p, {}).values() if torch.is_tensor(value)
+    ]
+    return _tensor_bytes([*parameters, *(p.grad for p in parameters if p.grad is not None), *optimizer_tensors])
+
+
 class SavedTensorMeter:
     """Bytes autograd keeps for backward while the meter is active, each storage counted once.
 

@@ -40,6 +40,7 @@ def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) 
     cuda = any("cuda_peak_mb" in entry for entry in methods.values())
     header = [
         "method", "trainable params", "block FLOPs/img (×bp)", "state MB", "saved act. MB", "memory ×bp",
+        "analytic ×bp",
         *(["CUDA peak MB", "peak ×bp"] if cuda else []),
         "median step ms", "step ×bp", "synthesis % of step", "accuracy (mean ± std)", "checkpoint MB",
         "inference img/s",
@@ -52,14 +53,15 @@ def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) 
         elif method.endswith("-recompute") and "accuracy_mean" in methods.get(method.removesuffix("-recompute"), {}):
             accuracy = f"= {method.removesuffix('-recompute')} (same arithmetic, not retrained)"
         synthesis = f"{entry['synthesis_percent']:.1f}" if "synthesis_percent" in entry else "–"
-        ratio = lambda key: f"{entry[key]:.2f}" if key in entry else "–"  # noqa: E731
+        ratio = lambda key, digits=2: f"{entry[key]:.{digits}f}" if key in entry else "–"  # noqa: E731
         row = [
             method_label(method, suite),
             f"{_format_count(entry['trainable_params'])} / {_format_count(entry['total_params'])}",
             _block_flops(entry),
             f"{entry['state_memory_mb']:.2f}",
             f"{entry['saved_activations_mb']:.2f}",
-            ratio("memory_ratio_vs_bp"),
+            ratio("memory_ratio_vs_bp", 3),
+            ratio("analytic_memory_ratio_vs_bp", 3),
             *([f"{entry.get('cuda_peak_mb', float('nan')):.0f}", ratio("cuda_peak_ratio_vs_bp")] if cuda else []),
             f"{entry['median_step_ms']:.1f}",
             ratio("step_ratio_vs_bp"),
@@ -88,8 +90,9 @@ WHERE_REPL_DOES_NOT_SAVE_TIME = (
     "entirely), and `recompute_replaced=True` adds a second forward of each replaced block. What RepL "
     "saves is memory that scales with parameters (weights, gradients, optimizer state, checkpoint size): "
     "large when parameters dominate memory (big models, small batches, optimizer state), small when "
-    "activations dominate (small models, large batches, high resolution). Synthesized weights are held "
-    "for backward like activations, so without recompute the saved-activation bytes grow slightly. For "
+    "activations dominate (small models, large batches, high resolution). Synthesized weights are not held "
+    "for backward: autograd keeps a recipe, and backward synthesizes each replaced block's weights once "
+    "more, so RepL saves the activations bp saves, for one more synthesis forward per step. For "
     "ConvNeXt, a replaced block next to a stage boundary fuses a neighbour of another width through "
     "resampling (small interpolation tables held as buffers, counted in state MB), which costs more "
     "synthesis time than a same-shape neighbour: on tiny blocks that is a fixed few µs per operation, "
@@ -117,6 +120,12 @@ def _pair_findings(model_name: str, methods: dict[str, Any], interval: int) -> l
         text += f" (synthesis {repl['synthesis_percent']:.1f}% of the step)"
     if drop is not None:
         text += f"; drop-k{interval} steps at ×{drop['step_ratio_vs_bp']:.2f}"
+    if "analytic_memory_ratio_vs_bp" in repl:
+        measured, analytic = repl["memory_ratio_vs_bp"], repl["analytic_memory_ratio_vs_bp"]
+        text += (
+            f"; memory ×{measured:.3f} of bp against ×{analytic:.3f} analytic (bp less the replaced blocks' "
+            f"weights, gradients and AdamW state): {100 * (measured - analytic):+.2f} points"
+        )
     lines.append(text + ".")
     if "accuracy_mean" in repl and "accuracy_mean" in bp:
         parts = [f"accuracy repl-k{interval} {_accuracy(repl)} vs bp {_accuracy(bp)}"]
@@ -240,10 +249,12 @@ COLUMNS = (
     "as the method computes it (mean over those blocks; matrix products and convolutions counted by "
     "torch's FlopCounterMode), and its ratio to bp's plain block (0 for drop-k4, – where not comparable); "
     "saved act. MB = bytes autograd keeps for backward during one forward (each storage "
-    "once, parameters excluded); memory ×bp = (state + saved activations) relative to bp; median step = forward + "
-    "backward + AdamW, warm-up excluded, methods interleaved in rounds in this run; synthesis % = time to build the "
-    "replaced blocks' weights (forward + backward, measured alone; twice the forward with recompute) over the median "
-    "RepL step; checkpoint = what save_pretrained writes (RepL: compact, without the replaced blocks; LoRA: adapters "
+    "once, parameters excluded); memory ×bp = (state + saved activations) relative to bp; analytic ×bp = bp's less "
+    "the replaced blocks' weights, gradients and AdamW state, relative to bp: RepL's if freeing them changed nothing "
+    "else; median step = forward + backward + AdamW, warm-up excluded, methods interleaved in rounds in this run; "
+    "synthesis % = time to build the replaced blocks' weights (forward + backward, measured alone, and the forward "
+    "again for the synthesis in backward: weights rebuilt for backward, or the recompute) over the median RepL "
+    "step; checkpoint = what save_pretrained writes (RepL: compact, without the replaced blocks; LoRA: adapters "
     "+ classifier, the base model is needed as well); inference = images/s of the deployed model (RepL and LoRA "
     "merged), eval, no grad."
 )

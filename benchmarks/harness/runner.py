@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .data import load_tensor_data, timing_batch
 from .device import machine_info, resolve_device
 from .measure import measure_memory, measure_speed
-from .methods import resolve_methods
+from .methods import METHODS, resolve_methods
 from .output import write_outputs
 from .paths import suite_dir
 from .suites import SuiteSpec, validate_suite
@@ -126,6 +126,11 @@ def _summarize(results: dict[str, Any]) -> None:
             if bp is not None:
                 entry["step_ratio_vs_bp"] = entry["median_step_s"] / bp["median_step_s"]
                 entry["memory_ratio_vs_bp"] = entry["training_memory_mb"] / bp["training_memory_mb"]
+                if METHODS[entry["method"]].kind == "repl" and "block_state_bytes" in bp:
+                    # bp less the replaced blocks' weights, gradients and AdamW state: RepL's memory if
+                    # freeing them were all it changed.
+                    freed = sum(bp["block_state_bytes"][i] for i in entry["affected_blocks"]) / MB
+                    entry["analytic_memory_ratio_vs_bp"] = 1 - freed / bp["training_memory_mb"]
                 entry["trainable_ratio_vs_bp"] = entry["trainable_params"] / bp["trainable_params"]
                 if entry.get("block_flops_per_image") is not None and bp.get("block_flops_per_image"):
                     entry["block_flops_ratio_vs_bp"] = entry["block_flops_per_image"] / bp["block_flops_per_image"]
