@@ -516,7 +516,7 @@ def test_fsdp_convnext_fusing_across_a_stage_boundary_equals_one_process_loads_a
     run_cli("merge", str(run), str(tmp_path / "merged"))
     capsys.readouterr()
     merged = AutoModelForImageClassification.from_pretrained(tmp_path / "merged").eval()
-    pixels = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(2, merged.config.num_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
 
