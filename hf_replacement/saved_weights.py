@@ -148,7 +148,7 @@ def _synthesis_inputs(module: nn.Module) -> list[torch.Tensor]:
     """What a replaced block's synthesis reads: its coefficients and each term's neighbour tensor."""
     state: ReplacementState = module._replacement
     return [
-        state.coefficients._parameters[str(state.index)],
+        state.coefficient_rows(),
         *(owner._parameters[attr] for owner, attr in state.neighbours),
     ]
 
