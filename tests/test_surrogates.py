@@ -241,8 +241,9 @@ def assert_matches_formula(model, reference, arch, surrogate, fusion="resample",
     loss_of(expected).backward()
     want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == want.keys()
+    # fp32 gradients summed over many positions (the patch embedding) differ by ~1e-6 with the thread count
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=atol, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=max(atol, 1e-5), msg=name)
     assert {f"replacement_coefficients.{i}" for i in model.replaced_blocks} <= want.keys()
 
 
@@ -433,7 +434,7 @@ def test_repr_shows_the_surrogate_and_the_shapes_of_the_unused_layers():
     model, _ = make("vit", "half")
     text = repr(model.base_model.vit.layers[3])
     assert "surrogate 'half' (attention, layernorm_before skipped; half of the hidden units)" in text
-    assert "(q_proj): Linear(in_features=16, out_features=16, bias=True)" in text
+    assert "(q_proj): SynthesizedLinear(in_features=16, out_features=16, bias=True)" in text
     assert not list(model.base_model.vit.layers[3].parameters())
 
 
