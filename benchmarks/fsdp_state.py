@@ -41,10 +41,10 @@ from torch.distributed.tensor import DTensor
 from benchmarks.harness.device import machine_info
 from benchmarks.harness.meters import state_memory
 from benchmarks.harness.methods import build_method_model, resolve_methods
+from benchmarks.harness.output import write_report
 from benchmarks.harness.paths import BENCHMARKS_DIR, FSDP_STATE_NAME
 from benchmarks.harness.suites import SUITES
 from hf_replacement import shard_model, sharding_units
-from hf_replacement.checkpoint import atomic_write
 
 logger = logging.getLogger("benchmarks.fsdp_state")
 
@@ -245,10 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "image_size": args.image_size,
         "results": measure(args.models, resolve_methods(args.methods), args.processes, args.image_size),
     }
-    base = os.path.join(args.output_dir, FSDP_STATE_NAME)
-    atomic_write(f"{base}.json", json.dumps(report, indent=1, default=str) + "\n")
     markdown = render(report)
-    atomic_write(f"{base}.md", markdown)
+    write_report(args.output_dir, FSDP_STATE_NAME, report, markdown)
     print(markdown)
     return 0
 

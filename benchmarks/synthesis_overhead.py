@@ -45,10 +45,10 @@ from torch import nn
 from benchmarks.harness.data import timing_batch
 from benchmarks.harness.device import machine_info
 from benchmarks.harness.measure import replaced_modules, time_synthesis, time_training_steps
+from benchmarks.harness.output import write_report
 from benchmarks.harness.paths import BENCHMARKS_DIR, SYNTHESIS_OVERHEAD_NAME
 from benchmarks.harness.suites import SuiteSpec
 from hf_replacement import ReplacementConfig, get_replacement_model
-from hf_replacement.checkpoint import atomic_write
 from hf_replacement.presets import build_preset_model
 from hf_replacement.synthesis import reference_synthesize, synthesize
 
@@ -248,10 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average": load,
         "results": results,
     }
-    base = os.path.join(args.output_dir, SYNTHESIS_OVERHEAD_NAME)
-    atomic_write(f"{base}.json", json.dumps(report, indent=1, default=str) + "\n")
     markdown = render(report)
-    atomic_write(f"{base}.md", markdown)
+    write_report(args.output_dir, SYNTHESIS_OVERHEAD_NAME, report, markdown)
     print(markdown)
     return 0
 

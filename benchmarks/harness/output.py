@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from hf_replacement.checkpoint import write_checkpoint
+from hf_replacement.checkpoint import atomic_write, write_checkpoint
 
 from .plots import plot_accuracy_curves, plot_coefficients
 from .report import render_markdown
@@ -24,3 +24,10 @@ def write_outputs(results: dict[str, Any], output_dir: str | os.PathLike) -> Non
         "accuracy_curves.png": plot_accuracy_curves(results),
         "coefficients.png": plot_coefficients(results),
     })
+
+
+def write_report(output_dir: str | os.PathLike, name: str, report: dict[str, Any], markdown: str) -> None:
+    """A stand-alone script's report: `<name>.json` and `<name>.md` in `output_dir`, each written atomically."""
+    base = os.path.join(output_dir, name)
+    atomic_write(f"{base}.json", json.dumps(report, indent=1, default=str) + "\n")
+    atomic_write(f"{base}.md", markdown)
