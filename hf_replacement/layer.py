@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ReplacementConfig
+from .config import FIT, ReplacementConfig
+from .fitting import CoefficientFit, fit_coefficients
 from .fusion import DimResample
 from .planning import BlockPlan, coefficient_width
 from .synthesis import ReplacementState, SynthesizedTensor, Term, compile_program, synthesize
@@ -41,12 +42,24 @@ class ReplacementCoefficients(nn.Module):
         return super()._apply(keep_fp32, recurse)
 
 
-def apply_plan(plan: BlockPlan, coefficients: ReplacementCoefficients, config: ReplacementConfig) -> None:
-    """Free the block's parameters and make it synthesize them from its neighbours."""
+def apply_plan(
+    plan: BlockPlan, coefficients: ReplacementCoefficients, config: ReplacementConfig
+) -> CoefficientFit | None:
+    """Free the block's parameters and make it synthesize them from its neighbours.
+
+    With `coefficient_init="fit"` the coefficients are fitted to the block's weights first, and the
+    fit is returned (else None).
+    """
     module = plan.block.module
     device = next(module.parameters()).device
-    initial = torch.tensor(config.coefficient_init, dtype=torch.float32, device=device)
-    coefficients.register_parameter(str(plan.block.index), nn.Parameter(initial[:, None].repeat(1, plan.num_columns)))
+    fit = None
+    if config.coefficient_init == FIT:
+        fit = fit_coefficients(plan, config.coefficient_granularity)
+        initial = fit.coefficients
+    else:
+        pair = torch.tensor(config.coefficient_init, dtype=torch.float32, device=device)
+        initial = pair[:, None].repeat(1, plan.num_columns)
+    coefficients.register_parameter(str(plan.block.index), nn.Parameter(initial))
     tensors, terms, widths, shapes, neighbours, table_names = [], [], [], [], [], []
     for output, tensor in enumerate(plan.tensors):
         owner_name, _, attr = tensor.name.rpartition(".")
@@ -81,6 +94,7 @@ def apply_plan(plan: BlockPlan, coefficients: ReplacementCoefficients, config: R
         recompute=config.recompute_replaced,
     )
     module.__class__ = _replaced_class(type(module))
+    return fit
 
 
 def _register_tables(

@@ -45,6 +45,7 @@ from .utils import count_parameters
 logger = get_logger(__name__)
 
 RESULTS_NAME = "results.json"
+PROCESSOR_NAME = "preprocessor_config.json"
 
 
 @dataclass
@@ -97,6 +98,11 @@ def build_model(
         label2id={v: k for k, v in id2label.items()},
         ignore_mismatched_sizes=True,
     )
+    if os.path.isdir(options.model) and not os.path.isfile(os.path.join(options.model, PROCESSOR_NAME)):
+        # A model saved by this launcher (or save_pretrained) has no image processor: it was trained on images
+        # normalised as `prepare_dataset` does without one.
+        logger.info(f"{options.model} has no {PROCESSOR_NAME}: images normalised with mean 0.5, std 0.5.")
+        return model, None
     return model, AutoImageProcessor.from_pretrained(options.model)
 
 
@@ -226,6 +232,8 @@ def train(options: TrainingOptions) -> dict[str, Any]:
         "method": "baseline" if options.baseline else "replacement",
         "replaced_blocks": getattr(unwrapped, "replaced_blocks", {}),
         "coefficients": coefficient_logs(unwrapped),
+        # coefficient_init="fit": how well the fitted coefficients rebuilt each block's weights at conversion.
+        "coefficient_fit": unwrapped.coefficient_fit_errors() if replacement_config is not None else {},
         "peak_memory_mb": _peak_memory_mb(accelerator),
         "median_step_seconds": statistics.median(step_times) if step_times else None,
         "updates": step,

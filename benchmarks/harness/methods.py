@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from hf_replacement import ReplacementConfig, ReplacementModel, find_blocks, get_replacement_model
+from hf_replacement.config import DEFAULT_COEFFICIENT_INIT, FIT
+from hf_replacement.loading import load_image_classifier
 from hf_replacement.presets import build_preset_model
 from hf_replacement.selection import select_blocks
 from hf_replacement.utils import count_parameters
@@ -18,16 +20,20 @@ from .errors import BenchmarkError
 
 @dataclass(frozen=True)
 class Method:
-    """One way of training: `kind` is bp, repl, drop, freeze or lora; `interval` the k of RepL's blocks."""
+    """One way of training: `kind` is bp, repl, drop, freeze or lora; `interval` the k of RepL's blocks;
+    `coefficient_init` RepL's initial (a, b) or "fit"."""
 
     name: str
     kind: str
     interval: int | None = None
     recompute: bool = False
+    coefficient_init: tuple[float, float] | str = DEFAULT_COEFFICIENT_INIT
 
     def describe(self) -> str:
         """What the method trains, in one line (the README's table)."""
         text = KIND_DESCRIPTIONS[self.kind].format(k=self.interval)
+        if self.coefficient_init == FIT:
+            text += ', its coefficients fitted to the (pretrained) weights at conversion (`coefficient_init="fit"`)'
         return text + (", the replaced blocks' activations recomputed in backward" if self.recompute else "")
 
 
@@ -51,10 +57,17 @@ METHODS: dict[str, Method] = {
     "drop-k3": Method("drop-k3", "drop", 3),
     "freeze-k4": Method("freeze-k4", "freeze", 4),
     "freeze-k3": Method("freeze-k3", "freeze", 3),
+    "repl-k4-fit": Method("repl-k4-fit", "repl", 4, coefficient_init=FIT),
     "lora": Method("lora", "lora"),
+    # LoRA + RepL goes here once get_peft_model works on a ReplacementModel: a `lora: bool = False` field on
+    # Method, `if method.lora: model = apply_lora(model)` after the RepL conversion in `apply_method`, the entry
+    # "lora-repl-k4-fit": Method("lora-repl-k4-fit", "repl", 4, coefficient_init=FIT, lora=True), and its name
+    # in the transfer suite's methods (suites.py).
 }
 METHOD_ALIASES = {"repl": "repl-k4", "drop": "drop-k4", "freeze": "freeze-k4", "baseline": "bp"}
 DEFAULT_METHODS = ("bp", "repl-k4", "repl-k3", "repl-k4-recompute", "drop-k4", "drop-k3", "freeze-k4", "lora")
+# Fine-tuning a pretrained model (the transfer suite): RepL with and without fitted coefficients.
+TRANSFER_METHODS = ("bp", "repl-k4", "repl-k4-fit", "drop-k4", "lora")
 
 LORA_RANK = 8
 # PEFT has no default LoRA targets for v5 ViT (DESIGN.md §3): name them per architecture.
@@ -169,18 +182,49 @@ def build_method_model(
     num_channels: int,
     seed: int,
     id2label: dict[int, str] | None = None,
+    pretrained: str | None = None,
 ) -> MethodModel:
-    """The plain preset built with `seed` (identical for every method), then changed by `method`."""
+    """The plain preset built with `seed` (identical for every method), then changed by `method`.
+
+    `pretrained`: a directory holding this preset's weights trained on another task (`transfer.pretrain`);
+    its weights replace the random ones, all but the classification head, which stays the seeded random
+    head for `num_labels` classes.
+    """
     method = METHODS[method] if isinstance(method, str) else method
     torch.manual_seed(seed)
     model = build_preset_model(model_name, num_labels, image_size, num_channels, id2label)
+    if pretrained is not None:
+        load_body(model, pretrained)
+    return apply_method(method, model)
+
+
+def load_body(model: nn.Module, directory: str) -> None:
+    """Load every weight of the Transformers model saved in `directory` but the classification head into
+    `model` (strict otherwise). Read through Transformers, which maps the saved key names to the current ones."""
+    saved = load_image_classifier(directory).state_dict()
+    weights = {key: value for key, value in saved.items() if not key.startswith("classifier.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [key for key in missing if not key.startswith("classifier.")]
+    if missing or unexpected:
+        raise BenchmarkError(
+            f"{directory} does not hold this model's weights (missing {missing[:5]}, unexpected {unexpected[:5]}); "
+            "delete it to pretrain again."
+        )
+
+
+def apply_method(method: Method, model: nn.Module) -> MethodModel:
+    """Turn the plain `model` into what `method` trains (in place where it can)."""
     num_blocks = len(find_blocks(model))
     plain_params = count_parameters(model)[1]
     affected: list[int] = []
     if method.kind in ("drop", "freeze", "repl"):
         affected = replaced_block_indices(model, method.interval)
     if method.kind == "repl":
-        config = ReplacementConfig(replace_interval=method.interval, recompute_replaced=method.recompute)
+        config = ReplacementConfig(
+            replace_interval=method.interval,
+            recompute_replaced=method.recompute,
+            coefficient_init=method.coefficient_init,
+        )
         model = get_replacement_model(model, config)
     elif method.kind == "drop":
         model = drop_blocks(model, affected)

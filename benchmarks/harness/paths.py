@@ -8,6 +8,8 @@ import os
 BENCHMARKS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # benchmarks/synthesis_overhead.py writes <name>.json and <name>.md beside itself.
 SYNTHESIS_OVERHEAD_NAME = "synthesis_overhead"
+# A transfer suite's extra figure: source accuracy after conversion and fine-tuned accuracy per method.
+TRANSFER_PLOT = "transfer.png"
 
 
 def suite_dir(suite_name: str) -> str:

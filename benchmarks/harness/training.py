@@ -47,13 +47,27 @@ def _coefficients(model: nn.Module) -> dict[str, tuple[float, float]]:
 
 
 def train_run(
-    suite: SuiteSpec, model_name: str, method: str, seed: int, data: TensorData, device: torch.device
+    suite: SuiteSpec,
+    model_name: str,
+    method: str,
+    seed: int,
+    data: TensorData,
+    device: torch.device,
+    pretrained: str | None = None,
 ) -> dict[str, Any]:
-    """Train `method` on `model_name` from seed `seed`; accuracy after each epoch and coefficient traces."""
+    """Train `method` on `model_name` from seed `seed` (from the `pretrained` weights if given); accuracy
+    after each epoch and coefficient traces."""
     built = build_method_model(
-        method, model_name, data.num_labels, suite.image_size, suite.num_channels, seed, data.id2label
+        method, model_name, data.num_labels, suite.image_size, suite.num_channels, seed, data.id2label, pretrained
     )
-    model = built.model.to(device).train()
+    return train_model(suite, built.model, seed, data, device)
+
+
+def train_model(
+    suite: SuiteSpec, model: nn.Module, seed: int, data: TensorData, device: torch.device
+) -> dict[str, Any]:
+    """Train `model` in place with the suite's settings, data order from `seed`; the run's record."""
+    model = model.to(device).train()
     optimizer = make_optimizer(model, suite.lr, suite.weight_decay)
     count = len(data.train_y)
     total_steps = math.ceil(count / suite.batch_size) * suite.epochs
