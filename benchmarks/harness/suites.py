@@ -153,7 +153,8 @@ SUITES: dict[str, SuiteSpec] = {
             "fit error = the relative error ||w - ŵ|| / ||w|| with which the fitted coefficients rebuild each "
             "replaced block's pretrained weights (a=b=0.5 in brackets).",
             "One learning rate for every method (AdamW 1e-3, cosine): LoRA usually wants a larger one, so its "
-            "accuracy here is a floor.",
+            "accuracy here is a floor. Memory, step time and checkpoint size are measured on the presets as built "
+            "(weight values do not change them).",
         ),
     ),
     # CUDA only: memory and time at 224x224 in bf16 autocast, random data, nothing trained.
