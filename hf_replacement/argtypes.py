@@ -36,3 +36,16 @@ def block_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block indices, e.g. 3,7") from None
+
+
+def coefficient_init(text: str) -> tuple[float, float] | str:
+    """`fit`, or two numbers `a,b` (e.g. 0.5,0.5)."""
+    if text.strip().lower() == "fit":
+        return "fit"
+    parts = text.split(",")
+    try:
+        if len(parts) == 2:
+            return float(parts[0]), float(parts[1])
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is neither 'fit' nor two numbers a,b, e.g. 0.5,0.5")

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .argtypes import block_list, non_negative_float, positive_float, positive_int
+from .argtypes import block_list, coefficient_init, non_negative_float, positive_float, positive_int
 from .config import ReplacementConfig
 from .hub import HubError
 from .steps import NonFiniteLossError
@@ -39,7 +39,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Which blocks to replace: one way at a time (or --baseline, none).
 _SELECTION_FIELDS = ("replace_interval", "replaced_blocks")
-_VALUE_PARSERS = {"replaced_blocks": block_list}
+_VALUE_PARSERS = {"replaced_blocks": block_list, "coefficient_init": coefficient_init}
 
 
 def _replacement_fields() -> list[dataclasses.Field]:
@@ -139,6 +139,11 @@ def _report(results: dict, output_dir: str) -> None:
         savings = f"(the model without RepL trains {unreplaced:,d}: {100 * (1 - trainable / unreplaced):.1f}% fewer)"
         blocks = ", ".join(f"{index} ({name})" for index, name in results["replaced_blocks"].items())
         lines = [f"trainable params: {trainable:,d} {savings}", f"replaced blocks: {blocks}"]
+        if results.get("coefficient_fit"):
+            from .model import describe_fit_errors
+
+            fits = describe_fit_errors(results["coefficient_fit"])
+            lines.append(f"fitted initial coefficients, relative reconstruction error: {fits}")
     else:
         lines = [f"trainable params: {trainable:,d} (ordinary training)"]
     lines += [

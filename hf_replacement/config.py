@@ -13,6 +13,9 @@ CONFIG_NAME = "replacement_config.json"
 FORMAT_VERSION = 1
 
 GRANULARITIES = ("block", "tensor", "channel")
+# coefficient_init="fit": least-squares coefficients rebuilding each replaced block's own weights (fitting.py).
+FIT = "fit"
+DEFAULT_COEFFICIENT_INIT = (0.5, 0.5)
 _FLOAT32_MAX = 3.4028234663852886e38  # the coefficients are float32: a larger initial value is inf
 FUSION_MODES = ("resample", "nearest", "error")
 # What a replaced block computes (surrogates.py): all of it (the 2024 reading), or a lighter part.
@@ -38,7 +41,10 @@ class ReplacementConfig:
         replaced_blocks: explicit block indices to replace instead of an interval.
         coefficient_granularity: "block" (one (a, b) pair per replaced block, the paper), "tensor"
             (one pair per parameter tensor) or "channel" (one pair per output channel of each tensor).
-        coefficient_init: initial (a, b).
+        coefficient_init: initial (a, b), or "fit": for each replaced block, the least-squares
+            coefficients (at the configured granularity) that best rebuild the block's own weights
+            from its neighbours', computed when the block is replaced, from the weights it has then
+            (at construction, or in `replace_blocks()` for a deferred replacement).
         fusion: how a neighbour tensor of another shape is used: "resample" (variance-preserving
             resampling to the replaced block's shape), "nearest" (only neighbours of matching shape)
             or "error".
@@ -60,7 +66,10 @@ class ReplacementConfig:
     coefficient_granularity: str = _option(
         "block", "one (a, b) per block (the paper), per tensor or per output channel", choices=GRANULARITIES
     )
-    coefficient_init: tuple[float, float] = _option((0.5, 0.5), "initial (a, b)", cli=False)
+    coefficient_init: tuple[float, float] | str = _option(
+        DEFAULT_COEFFICIENT_INIT,
+        "initial a,b, or 'fit': least squares on each replaced block's own (pretrained) weights",
+    )
     fusion: str = _option(
         "resample", "neighbours of another shape: resample, use only the matching one, or refuse", choices=FUSION_MODES
     )
@@ -116,14 +125,14 @@ class ReplacementConfig:
                 f"surrogate={self.surrogate!r} is invalid: choose one of {SURROGATES} (see hf_replacement.surrogates)."
             )
         init = self.coefficient_init
-        if (
+        if init != FIT and (
             not isinstance(init, tuple)
             or len(init) != 2
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= _FLOAT32_MAX for v in init)
         ):
             raise ReplacementConfigError(
                 f"coefficient_init={init!r} is invalid: give two finite numbers (a, b) within float32 range, "
-                "e.g. (0.5, 0.5)."
+                f"e.g. (0.5, 0.5), or {FIT!r} (least squares on each replaced block's own weights)."
             )
         for name in ("detach_neighbors", "recompute_replaced"):
             if not isinstance(getattr(self, name), bool):
@@ -141,7 +150,8 @@ class ReplacementConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["coefficient_init"] = list(self.coefficient_init)
+        if isinstance(self.coefficient_init, tuple):
+            data["coefficient_init"] = list(self.coefficient_init)
         return data
 
     @classmethod

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ReplacementConfig
+from .config import FIT, ReplacementConfig
+from .fitting import CoefficientFit, fit_coefficients
 from .fusion import DimResample
 from .planning import BlockPlan, coefficient_width
 from .saved_weights import saved_weight_hooks
@@ -50,12 +51,24 @@ class ReplacementCoefficients(nn.Module):
         return self
 
 
-def apply_plan(plan: BlockPlan, coefficients: ReplacementCoefficients, config: ReplacementConfig) -> None:
-    """Free the block's parameters and make it synthesize them from its neighbours."""
+def apply_plan(
+    plan: BlockPlan, coefficients: ReplacementCoefficients, config: ReplacementConfig
+) -> CoefficientFit | None:
+    """Free the block's parameters and make it synthesize them from its neighbours.
+
+    With `coefficient_init="fit"` the coefficients are fitted to the block's weights first, and the
+    fit is returned (else None).
+    """
     module = plan.block.module
     device = next(module.parameters()).device
-    initial = torch.tensor(config.coefficient_init, dtype=torch.float32, device=device)
-    coefficients.register_parameter(str(plan.block.index), nn.Parameter(initial[:, None].repeat(1, plan.num_columns)))
+    fit = None
+    if config.coefficient_init == FIT:
+        fit = fit_coefficients(plan, config.coefficient_granularity)
+        initial = fit.coefficients
+    else:
+        pair = torch.tensor(config.coefficient_init, dtype=torch.float32, device=device)
+        initial = pair[:, None].repeat(1, plan.num_columns)
+    coefficients.register_parameter(str(plan.block.index), nn.Parameter(initial))
     tensors, terms, widths, shapes, neighbours, table_names = [], [], [], [], [], []
     for output, tensor in enumerate(plan.tensors):
         owner_name, _, attr = tensor.name.rpartition(".")
@@ -96,6 +109,7 @@ def apply_plan(plan: BlockPlan, coefficients: ReplacementCoefficients, config: R
         unused=unused,
     )
     module.__class__ = _swapped_class(ReplacedBlockMixin, type(module))
+    return fit
 
 
 def _tensor_of(module: nn.Module, name: str) -> SynthesizedTensor:

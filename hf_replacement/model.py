@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -16,7 +17,8 @@ from torch.distributed.tensor import DTensor
 
 from .blocks import find_blocks
 from .checkpoint import WEIGHTS_NAME, load_weights, remove_other_weight_files, weight_files, write_checkpoint
-from .config import CONFIG_NAME, ReplacementConfig
+from .config import CONFIG_NAME, DEFAULT_COEFFICIENT_INIT, FIT, ReplacementConfig
+from .fitting import CoefficientFit
 from .hub import CardFacts, push_to_hub
 from .layer import ReplacementCoefficients, apply_plan, is_replaced, materialize
 from .loading import (
@@ -31,6 +33,7 @@ from .loading import (
     without_tied_copies,
 )
 from .pipeline_support import allow_replacement_models_in_pipelines
+from .planning import BlockPlan
 from .selection import select_blocks
 from .synthesis import synthesize
 from .utils import count_parameters, is_sharded
@@ -48,6 +51,8 @@ class ReplacementModel(nn.Module):
     arguments; `state_dict()` is the compact checkpoint (no replaced-block weights) plus the
     coefficients under `replacement_coefficients.<block index>`. With `defer_replacement=True` the
     config is checked now but the blocks stay whole until `replace_blocks()` (a warm-up phase).
+    With `coefficient_init="fit"` the coefficients are fitted to each block's weights when it is
+    replaced: here, or in `replace_blocks()` from the weights trained until then.
     """
 
     def __init__(
@@ -70,11 +75,11 @@ class ReplacementModel(nn.Module):
         self.replacement_coefficients = ReplacementCoefficients()
         self._blocks = blocks
         self._num_unreplaced_parameters = sum(p.numel() for p in base_model.parameters())
+        self._coefficient_fits: dict[int, CoefficientFit] = {}
         # `defer_replacement`: the config is validated now, the blocks are replaced by `replace_blocks()`
         # later (ReplacementTrainer's `replacement_start_step`: train ordinarily first).
         if not defer_replacement:
-            for plan in plans:
-                apply_plan(plan, self.replacement_coefficients, replacement_config)
+            self._replace_planned(plans)
         # Trainer keeps the dataset columns named in forward's signature: show it the base model's.
         self.forward = functools.wraps(base_model.forward)(functools.partial(ReplacementModel.forward, self))
         allow_replacement_models_in_pipelines()
@@ -102,8 +107,7 @@ class ReplacementModel(nn.Module):
                 "them before sharding (replace_blocks(), then hf_replacement.shard_model)."
             )
         # Planned again here, not at construction: the model may have moved device or dtype since.
-        for plan in select_blocks(self._blocks, self.replacement_config):
-            apply_plan(plan, self.replacement_coefficients, self.replacement_config)
+        self._replace_planned(select_blocks(self._blocks, self.replacement_config))
         return self.replaced_blocks
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -114,6 +118,25 @@ class ReplacementModel(nn.Module):
             for block in self._blocks:
                 if is_replaced(block.module):
                     block.module._replacement.coefficients = value
+
+    def _replace_planned(self, plans: list[BlockPlan]) -> None:
+        self._coefficient_fits = {}
+        for plan in plans:
+            fit = apply_plan(plan, self.replacement_coefficients, self.replacement_config)
+            if fit is not None:
+                self._coefficient_fits[plan.block.index] = fit
+        if self._coefficient_fits:
+            _log_fit_errors(self.coefficient_fit_errors())
+
+    def coefficient_fit_errors(self) -> dict[int, dict[str, float]]:
+        """How well the fitted initial coefficients (`coefficient_init="fit"`) rebuild each replaced
+        block's own weights, by block index: `relative_error` ||w - ŵ|| / ||w||, and
+        `default_relative_error`, the same with a = b = 0.5. Empty without a fit, and for a model
+        loaded with `from_pretrained` (its coefficients come from the checkpoint)."""
+        return {
+            index: {"relative_error": fit.relative_error, "default_relative_error": fit.default_relative_error}
+            for index, fit in sorted(self._coefficient_fits.items())
+        }
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -171,11 +194,14 @@ class ReplacementModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         replaced = ", ".join(str(i) for i in self.replaced_blocks)
         saved = 1 - total / self._num_unreplaced_parameters
+        fits = ""
+        if self._coefficient_fits:
+            fits = f" || fitted init, relative error: {describe_fit_errors(self.coefficient_fit_errors())}"
         # A user-facing report, like PEFT's print_trainable_parameters.
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || "
             f"trainable%: {100 * trainable / total:.4f} || replaced blocks: {replaced} (of {self.num_blocks}) || "
-            f"unreplaced model: {self._num_unreplaced_parameters:,d} params ({100 * saved:.2f}% fewer now)"
+            f"unreplaced model: {self._num_unreplaced_parameters:,d} params ({100 * saved:.2f}% fewer now){fits}"
         )
 
     def merge_and_unload(self) -> nn.Module:
@@ -187,6 +213,7 @@ class ReplacementModel(nn.Module):
         for module in self.replacement_coefficients.modules():  # also the copies a PEFT wrapper holds
             if isinstance(module, ReplacementCoefficients):
                 module._parameters.clear()
+        self._coefficient_fits = {}
         return self.base_model
 
     def save_pretrained(
@@ -339,7 +366,11 @@ class ReplacementModel(nn.Module):
         # A checkpoint saved before a deferred replacement (`replacement_start_step`) has no
         # coefficients yet: it loads as a model whose replacement is still deferred.
         deferred = not any(key.startswith("replacement_coefficients.") for key in state_dict)
-        replacement_model = cls(model, replacement_config, defer_replacement=deferred)
+        # The coefficients come from the checkpoint: no fit to the freshly built model's weights first.
+        # A deferred checkpoint keeps "fit", which `replace_blocks()` applies to the weights it has then.
+        unfitted = dataclasses.replace(replacement_config, coefficient_init=DEFAULT_COEFFICIENT_INIT)
+        replacement_model = cls(model, replacement_config if deferred else unfitted, defer_replacement=deferred)
+        replacement_model.replacement_config = replacement_config
         load_exact(replacement_model, state_dict, directory)
         if dtype == "auto":
             dtype = getattr(getattr(model, "config", None), "dtype", None) or torch.float32
@@ -354,6 +385,30 @@ def _refuse_sharded(model: ReplacementModel, action: str) -> None:
             f"This model is sharded with FSDP: {action} a whole model instead. Save it (gather_state_dict on every "
             "process, save_pretrained(directory, state_dict=...) on the main one) and "
             f"{action} ReplacementModel.from_pretrained(directory)."
+        )
+
+
+# A block whose fitted coefficients leave more than this share of its weights' norm unexplained is warned
+# about: converting it loses most of what it held.
+POOR_FIT_RELATIVE_ERROR = 0.9
+
+
+def describe_fit_errors(errors: dict[Any, dict[str, float]]) -> str:
+    """`coefficient_fit_errors()` (or its JSON form) in one line: "block 3: 0.412 (a=b=0.5: 0.951), ..."."""
+    return ", ".join(
+        f"block {index}: {error['relative_error']:.3f} (a=b=0.5: {error['default_relative_error']:.3f})"
+        for index, error in errors.items()
+    )
+
+
+def _log_fit_errors(errors: dict[int, dict[str, float]]) -> None:
+    logger.info("Fitted initial coefficients, relative reconstruction error: %s", describe_fit_errors(errors))
+    poor = [index for index, error in errors.items() if error["relative_error"] > POOR_FIT_RELATIVE_ERROR]
+    if poor:
+        logger.warning(
+            "coefficient_init=%r: the neighbours explain little of block(s) %s (relative error above %s): these "
+            "replaced blocks start far from the weights they had, whatever the coefficients.",
+            FIT, poor, POOR_FIT_RELATIVE_ERROR,
         )
 
 

@@ -263,6 +263,8 @@ def train(options: TrainingOptions) -> dict[str, Any]:
         "method": "baseline" if options.baseline else "replacement",
         "replaced_blocks": getattr(unwrapped, "replaced_blocks", {}),
         "coefficients": coefficient_logs(unwrapped),
+        # coefficient_init="fit": how well the fitted coefficients rebuilt each block's weights at conversion.
+        "coefficient_fit": unwrapped.coefficient_fit_errors() if replacement_config is not None else {},
         "peak_memory_mb": _peak_memory_mb(accelerator),
         "median_step_seconds": statistics.median(step_times) if step_times else None,
         "updates": step,

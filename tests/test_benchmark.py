@@ -37,8 +37,12 @@ from benchmarks.harness import (
 )
 from benchmarks.harness import cli as benchmark_cli
 from benchmarks.harness.measure import measure_memory, replaced_modules
+from benchmarks.harness import training
+from benchmarks.harness.methods import TRANSFER_METHODS, inference_model, replacement_of
 from benchmarks.harness.paths import BENCHMARKS_DIR
+from benchmarks.harness.suites import PretrainSpec
 from hf_replacement import find_blocks
+from hf_replacement.loading import load_image_classifier
 from hf_replacement.synthesis import reference_synthesize, synthesize
 
 IMAGE_SIZE = 8
@@ -110,6 +114,28 @@ def test_lora_trains_adapters_and_classifier_only():
     convnext = _build("lora", "convnext-mini")
     names = [n for n, p in convnext.model.named_parameters() if p.requires_grad]
     assert any("pwconv1.lora_A" in n for n in names) and any("pwconv2.lora_B" in n for n in names)
+
+
+def test_lora_on_repl_adapts_the_kept_blocks_and_deploys_as_trained():
+    """lora-repl-k4-fit: LoRA on the kept blocks only, the coefficients (PEFT's copy) and classifier trained;
+    after a step the deployed model (RepL, then LoRA merged) computes what the trained PeftModel computes."""
+    built = _build("lora-repl-k4-fit", "vit-mini")
+    model = built.model
+    replaced = [f"{name}." for name in replacement_of(model).replaced_blocks.values()]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "classifier" in n or "replacement_coefficients" in n for n in trainable)
+    assert any("q_proj.lora_A" in n for n in trainable) and any("replacement_coefficients" in n for n in trainable)
+    assert not [n for n in trainable if "lora_" in n and any(block in n for block in replaced)]
+    before = training._coefficients(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()(pixel_values=_pixels(), labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+    optimizer.step()
+    after = training._coefficients(model)
+    assert set(after) == set(before) and all(after[k] != before[k] for k in after)  # the copy PEFT trains
+    model.eval()
+    with torch.no_grad():
+        expected = model(pixel_values=_pixels()).logits
+        torch.testing.assert_close(inference_model(built)(pixel_values=_pixels()).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_saved_tensor_meter_counts_a_linear_chain_exactly():
@@ -241,6 +267,53 @@ def test_analytic_memory_is_bp_less_exactly_the_replaced_blocks_parameter_state(
     assert added > 0
     assert repl["state_memory_bytes"]["total"] == bp["state_memory_bytes"]["total"] - freed + added
     assert repl["saved_activation_bytes"] == bp["saved_activation_bytes"]
+
+
+def test_transfer_run_pretrains_once_and_measures_each_conversion(tmp_path):
+    pretraining = PretrainSpec("fashion-mnist", epochs=1, max_train_samples=64, max_test_samples=48, batch_size=16)
+    suite = _tiny_suite(models=("vit-mini",), methods=TRANSFER_METHODS, accuracy_methods=None, pretrain=pretraining)
+    results = run_benchmark(suite, tmp_path, command="pytest")
+    model = results["models"]["vit-mini"]
+    pretrained, methods = model["pretrained"], model["methods"]
+    assert not pretrained["cached"] and (tmp_path / "pretrained" / "vit-mini" / "pretraining.json").is_file()
+    # bp and LoRA (B = 0) convert nothing: the pretrained model's own source accuracy.
+    assert methods["bp"]["source_accuracy_after_conversion"] == pytest.approx(pretrained["source_accuracy"])
+    assert methods["lora"]["source_accuracy_after_conversion"] == pytest.approx(pretrained["source_accuracy"])
+    # LoRA + RepL converts as repl-k4-fit does (B = 0; PEFT's coefficient copy starts as the fit), and its
+    # coefficients are traced from the copy PEFT trains.
+    combined = methods["lora-repl-k4-fit"]
+    assert combined["source_accuracy_after_conversion"] == methods["repl-k4-fit"]["source_accuracy_after_conversion"]
+    assert combined["coefficient_fit"] == methods["repl-k4-fit"]["coefficient_fit"]
+    assert combined["trainable_params"] < methods["repl-k4-fit"]["trainable_params"]
+    trace = combined["runs"][0]["coefficients"]["blocks"]["block 3"]
+    assert trace["a"][0] != trace["a"][-1]
+    fit = methods["repl-k4-fit"]["coefficient_fit"]["3"]
+    assert fit["relative_error"] <= fit["default_relative_error"]
+    assert "coefficient_fit" not in methods["repl-k4"]
+    assert all("accuracy_mean" in entry for entry in methods.values())
+    markdown = (tmp_path / "results.md").read_text()
+    assert "source acc. after conversion" in markdown and "LoRA adapts a random" not in markdown
+    assert (tmp_path / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Fine-tuning starts from the pretrained body with a new head for the target's labels.
+    directory = str(tmp_path / "pretrained" / "vit-mini")
+    saved = load_image_classifier(directory).state_dict()
+    tuned = build_method_model("bp", "vit-mini", 10, IMAGE_SIZE, 1, 0, pretrained=directory)
+    for key, value in tuned.model.state_dict().items():
+        assert torch.equal(value, saved[key]) != key.startswith("classifier."), key
+    # A second run reuses the checkpoint; other pretraining settings train it again.
+    again = run_benchmark(suite, tmp_path)["models"]["vit-mini"]
+    assert again["pretrained"]["cached"]
+    assert again["methods"]["repl-k4-fit"]["source_accuracy_after_conversion"] == pytest.approx(
+        methods["repl-k4-fit"]["source_accuracy_after_conversion"]
+    )
+    other = dataclasses.replace(suite, pretrain=dataclasses.replace(pretraining, max_train_samples=32), methods=("bp",))
+    assert not run_benchmark(other, tmp_path)["models"]["vit-mini"]["pretrained"]["cached"]
+
+
+def test_pretraining_flags_only_for_a_transfer_suite():
+    assert get_suite("transfer", pretrain_epochs=1).pretrain.epochs == 1
+    with pytest.raises(BenchmarkError, match="Suite 'quick' pretrains nothing.*apply to transfer"):
+        get_suite("quick", pretrain_epochs=1)
 
 
 def test_accuracy_methods_subset_trains_only_those(tmp_path):
@@ -489,7 +562,7 @@ def test_readme_is_generated_from_the_results_on_disk(tmp_path, overhead_dir, fs
                     "python -m benchmarks --suite gpu", "python benchmarks/synthesis_overhead.py",
                     "python benchmarks/fsdp_state.py", "python -m benchmarks --readme"):
         assert f"`{command}`" in empty
-    assert "Not run yet (no `results.json`): `quick`, `fashion-mnist`, `gpu`." in empty
+    assert "Not run yet (no `results.json`): `quick`, `fashion-mnist`, `transfer`, `gpu`." in empty
     assert "## Suite" not in empty and "## Synthesis overhead" not in empty and "## Training state" not in empty
     # With the committed quick results and a synthesis-overhead run beside them:
     (tmp_path / "quick").mkdir()
@@ -500,7 +573,7 @@ def test_readme_is_generated_from_the_results_on_disk(tmp_path, overhead_dir, fs
     text = (tmp_path / "README.md").read_text()
     assert text == render_readme(str(tmp_path))  # deterministic: regenerating changes nothing
     assert "## Suite `quick`" in text and "## Suite `fashion-mnist`" not in text
-    assert "Not run yet (no `results.json`): `fashion-mnist`, `gpu`." in text
+    assert "Not run yet (no `results.json`): `fashion-mnist`, `transfer`, `gpu`." in text
     assert "### vit-mini" in text and "### convnext-mini" in text and "| repl-k4 |" in text
     assert "[`quick/results.md`](quick/results.md)" in text and "(quick/accuracy_curves.png)" in text
     assert "## Synthesis overhead" in text and "| vit-mini (8px, 64) | [3] |" in text
@@ -527,3 +600,22 @@ def test_default_output_dir_is_beside_the_package_not_the_cwd(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert suite_dir("quick") == os.path.join(BENCHMARKS_DIR, "quick")
     assert os.path.isfile(os.path.join(BENCHMARKS_DIR, "__main__.py"))
+
+
+def test_output_calibration_script_measures_the_three_initialisations(tmp_path):
+    from benchmarks import output_calibration
+
+    argv = ["--models", "vit-mini", "--pretrain-epochs", "1", "--pretrain-max-train-samples", "64",
+            "--source-test-samples", "32", "--calibration-images", "16", "--steps", "3",
+            "--cache-dir", str(tmp_path), "--output-dir", str(tmp_path)]
+    assert output_calibration.main(argv) == 0
+    results = json.loads((tmp_path / "output_calibration.json").read_text())
+    model = results["models"]["vit-mini"]
+    for granularity in output_calibration.GRANULARITIES:
+        for init in output_calibration.INITS:
+            assert 0 <= model[f"{granularity}/{init}"]["accuracy"] <= 1
+        calibrated = model[f"{granularity}/output fit"]["block_output_error"]["3"]
+        # L-BFGS starts from the weight fit and keeps the better of what it tries: never worse on its own images.
+        assert calibrated["before"] == pytest.approx(model[f"{granularity}/weight fit"]["block_output_error"]["3"])
+        assert calibrated["after"] <= calibrated["before"] + 1e-6
+    assert "| block |" in (tmp_path / "output_calibration.md").read_text()

@@ -5,6 +5,8 @@ Methods (`methods.METHODS`):
 - `bp`: ordinary training (back-propagation through the whole plain model);
 - `repl-k4`, `repl-k3`: Replacement Learning, every k-th block replaced (`ReplacementConfig`);
 - `repl-k4-recompute`: as `repl-k4`, the replaced blocks' activations recomputed in backward;
+- `repl-k4-fit`: as `repl-k4`, the coefficients fitted to the pretrained weights (`coefficient_init="fit"`;
+  the `transfer` suite);
 - `drop-k4`, `drop-k3`: the blocks RepL would replace deleted (a shallower model: the ablation
   RepL must beat, since it is cheaper still);
 - `freeze-k4`, `freeze-k3`: the same blocks kept at their initial weights, not trained;
@@ -21,7 +23,8 @@ checkpoint size and the inference throughput of the merged model. It writes `res
 
 Each file here does one part: `methods` builds each method's model, `suites` says what a run does,
 `data` and `device` provide its tensors and device, `meters` and `measure` measure memory and time,
-`training` trains for accuracy, `runner` runs it all, `report`, `plots` and `output` write the
+`training` trains for accuracy, `transfer` pretrains (transfer suites) and measures each conversion on the
+source task, `runner` runs it all, `report`, `plots` and `output` write the
 results, `readme` writes benchmarks/README.md, `paths` says where files go, `cli` reads the flags.
 Training steps, optimizer, schedule and accuracy are `hf_replacement.steps`, shared with the launcher.
 """

@@ -35,6 +35,10 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
     parser.add_argument("--max-train-samples", type=positive_int, default=None, help="subsample the training set")
     parser.add_argument("--batch-size", type=positive_int, default=None)
+    parser.add_argument("--pretrain-epochs", type=positive_int, default=None,
+                        help="transfer suite: pretraining epochs (default: the suite's)")
+    parser.add_argument("--pretrain-max-train-samples", type=positive_int, default=None,
+                        help="transfer suite: subsample the pretraining set")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
@@ -49,6 +53,8 @@ def suite_from_args(args: argparse.Namespace) -> SuiteSpec:
         models=models,
         max_train_samples=args.max_train_samples,
         batch_size=args.batch_size,
+        pretrain_epochs=args.pretrain_epochs,
+        pretrain_max_train_samples=args.pretrain_max_train_samples,
     )
 
 

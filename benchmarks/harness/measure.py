@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_replacement import ReplacementModel, find_blocks
+from hf_replacement import find_blocks
 from hf_replacement.layer import is_replaced
 from hf_replacement.steps import make_optimizer, train_step
 from hf_replacement.synthesis import synthesize
@@ -21,7 +21,14 @@ from hf_replacement.utils import count_parameters
 
 from .device import autocast, synchronize
 from .meters import SavedTensorMeter, SynthesisCounter, forward_flops_per_image, parameter_state_bytes, state_memory
-from .methods import FLOPS_INTERVAL, MethodModel, build_method_model, inference_model, replaced_block_indices
+from .methods import (
+    FLOPS_INTERVAL,
+    MethodModel,
+    build_method_model,
+    inference_model,
+    replaced_block_indices,
+    replacement_of,
+)
 from .suites import SuiteSpec
 
 Batch = Mapping[str, torch.Tensor]
@@ -104,8 +111,8 @@ def block_flops(built: MethodModel, batch: Batch) -> float | None:
         return None
     if method.kind == "drop":
         return 0.0
-    if isinstance(model, ReplacementModel):
-        modules = [model.base_model.get_submodule(name) for name in model.replaced_blocks.values()]
+    if replacement_of(model) is not None:
+        modules = replaced_modules(model)
     elif method.kind in ("bp", "freeze"):
         blocks = find_blocks(model)
         modules = [blocks[index].module for index in replaced_block_indices(model, FLOPS_INTERVAL)]

@@ -8,7 +8,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hf_replacement import ReplacementConfig, ReplacementModel, find_blocks, get_replacement_model
+from hf_replacement import (
+    ReplacementConfig,
+    ReplacementModel,
+    find_blocks,
+    get_replacement_model,
+    merge_peft_and_replacement,
+    prepare_peft_config,
+)
+from hf_replacement.config import DEFAULT_COEFFICIENT_INIT, FIT
+from hf_replacement.loading import load_image_classifier
 from hf_replacement.presets import build_preset_model
 from hf_replacement.selection import select_blocks
 from hf_replacement.utils import count_parameters
@@ -19,17 +28,24 @@ from .errors import BenchmarkError
 @dataclass(frozen=True)
 class Method:
     """One way of training: `kind` is bp, repl, drop, freeze or lora; `interval` the k of RepL's blocks;
-    `surrogate` what a replaced block computes (`ReplacementConfig.surrogate`)."""
+    `surrogate` what a replaced block computes (`ReplacementConfig.surrogate`); `coefficient_init` RepL's
+    initial (a, b) or "fit"; `lora`: LoRA on top of RepL (PEFT on the kept blocks, `prepare_peft_config`)."""
 
     name: str
     kind: str
     interval: int | None = None
     recompute: bool = False
     surrogate: str = "block"
+    coefficient_init: tuple[float, float] | str = DEFAULT_COEFFICIENT_INIT
+    lora: bool = False
 
     def describe(self) -> str:
         """What the method trains, in one line (the README's table)."""
         text = KIND_DESCRIPTIONS[self.kind].format(k=self.interval) + SURROGATE_DESCRIPTIONS.get(self.surrogate, "")
+        if self.coefficient_init == FIT:
+            text += ', its coefficients fitted to the (pretrained) weights at conversion (`coefficient_init="fit"`)'
+        if self.lora:
+            text += "; then LoRA as `lora` on the kept blocks, the coefficients and classifier trained fully"
         return text + (", the replaced blocks' activations recomputed in backward" if self.recompute else "")
 
 
@@ -61,13 +77,17 @@ METHODS: dict[str, Method] = {
     "drop-k3": Method("drop-k3", "drop", 3),
     "freeze-k4": Method("freeze-k4", "freeze", 4),
     "freeze-k3": Method("freeze-k3", "freeze", 3),
+    "repl-k4-fit": Method("repl-k4-fit", "repl", 4, coefficient_init=FIT),
     "lora": Method("lora", "lora"),
+    "lora-repl-k4-fit": Method("lora-repl-k4-fit", "repl", 4, coefficient_init=FIT, lora=True),
 }
 METHOD_ALIASES = {"repl": "repl-k4", "drop": "drop-k4", "freeze": "freeze-k4", "baseline": "bp"}
 DEFAULT_METHODS = (
     "bp", "repl-k4", "repl-k4-mlp", "repl-k4-half", "repl-k3", "repl-k4-recompute", "drop-k4", "drop-k3", "freeze-k4",
     "lora",
 )
+# Fine-tuning a pretrained model (the transfer suite): RepL with and without fitted coefficients.
+TRANSFER_METHODS = ("bp", "repl-k4", "repl-k4-fit", "drop-k4", "lora", "lora-repl-k4-fit")
 
 # The replaced blocks whose forward FLOPs the benchmark compares across methods (repl-k4 and its surrogates).
 FLOPS_INTERVAL = 4
@@ -109,6 +129,15 @@ class MethodModel:
     num_blocks: int  # blocks of the plain model
     affected_blocks: list[int]  # replaced / dropped / frozen block indices (forward order)
     plain_params: int  # parameters of the plain model before the method was applied
+
+
+def replacement_of(model: nn.Module) -> ReplacementModel | None:
+    """The RepL model `model` is or wraps (a PeftModel on a ReplacementModel), else None."""
+    if isinstance(model, ReplacementModel):
+        return model
+    get_base_model = getattr(model, "get_base_model", None)
+    inner = get_base_model() if callable(get_base_model) else None
+    return inner if isinstance(inner, ReplacementModel) else None
 
 
 def replaced_block_indices(model: nn.Module, interval: int) -> list[int]:
@@ -162,7 +191,8 @@ def freeze_blocks(model: nn.Module, indices: Sequence[int]) -> nn.Module:
 
 
 def apply_lora(model: nn.Module, rank: int = LORA_RANK) -> nn.Module:
-    """PEFT LoRA on the architecture's projections; the classifier is trained fully (`modules_to_save`)."""
+    """PEFT LoRA on the architecture's projections; the classifier is trained fully (`modules_to_save`).
+    On a RepL model the replaced blocks are left out and the coefficients trained (`prepare_peft_config`)."""
     from peft import LoraConfig, get_peft_model
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -174,6 +204,8 @@ def apply_lora(model: nn.Module, rank: int = LORA_RANK) -> nn.Module:
         r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS[model_type],
         modules_to_save=["classifier"],
     )
+    if isinstance(model, ReplacementModel):
+        config = prepare_peft_config(model, config)
     return get_peft_model(model, config)
 
 
@@ -185,11 +217,38 @@ def build_method_model(
     num_channels: int,
     seed: int,
     id2label: dict[int, str] | None = None,
+    pretrained: str | None = None,
 ) -> MethodModel:
-    """The plain preset built with `seed` (identical for every method), then changed by `method`."""
+    """The plain preset built with `seed` (identical for every method), then changed by `method`.
+
+    `pretrained`: a directory holding this preset's weights trained on another task (`transfer.pretrain`);
+    its weights replace the random ones, all but the classification head, which stays the seeded random
+    head for `num_labels` classes.
+    """
     method = METHODS[method] if isinstance(method, str) else method
     torch.manual_seed(seed)
     model = build_preset_model(model_name, num_labels, image_size, num_channels, id2label)
+    if pretrained is not None:
+        load_body(model, pretrained)
+    return apply_method(method, model)
+
+
+def load_body(model: nn.Module, directory: str) -> None:
+    """Load every weight of the Transformers model saved in `directory` but the classification head into
+    `model` (strict otherwise). Read through Transformers, which maps the saved key names to the current ones."""
+    saved = load_image_classifier(directory).state_dict()
+    weights = {key: value for key, value in saved.items() if not key.startswith("classifier.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [key for key in missing if not key.startswith("classifier.")]
+    if missing or unexpected:
+        raise BenchmarkError(
+            f"{directory} does not hold this model's weights (missing {missing[:5]}, unexpected {unexpected[:5]}); "
+            "delete it to pretrain again."
+        )
+
+
+def apply_method(method: Method, model: nn.Module) -> MethodModel:
+    """Turn the plain `model` into what `method` trains (in place where it can)."""
     num_blocks = len(find_blocks(model))
     plain_params = count_parameters(model)[1]
     affected: list[int] = []
@@ -197,9 +256,14 @@ def build_method_model(
         affected = replaced_block_indices(model, method.interval)
     if method.kind == "repl":
         config = ReplacementConfig(
-            replace_interval=method.interval, recompute_replaced=method.recompute, surrogate=method.surrogate
+            replace_interval=method.interval,
+            recompute_replaced=method.recompute,
+            surrogate=method.surrogate,
+            coefficient_init=method.coefficient_init,
         )
         model = get_replacement_model(model, config)
+        if method.lora:
+            model = apply_lora(model)
     elif method.kind == "drop":
         model = drop_blocks(model, affected)
     elif method.kind == "freeze":
@@ -212,6 +276,8 @@ def build_method_model(
 def inference_model(built: MethodModel) -> nn.Module:
     """The model deployed after training: RepL and LoRA merged into the plain architecture."""
     model = built.model
+    if built.method.lora:
+        return merge_peft_and_replacement(model)
     if isinstance(model, ReplacementModel) or built.method.kind == "lora":
         return model.merge_and_unload()
     return model

@@ -8,22 +8,28 @@ from typing import Any
 
 from hf_replacement.checkpoint import atomic_write, write_checkpoint
 
-from .plots import plot_accuracy_curves, plot_coefficients
+from .paths import TRANSFER_PLOT
+from .plots import plot_accuracy_curves, plot_coefficients, plot_transfer
 from .report import render_markdown
 
 
 def write_outputs(results: dict[str, Any], output_dir: str | os.PathLike) -> None:
-    """results.json, results.md, accuracy_curves.png and coefficients.png in `output_dir`.
+    """results.json, results.md, accuracy_curves.png and coefficients.png in `output_dir` (and for a
+    transfer suite transfer.png).
 
-    All four are staged and renamed into place together, so the tables and plots a reader finds
+    All are staged and renamed into place together, so the tables and plots a reader finds
     always come from the same run.
     """
-    write_checkpoint(output_dir, {
+    files = {
         "results.json": json.dumps(results, indent=1, default=str) + "\n",
         "results.md": render_markdown(results),
         "accuracy_curves.png": plot_accuracy_curves(results),
         "coefficients.png": plot_coefficients(results),
-    })
+    }
+    if results["suite"].get("pretrain") is not None:
+        files[TRANSFER_PLOT] = plot_transfer(results)
+    write_checkpoint(output_dir, files)
+    write_checkpoint(output_dir, files)
 
 
 def write_report(output_dir: str | os.PathLike, name: str, report: dict[str, Any], markdown: str) -> None:

@@ -81,3 +81,32 @@ def plot_coefficients(results: dict[str, Any]) -> bytes:
         axes[0][0].text(0.5, 0.5, "no RepL method trained", ha="center", va="center", transform=axes[0][0].transAxes)
     figure.suptitle("RepL coefficients over training (seed 0): w = a·w(prev) + b·w(next)")
     return _figure_bytes(figure)
+
+
+def plot_transfer(results: dict[str, Any]) -> bytes:
+    """PNG, transfer suites: per model and method, the source accuracy right after conversion and the
+    fine-tuned target accuracy (mean ± std over seeds)."""
+    plt = _pyplot()
+    names = list(results["models"])
+    figure, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for axis, model_name in zip(axes[0], names):
+        methods = results["models"][model_name]["methods"]
+        labels = list(methods)
+        positions = range(len(labels))
+        source = [100 * methods[m].get("source_accuracy_after_conversion", float("nan")) for m in labels]
+        target = [100 * methods[m].get("accuracy_mean", float("nan")) for m in labels]
+        spread = [100 * methods[m].get("accuracy_std", 0.0) for m in labels]
+        axis.bar([p - 0.2 for p in positions], source, width=0.4, label="source task, right after conversion")
+        axis.bar([p + 0.2 for p in positions], target, width=0.4, yerr=spread, capsize=3,
+                 label="target task, fine-tuned (mean ± std)")
+        axis.set_xticks(list(positions), labels, rotation=20)
+        axis.set_ylabel("test accuracy (%)")
+        axis.set_ylim(0, 100)
+        axis.set_title(model_name)
+        axis.grid(alpha=0.3, axis="y")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, -0.06))
+    source_name = results["suite"]["pretrain"]["dataset"]
+    figure.suptitle(f"suite {results['suite']['name']}: pretrained on {source_name}, "
+                    f"fine-tuned on {results['suite']['dataset']}")
+    return _figure_bytes(figure)

@@ -15,7 +15,7 @@ from typing import Any
 from hf_replacement.checkpoint import atomic_write
 
 from .methods import METHODS
-from .paths import BENCHMARKS_DIR, FSDP_STATE_NAME, SYNTHESIS_OVERHEAD_NAME
+from .paths import BENCHMARKS_DIR, FSDP_STATE_NAME, SYNTHESIS_OVERHEAD_NAME, TRANSFER_PLOT
 from .report import lora_footnote, render_settings, render_tables, surrogate_summary
 from .suites import SUITES
 
@@ -53,6 +53,13 @@ def _how_to_run() -> list[str]:
         "`--epochs`, `--methods`, `--models`, `--data-dir`, `--max-train-samples`, `--batch-size`, `--device` "
         "(`python -m benchmarks --help`).",
         "",
+        "The `transfer` suite pretrains its models itself (never downloaded) and keeps them in "
+        "`benchmarks/transfer/pretrained/` (not committed; reused while the pretraining settings are the same, "
+        "`--pretrain-epochs` and `--pretrain-max-train-samples` change them); it also reports each method's "
+        "source-task accuracy right after conversion and writes `transfer.png`. A quick check of the whole path: "
+        "`python -m benchmarks --suite transfer --seeds 1 --epochs 1 --max-train-samples 256 --pretrain-epochs 1 "
+        "--pretrain-max-train-samples 512 --output-dir /tmp/transfer-smoke` (a few minutes).",
+        "",
         "| method | what it trains |",
         "|---|---|",
         *(f"| `{name}` | {method.describe()} |" for name, method in METHODS.items()),
@@ -62,7 +69,9 @@ def _how_to_run() -> list[str]:
 
 def _suite_section(name: str, results: dict[str, Any]) -> list[str]:
     # Links are relative to benchmarks/, where this README lives.
-    links = " · ".join(f"[`{name}/{file}`]({name}/{file})" for file in RESULT_FILES)
+    transfer = results["suite"].get("pretrain") is not None
+    files = RESULT_FILES + ((TRANSFER_PLOT,) if transfer else ())
+    links = " · ".join(f"[`{name}/{file}`]({name}/{file})" for file in files)
     return [
         f"## Suite `{name}`",
         "",
@@ -75,6 +84,8 @@ def _suite_section(name: str, results: dict[str, Any]) -> list[str]:
         *lora_footnote(results),
         f"![test accuracy per epoch, suite {name}]({name}/accuracy_curves.png)",
         f"![RepL coefficients over training, suite {name}]({name}/coefficients.png)",
+        *([f"![source accuracy after conversion and fine-tuned accuracy, suite {name}]({name}/{TRANSFER_PLOT})"]
+          if transfer else []),
         "",
     ]
 

@@ -29,20 +29,28 @@ def _block_flops(entry: dict[str, Any]) -> str:
     return f"{flops / 1e6:.2f}M" + (f" ({ratio:.2f})" if ratio is not None else "")
 
 
+def lora_from_scratch(suite: dict[str, Any]) -> bool:
+    """Whether LoRA adapted a random network in this suite: trained, and not from pretrained weights."""
+    return suite.get("dataset") is not None and suite.get("pretrain") is None
+
+
 def method_label(method: str, suite: dict[str, Any]) -> str:
     """The method's name, with a † on LoRA where it was trained from scratch (see LORA_FROM_SCRATCH_NOTE)."""
-    return f"{method} †" if method == "lora" and suite.get("dataset") is not None else method
+    return f"{method} †" if method == "lora" and lora_from_scratch(suite) else method
 
 
 def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) -> str:
     """One model's Markdown table: a row per method."""
     methods = model["methods"]
     cuda = any("cuda_peak_mb" in entry for entry in methods.values())
+    transfer = any("source_accuracy_after_conversion" in entry for entry in methods.values())
     header = [
         "method", "trainable params", "block FLOPs/img (×bp)", "state MB", "saved act. MB", "memory ×bp",
         "analytic ×bp",
         *(["CUDA peak MB", "peak ×bp"] if cuda else []),
-        "median step ms", "step ×bp", "synthesis % of step", "accuracy (mean ± std)", "checkpoint MB",
+        "median step ms", "step ×bp", "synthesis % of step",
+        *(["source acc. after conversion", "fit error (a=b=0.5)"] if transfer else []),
+        "fine-tuned accuracy (mean ± std)" if transfer else "accuracy (mean ± std)", "checkpoint MB",
         "inference img/s",
     ]
     lines = [f"### {model_name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -66,6 +74,7 @@ def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) 
             f"{entry['median_step_ms']:.1f}",
             ratio("step_ratio_vs_bp"),
             synthesis,
+            *([_source_accuracy(entry), _fit_errors(entry)] if transfer else []),
             accuracy,
             f"{entry['checkpoint_mb']:.2f}",
             f"{entry['inference_images_per_s']:.0f}",
@@ -78,7 +87,29 @@ def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) 
         + "; ".join(f"{m}: {e['affected_blocks']}" for m, e in methods.items() if e["affected_blocks"])
         + f". Memory and step time at batch {any_entry['batch_size']}."
     )
+    if "pretrained" in model:
+        pretrained = model["pretrained"]
+        how = "reused from an earlier run" if pretrained.get("cached") else f"{pretrained['train_seconds']:.0f} s"
+        lines.append(
+            f"Pretrained: {100 * pretrained['source_accuracy']:.1f}% source test accuracy after "
+            f"{len(pretrained['accuracy_per_epoch'])} epochs ({how})."
+        )
     return "\n".join(lines)
+
+
+def _source_accuracy(entry: dict[str, Any]) -> str:
+    value = entry.get("source_accuracy_after_conversion")
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _fit_errors(entry: dict[str, Any]) -> str:
+    """Each replaced block's relative reconstruction error with the fitted coefficients (with a=b=0.5)."""
+    fits = entry.get("coefficient_fit")
+    if not fits:
+        return "–"
+    return "; ".join(
+        f"{index}: {fit['relative_error']:.2f} ({fit['default_relative_error']:.2f})" for index, fit in fits.items()
+    )
 
 
 WHERE_REPL_DOES_NOT_SAVE_TIME = (
@@ -100,6 +131,41 @@ WHERE_REPL_DOES_NOT_SAVE_TIME = (
     "repl-k4-mlp and repl-k4-half) skip part of a replaced block's compute (the block FLOPs column): their step "
     "lies between RepL's and dropping's."
 )
+
+
+def _verdict(entry: dict[str, Any], other: dict[str, Any], subject: str, other_name: str) -> str:
+    """Whether `entry`'s accuracy beats `other`'s by more than their combined seed spread, in words."""
+    difference = 100 * (entry["accuracy_mean"] - other["accuracy_mean"])
+    if min(len(entry["accuracies"]), len(other["accuracies"])) < 2:
+        return f"{difference:+.1f} points with one seed, no spread to judge by: not evidence either way"
+    spread = 100 * math.hypot(entry["accuracy_std"], other["accuracy_std"])
+    verdict = "beats" if difference > spread else "loses to" if difference < -spread else "is within the seed spread of"
+    return f"{subject} {verdict} {other_name} ({difference:+.1f} points, spread {spread:.1f})"
+
+
+def _transfer_findings(model_name: str, model: dict[str, Any]) -> list[str]:
+    """What conversion keeps of the pretrained model, and whether fitted coefficients pay off after fine-tuning."""
+    methods, pretrained = model["methods"], model.get("pretrained")
+    if pretrained is None:
+        return []
+    kept = ", ".join(
+        f"{name} {100 * entry['source_accuracy_after_conversion']:.1f}%"
+        for name, entry in methods.items()
+        if "source_accuracy_after_conversion" in entry and name != "bp"
+    )
+    lines = [
+        f"- {model_name}: pretrained to {100 * pretrained['source_accuracy']:.1f}% source accuracy; right after "
+        f"conversion, before any fine-tuning step: {kept}."
+    ]
+    fit, plain = methods.get("repl-k4-fit"), methods.get("repl-k4")
+    if fit is not None and plain is not None and "accuracy_mean" in fit and "accuracy_mean" in plain:
+        parts = [f"fine-tuned, repl-k4-fit {_accuracy(fit)} vs repl-k4 {_accuracy(plain)}: "
+                 + _verdict(fit, plain, "the fit", "a=b=0.5")]
+        for name in ("bp", "drop-k4", "lora"):
+            if "accuracy_mean" in methods.get(name, {}):
+                parts.append(f"vs {name} {_accuracy(methods[name])}: " + _verdict(fit, methods[name], "it", name))
+        lines.append(f"- {model_name}: " + "; ".join(parts) + ".")
+    return lines
 
 
 def _pair_findings(model_name: str, methods: dict[str, Any], interval: int) -> list[str]:
@@ -130,21 +196,8 @@ def _pair_findings(model_name: str, methods: dict[str, Any], interval: int) -> l
     if "accuracy_mean" in repl and "accuracy_mean" in bp:
         parts = [f"accuracy repl-k{interval} {_accuracy(repl)} vs bp {_accuracy(bp)}"]
         if drop is not None and "accuracy_mean" in drop:
-            difference = 100 * (repl["accuracy_mean"] - drop["accuracy_mean"])
-            versus = f"vs drop-k{interval} {_accuracy(drop)}: "
-            if min(len(repl["accuracies"]), len(drop["accuracies"])) < 2:
-                parts.append(
-                    versus + f"{difference:+.1f} points with one seed, no spread to judge by: not evidence either way"
-                )
-            else:
-                spread = 100 * math.hypot(repl["accuracy_std"], drop["accuracy_std"])
-                verdict = (
-                    "beats" if difference > spread else "loses to" if difference < -spread
-                    else "is within the seed spread of"
-                )
-                parts.append(
-                    versus + f"RepL {verdict} the shallower model ({difference:+.1f} points, spread {spread:.1f})"
-                )
+            verdict = _verdict(repl, drop, "RepL", "the shallower model")
+            parts.append(f"vs drop-k{interval} {_accuracy(drop)}: {verdict}")
         lines.append(f"- {model_name}: " + "; ".join(parts) + ".")
     if recompute is not None:
         saved = repl["saved_activations_mb"] - recompute["saved_activations_mb"]
@@ -158,7 +211,11 @@ def _pair_findings(model_name: str, methods: dict[str, Any], interval: int) -> l
 
 def _findings(model_name: str, model: dict[str, Any]) -> list[str]:
     methods = model["methods"]
-    return _pair_findings(model_name, methods, 4) + _pair_findings(model_name, methods, 3)
+    return (
+        _transfer_findings(model_name, model)
+        + _pair_findings(model_name, methods, 4)
+        + _pair_findings(model_name, methods, 3)
+    )
 
 
 def _accuracy_verdict(entry: dict[str, Any], other: dict[str, Any]) -> str | None:
@@ -270,7 +327,7 @@ def render_tables(results: dict[str, Any]) -> list[str]:
 
 def lora_footnote(results: dict[str, Any]) -> list[str]:
     """The † note, where LoRA was trained from scratch in this run (none otherwise)."""
-    if "lora" in results["methods"] and results["suite"].get("dataset") is not None:
+    if "lora" in results["methods"] and lora_from_scratch(results["suite"]):
         return [f"† {LORA_FROM_SCRATCH_NOTE}.", ""]
     return []
 
@@ -292,7 +349,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += lora_footnote(results)
     lines.append(
         "Plots: `accuracy_curves.png` (test accuracy per epoch, mean ± std over seeds), `coefficients.png` "
-        "(a, b of each replaced block over training, seed 0)."
+        "(a, b of each replaced block over training, seed 0)"
+        + (", `transfer.png` (source accuracy right after conversion, fine-tuned accuracy)."
+           if results["suite"].get("pretrain") is not None else ".")
     )
     lines.append("")
     return "\n".join(lines)

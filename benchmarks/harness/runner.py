@@ -21,6 +21,7 @@ from .output import write_outputs
 from .paths import suite_dir
 from .suites import SuiteSpec, validate_suite
 from .training import train_run
+from .transfer import accuracy_after_conversion, pretrain, source_suite
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,10 @@ def run_benchmark(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Run `suite`; write results.json, results.md, accuracy_curves.png, coefficients.png to
-    `output_dir` (default `benchmarks/<suite>` in this checkout, wherever the run starts) and return the results."""
+    `output_dir` (default `benchmarks/<suite>` in this checkout, wherever the run starts) and return the results.
+
+    A suite with `pretrain` first pretrains each model (or reuses `output_dir/pretrained/<model>`), measures
+    each method's conversion on the source task, and fine-tunes from the pretrained weights."""
     validate_suite(suite)
     device = resolve_device(suite, device)
     output_dir = os.fspath(output_dir or suite_dir(suite.name))
@@ -85,10 +89,24 @@ def run_benchmark(
         logger.info("%s: measured %s", model_name, steps)
     phases["memory_and_speed"] = time.perf_counter() - started
 
+    pretrained: dict[str, str] = {}
+    if suite.pretrain is not None:
+        started = time.perf_counter()
+        source_data = load_tensor_data(source_suite(suite), data_dir)
+        results["source_data"] = source_data.description
+        for model_name in suite.models:
+            pretrained[model_name], models[model_name]["pretrained"] = pretrain(
+                suite, model_name, source_data, output_dir, device
+            )
+            for method in methods:
+                conversion = accuracy_after_conversion(method, pretrained[model_name], source_data, device)
+                models[model_name]["methods"][method].update(conversion)
+        phases["pretraining"] = time.perf_counter() - started
+
     started = time.perf_counter()
     runs = [(seed, name, method) for seed in range(suite.seeds) for name in suite.models for method in trained]
     for seed, model_name, method in tqdm(runs, desc="train", disable=None):
-        run = train_run(suite, model_name, method, seed, data, device)
+        run = train_run(suite, model_name, method, seed, data, device, pretrained.get(model_name))
         models[model_name]["methods"][method].setdefault("runs", []).append(run)
         logger.info(
             "%s %s seed %d: accuracy %.4f (%.1f s)", model_name, method, seed, run["accuracy"], run["train_seconds"]

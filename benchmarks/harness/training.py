@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_replacement import ReplacementModel
 from hf_replacement.steps import evaluate_accuracy, make_optimizer, make_scheduler, train_step
 
 from .data import TensorData
 from .device import autocast
-from .methods import build_method_model
+from .measure import replaced_modules
+from .methods import build_method_model, replacement_of
 from .suites import SuiteSpec
 
 EVAL_BATCH_SIZE = 500
@@ -37,23 +37,37 @@ def eval_batches(
 
 
 def _coefficients(model: nn.Module) -> dict[str, tuple[float, float]]:
-    """Each replaced block's (a, b), averaged over columns for the finer granularities."""
-    if not isinstance(model, ReplacementModel):
-        return {}
+    """Each replaced block's (a, b) in use (PEFT's trained copy under LoRA + RepL), averaged over columns for
+    the finer granularities."""
     return {
-        f"block {index}": (float(parameter[0].detach().mean()), float(parameter[1].detach().mean()))
-        for index, parameter in model.replacement_coefficients.named_parameters()
+        f"block {module._replacement.index}": tuple(float(row.detach().mean()) for row in rows)
+        for module in replaced_modules(model)
+        for rows in [module._replacement.coefficient_rows()]
     }
 
 
 def train_run(
-    suite: SuiteSpec, model_name: str, method: str, seed: int, data: TensorData, device: torch.device
+    suite: SuiteSpec,
+    model_name: str,
+    method: str,
+    seed: int,
+    data: TensorData,
+    device: torch.device,
+    pretrained: str | None = None,
 ) -> dict[str, Any]:
-    """Train `method` on `model_name` from seed `seed`; accuracy after each epoch and coefficient traces."""
+    """Train `method` on `model_name` from seed `seed` (from the `pretrained` weights if given); accuracy
+    after each epoch and coefficient traces."""
     built = build_method_model(
-        method, model_name, data.num_labels, suite.image_size, suite.num_channels, seed, data.id2label
+        method, model_name, data.num_labels, suite.image_size, suite.num_channels, seed, data.id2label, pretrained
     )
-    model = built.model.to(device).train()
+    return train_model(suite, built.model, seed, data, device)
+
+
+def train_model(
+    suite: SuiteSpec, model: nn.Module, seed: int, data: TensorData, device: torch.device
+) -> dict[str, Any]:
+    """Train `model` in place with the suite's settings, data order from `seed`; the run's record."""
+    model = model.to(device).train()
     optimizer = make_optimizer(model, suite.lr, suite.weight_decay)
     count = len(data.train_y)
     total_steps = math.ceil(count / suite.batch_size) * suite.epochs
@@ -85,7 +99,7 @@ def train_run(
             )
             epoch_loss += float(loss) * len(index)
             step += 1
-            if isinstance(model, ReplacementModel) and (step % record_every == 0 or step == total_steps):
+            if replacement_of(model) is not None and (step % record_every == 0 or step == total_steps):
                 record_coefficients()
         losses.append(epoch_loss / count)
         curve.append(
@@ -99,6 +113,6 @@ def train_run(
         "train_seconds": time.perf_counter() - started,
         "steps": step,
     }
-    if isinstance(model, ReplacementModel):
+    if replacement_of(model) is not None:
         result["coefficients"] = trace
     return result
