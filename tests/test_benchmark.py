@@ -33,11 +33,11 @@ from benchmarks.harness import (
     run_benchmark,
     run_benchmark_from_args,
     state_memory,
+    training,
     write_readme,
 )
 from benchmarks.harness import cli as benchmark_cli
 from benchmarks.harness.measure import measure_memory, replaced_modules
-from benchmarks.harness import training
 from benchmarks.harness.methods import TRANSFER_METHODS, inference_model, replacement_of
 from benchmarks.harness.paths import BENCHMARKS_DIR
 from benchmarks.harness.suites import PretrainSpec
@@ -135,7 +135,8 @@ def test_lora_on_repl_adapts_the_kept_blocks_and_deploys_as_trained():
     model.eval()
     with torch.no_grad():
         expected = model(pixel_values=_pixels()).logits
-        torch.testing.assert_close(inference_model(built)(pixel_values=_pixels()).logits, expected, rtol=1e-5, atol=1e-5)
+        deployed = inference_model(built)(pixel_values=_pixels()).logits
+    torch.testing.assert_close(deployed, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_saved_tensor_meter_counts_a_linear_chain_exactly():

@@ -105,7 +105,7 @@ def plot_transfer(results: dict[str, Any]) -> bytes:
         axis.set_title(model_name)
         axis.grid(alpha=0.3, axis="y")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, -0.06))
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, -0.12))
     source_name = results["suite"]["pretrain"]["dataset"]
     figure.suptitle(f"suite {results['suite']['name']}: pretrained on {source_name}, "
                     f"fine-tuned on {results['suite']['dataset']}")

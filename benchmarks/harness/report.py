@@ -295,7 +295,8 @@ def render_settings(results: dict[str, Any]) -> list[str]:
         + precision,
         f"- runtime: {phases.get('total', float('nan')):.0f} s in all "
         f"(memory/time {phases.get('memory_and_speed', float('nan')):.0f} s, "
-        f"training {phases.get('training', float('nan')):.0f} s)",
+        + (f"pretraining {phases['pretraining']:.0f} s, " if "pretraining" in phases else "")
+        + f"training {phases.get('training', float('nan')):.0f} s)",
         *(f"- {note}" for note in suite.get("notes", ())),
     ]
 

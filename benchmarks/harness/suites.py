@@ -76,10 +76,10 @@ class SuiteSpec:
 
 
 SUITES: dict[str, SuiteSpec] = {
-    # 2 CPU cores: 6 min in an earlier run, 13 min in the last one on a slower shared VM (benchmarks/quick/results.md).
+    # 2 CPU cores: 13 min with 8 methods; 25 min with the two surrogates added, partly alongside tests (results.md).
     "quick": SuiteSpec(
         name="quick",
-        summary="digits, vit-mini + convnext-mini, 3 seeds: 8-17 min on 2 CPU cores (estimated with the surrogates)",
+        summary="digits, vit-mini + convnext-mini, 3 seeds: 15-25 min on 2 CPU cores",
         models=("vit-mini", "convnext-mini"),
         dataset="digits",
         image_size=8,
@@ -94,17 +94,16 @@ SUITES: dict[str, SuiteSpec] = {
         notes=("digits: scikit-learn's 8x8 grayscale digits, 80/20 train/test split fixed (seed 0); "
                "seeds vary the initialisation and the data order.",
                "repl-k4-recompute does the same arithmetic as repl-k4 (identical losses, checked in "
-               "tests/test_benchmark.py): measured for memory/time, not retrained, to keep the suite under "
-               "10 minutes."),
+               "tests/test_benchmark.py): measured for memory/time, not retrained, to keep the suite short."),
     ),
-    # 2 CPU cores, under an hour with 3 seeds before the two surrogates were added (measured: see
-    # benchmarks/fashion-mnist/results.md; 45 runs now instead of 27, the added ones cheaper than bp): the
-    # 12-block ViT/DeiT-tiny take ~0.4 s per step of 32 at 28x28 and ConvNeXt-tiny (stride-2 stem) ~0.46 s,
-    # so a full 60k epoch (12-15 min per run, 27 runs) cannot fit: a random subset of the data, and the
-    # methods that differ in accuracy are trained.
+    # 2 CPU cores: 45 min for 27 runs before the two surrogates were added (benchmarks/fashion-mnist/results.md);
+    # 45 runs now, the added ones cheaper than bp: about 75 min estimated on that machine, not rerun since (on a
+    # 2-2.5x slower day the timing phase alone showed it would take over 2 h). The 12-block ViT/DeiT-tiny take
+    # ~0.4 s per step of 32 at 28x28 and ConvNeXt-tiny (stride-2 stem) ~0.46 s, so a full 60k epoch (12-15 min
+    # per run) cannot fit: a random subset of the data, and the methods that differ in accuracy are trained.
     "fashion-mnist": SuiteSpec(
         name="fashion-mnist",
-        summary="ViT/DeiT/ConvNeXt-tiny at 28x28 on a Fashion-MNIST subset, 3 seeds: < 2 h on 2 CPU cores",
+        summary="ViT/DeiT/ConvNeXt-tiny at 28x28 on a Fashion-MNIST subset, 3 seeds: 75 min or more on 2 CPU cores",
         models=("vit-tiny", "deit-tiny", "convnext-tiny"),
         dataset="fashion-mnist",
         image_size=28,
@@ -117,7 +116,7 @@ SUITES: dict[str, SuiteSpec] = {
         max_train_samples=2048, max_test_samples=1000,
         timing_rounds=3, timing_steps_per_round=2, timing_warmup_steps=2,
         inference_batch_size=64, inference_rounds=3,
-        notes=("Fashion-MNIST subsampled (a random subset, seed 0) so the suite fits two hours on 2 CPU cores "
+        notes=("Fashion-MNIST subsampled (a random subset, seed 0) so the suite fits about an hour on 2 CPU cores "
                "with 3 seeds (a step of 32 takes ~0.4 s on ViT/DeiT-tiny at 28 px and ConvNeXt-tiny with its "
                "stride-2 stem): about two hundred updates from scratch, so accuracies are far below full-data numbers.",
                "Trained for accuracy: bp, repl-k4, its lighter surrogates repl-k4-mlp and repl-k4-half, and the "
@@ -127,12 +126,12 @@ SUITES: dict[str, SuiteSpec] = {
     ),
     # Fine-tuning: each model pretrained here on Fashion-MNIST (cached in <output dir>/pretrained/), then every
     # method fine-tunes it on the digits. Mini models at 28 px so that a full pretraining (2 models x 2 epochs of
-    # 60k images) and 30 fine-tuning runs fit an hour on 2 CPU cores: estimated from single-thread step times on
-    # a loaded machine (vit-mini 0.48 s, convnext-mini 0.19 s per step of 64) at ~35 min, not measured whole.
+    # 60k images) and 36 fine-tuning runs take about an hour on 2 CPU cores: 69 min in the committed run
+    # (results.md), pretraining 42 min of it while a test run shared the cores, fine-tuning 25 min.
     "transfer": SuiteSpec(
         name="transfer",
         summary="vit-mini + convnext-mini pretrained on Fashion-MNIST, fine-tuned on digits, 3 seeds: "
-                "< 1 h on 2 CPU cores",
+                "about 1 h on 2 CPU cores (pretraining cached after the first run)",
         models=("vit-mini", "convnext-mini"),
         dataset="digits",
         image_size=28,

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_replacement.model import LOG_PREFIX, coefficient_logs
 from hf_replacement.steps import evaluate_accuracy, make_optimizer, make_scheduler, train_step
 
 from .data import TensorData
 from .device import autocast
-from .measure import replaced_modules
 from .methods import build_method_model, replacement_of
 from .suites import SuiteSpec
 
@@ -39,10 +39,13 @@ def eval_batches(
 def _coefficients(model: nn.Module) -> dict[str, tuple[float, float]]:
     """Each replaced block's (a, b) in use (PEFT's trained copy under LoRA + RepL), averaged over columns for
     the finer granularities."""
+    replacement = replacement_of(model)
+    if replacement is None:
+        return {}
+    logs = coefficient_logs(replacement)
     return {
-        f"block {module._replacement.index}": tuple(float(row.detach().mean()) for row in rows)
-        for module in replaced_modules(model)
-        for rows in [module._replacement.coefficient_rows()]
+        f"block {index}": (logs[f"{LOG_PREFIX}a/block_{index}"], logs[f"{LOG_PREFIX}b/block_{index}"])
+        for index in replacement.replaced_blocks
     }
 
 
