@@ -97,8 +97,9 @@ SUITES: dict[str, SuiteSpec] = {
                "tests/test_benchmark.py): measured for memory/time, not retrained, to keep the suite short."),
     ),
     # 2 CPU cores: 45 min for 27 runs before the two surrogates were added (benchmarks/fashion-mnist/results.md);
-    # 45 runs now, the added ones cheaper than bp: about 75 min estimated on that machine, not rerun since (on a
-    # 2-2.5x slower day the timing phase alone showed it would take over 2 h). The 12-block ViT/DeiT-tiny take
+    # 45 runs now, the added ones cheaper than bp: about 75 min estimated on that machine. The committed run has
+    # ViT-tiny only (`--models vit-tiny`, 15 runs, ~45 min): that day the VM ran 2-2.5x slower, and all three
+    # models would have taken over 2 h. The 12-block ViT/DeiT-tiny take
     # ~0.4 s per step of 32 at 28x28 and ConvNeXt-tiny (stride-2 stem) ~0.46 s, so a full 60k epoch (12-15 min
     # per run) cannot fit: a random subset of the data, and the methods that differ in accuracy are trained.
     "fashion-mnist": SuiteSpec(
