@@ -54,7 +54,9 @@ def fit_coefficients(
     num_columns = plan.num_columns
     gram = torch.zeros(num_columns, 2, 2, dtype=torch.float64, device=device)
     rhs = torch.zeros(num_columns, 2, dtype=torch.float64, device=device)
-    for columns, target, previous, following in _columns_and_design(plan, granularity):
+    # Kept for the error sums below rather than resampling the neighbours twice (one block, at conversion).
+    design = list(_columns_and_design(plan, granularity))
+    for columns, target, previous, following in design:
         # Per row of the design (a column's entries): the Gram matrix and right-hand side terms.
         gram[:, 0, 0].index_add_(0, columns, (previous * previous).sum(1))
         gram[:, 0, 1].index_add_(0, columns, (previous * following).sum(1))
@@ -67,7 +69,7 @@ def fit_coefficients(
     residual = rhs - (gram @ start[:, :, None])[:, :, 0]
     solution = start + (torch.linalg.pinv(gram, rtol=GRAM_RTOL, hermitian=True) @ residual[:, :, None])[:, :, 0]
     fitted, at_prior, norm = 0.0, 0.0, 0.0
-    for columns, target, previous, following in _columns_and_design(plan, granularity):
+    for columns, target, previous, following in design:
         a, b = solution[columns].T[:, :, None]
         fitted += float(((target - a * previous - b * following) ** 2).sum())
         at_prior += float(((target - prior[0] * previous - prior[1] * following) ** 2).sum())
