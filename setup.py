@@ -28,5 +28,5 @@ setup(
         "test": ["pytest>=8", "matplotlib>=3.7", "tensorboard>=2.14", "ruff>=0.6"],
         "benchmark": ["matplotlib>=3.7"],
     },
-    entry_points={"console_scripts": ["hf-replacement=hf_replacement.cli:main"]},
+    entry_points={"console_scripts": ["hf-replacement=hf_replacement.commands.cli:main"]},
 )

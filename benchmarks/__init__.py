@@ -9,5 +9,5 @@ Run from a checkout (not installed with `hf_replacement`):
   against the plain-autograd reference, and writes `benchmarks/synthesis_overhead.{json,md}`.
 
 The harness uses only `hf_replacement`'s public API and the training steps the launcher uses
-(`hf_replacement.steps`), so what it measures is what a user's training does.
+(`hf_replacement.commands.training_steps`), so what it measures is what a user's training does.
 """

@@ -45,8 +45,8 @@ from benchmarks.harness.training import eval_batches
 from benchmarks.harness.transfer import pretrain, source_suite
 from hf_replacement import ReplacementConfig, get_replacement_model
 from hf_replacement.checkpoint import write_checkpoint
+from hf_replacement.commands.training_steps import evaluate_accuracy
 from hf_replacement.loading import load_image_classifier
-from hf_replacement.steps import evaluate_accuracy
 
 NAME = "output_calibration"
 GRANULARITIES = ("block", "tensor", "channel")

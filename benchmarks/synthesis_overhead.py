@@ -49,7 +49,7 @@ from benchmarks.harness.output import write_report
 from benchmarks.harness.paths import BENCHMARKS_DIR, SYNTHESIS_OVERHEAD_NAME
 from benchmarks.harness.suites import SuiteSpec
 from hf_replacement import ReplacementConfig, get_replacement_model
-from hf_replacement.presets import build_preset_model
+from hf_replacement.commands.presets import build_preset_model
 from hf_replacement.synthesis import reference_synthesize, synthesize
 
 logger = logging.getLogger("benchmarks.synthesis_overhead")

@@ -16,7 +16,7 @@ set -euo pipefail
 
 MODE="${1:-cpu-demo}"
 OUT="${OUT:-outputs/accelerate}"
-TRAIN=(-m hf_replacement.cli train --dataset digits --replace-interval 4 --checkpointing-steps 50)
+TRAIN=(-m hf_replacement.commands.cli train --dataset digits --replace-interval 4 --checkpointing-steps 50)
 
 case "$MODE" in
   single)

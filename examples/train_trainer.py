@@ -25,9 +25,9 @@ import torch
 from transformers import EvalPrediction, TrainingArguments, ViTForImageClassification
 
 from hf_replacement import ReplacementConfig, ReplacementModel, ReplacementTrainer
-from hf_replacement.data import collate_fn, load_image_dataset, prepare_dataset
-from hf_replacement.presets import build_preset_model
-from hf_replacement.processing import build_image_processor
+from hf_replacement.commands.data import collate_fn, load_image_dataset, prepare_dataset
+from hf_replacement.commands.presets import build_preset_model
+from hf_replacement.commands.processing import build_image_processor
 
 
 def parse_args() -> argparse.Namespace:

@@ -2,11 +2,11 @@
 
 from .blocks import Block, BlockDiscoveryError, find_blocks
 from .config import CONFIG_NAME, ReplacementConfig, ReplacementConfigError
-from .fusion import FusionError
+from .integrations.fsdp import gather_state_dict, shard_model, sharding_units
+from .integrations.peft import merge_peft_and_replacement, prepare_peft_config
+from .integrations.trainer import ReplacementCallback, ReplacementTrainer
 from .model import ReplacementModel, get_replacement_model
-from .peft_support import merge_peft_and_replacement, prepare_peft_config
-from .sharding import gather_state_dict, shard_model, sharding_units
-from .trainer import ReplacementCallback, ReplacementTrainer
+from .resampling import FusionError
 
 __version__ = "0.1.0"
 

@@ -20,9 +20,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import FIT, ReplacementConfig
 from .fitting import CoefficientFit, fit_coefficients
-from .fusion import DimResample
 from .planning import BlockPlan, coefficient_width
-from .saved_weights import saved_weight_hooks
+from .resampling import DimResample
+from .saved_tensor_hooks import saved_weight_hooks
 from .surrogates import describe, merged_value, skipped_value, surrogate_family
 from .synthesis import ReplacementState, SynthesizedTensor, Term, compile_program, synthesize
 

@@ -20,6 +20,7 @@ from .checkpoint import WEIGHTS_NAME, load_weights, remove_other_weight_files, w
 from .config import CONFIG_NAME, DEFAULT_COEFFICIENT_INIT, FIT, ReplacementConfig
 from .fitting import CoefficientFit
 from .hub import CardFacts, push_to_hub
+from .integrations.pipelines import allow_replacement_models_in_pipelines
 from .layer import ReplacementCoefficients, apply_plan, is_replaced, materialize
 from .loading import (
     BASE_CONFIG_NAME,
@@ -32,7 +33,6 @@ from .loading import (
     single_device,
     without_tied_copies,
 )
-from .pipeline_support import allow_replacement_models_in_pipelines
 from .planning import BlockPlan
 from .selection import select_blocks
 from .synthesis import synthesize

@@ -13,7 +13,7 @@ import torch
 
 from .blocks import Block
 from .config import ReplacementConfig
-from .fusion import DimNarrow, FusionError, Step, fan_in_dims, resample_plan
+from .resampling import DimNarrow, FusionError, Step, fan_in_dims, resample_plan
 from .surrogates import Family, surrogate_family
 
 # The steps mapping a neighbour's tensor to the replaced block's shape (narrowing for a surrogate,

@@ -6,8 +6,8 @@ import logging
 
 from .blocks import Block
 from .config import ReplacementConfig, ReplacementConfigError
-from .fusion import FusionError
 from .planning import BlockPlan, plan_block
+from .resampling import FusionError
 
 logger = logging.getLogger(__name__)
 

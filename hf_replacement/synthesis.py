@@ -23,8 +23,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.hooks import RemovableHandle
 
-from .fusion import Step
 from .planning import BlockPlan, coefficient_width
+from .resampling import Step
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import zipfile
 import pytest
 
 from hf_replacement import ReplacementConfig
-from hf_replacement.cli import build_parser
+from hf_replacement.commands.cli import build_parser
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hf_replacement"
@@ -72,7 +72,7 @@ def test_package_has_no_import_cycle():
 
 def test_importing_the_package_loads_no_benchmark_code():
     code = (
-        "import sys, hf_replacement, hf_replacement.cli; "
+        "import sys, hf_replacement, hf_replacement.commands.cli; "
         "print(sorted(m for m in sys.modules if m.startswith('benchmarks')))"
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout
@@ -101,7 +101,7 @@ def test_wheel_ships_the_plugin_and_launcher_only(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"hf_replacement"}
-    assert "hf_replacement/cli.py" in names and "hf_replacement/train.py" in names
+    assert "hf_replacement/commands/cli.py" in names and "hf_replacement/commands/train.py" in names
     assert "hf_replacement/templates/replacement_model_card.md" in names
     assert not [name for name in names if "benchmark" in name]
 

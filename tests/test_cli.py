@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_replacement import ReplacementModel
-from hf_replacement.cli import main
-from hf_replacement.data import collate_fn, load_image_dataset, prepare_dataset, subsample
+from hf_replacement.commands.cli import main
+from hf_replacement.commands.data import collate_fn, load_image_dataset, prepare_dataset, subsample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -107,8 +107,8 @@ def test_resume_refuses_a_checkpoint_of_other_settings_or_mixed_saves(tmp_path, 
 
 def test_resume_mid_epoch_with_dropout_continues_exactly(tmp_path, monkeypatch):
     """Dropout draws from the global RNG: the resumed loader must not draw from it where the straight run did not."""
-    import hf_replacement.train as launcher
-    from hf_replacement.presets import build_preset_model
+    import hf_replacement.commands.train as launcher
+    from hf_replacement.commands.presets import build_preset_model
 
     def with_dropout(*args, **kwargs):
         model = build_preset_model(*args, **kwargs)
@@ -422,7 +422,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
         "--master_port",
         str(_free_port()),
         "-m",
-        "hf_replacement.cli",
+        "hf_replacement.commands.cli",
         "train",
         *half_batch,
         "--output-dir",
@@ -454,7 +454,7 @@ def test_simulated_two_node_run(tmp_path):
             "--main_process_port",
             port,
             "-m",
-            "hf_replacement.cli",
+            "hf_replacement.commands.cli",
             "train",
             *half_batch,
             "--output-dir",
@@ -469,7 +469,7 @@ def test_simulated_two_node_run(tmp_path):
 def test_divergence_stops_every_process_of_a_distributed_run(tmp_path):
     """Both processes see the non-finite loss (reduced across them) and exit with the error: none waits forever."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "hf_replacement.cli", "train", *TINY, "--batch-size", "16",
+               str(_free_port()), "-m", "hf_replacement.commands.cli", "train", *TINY, "--batch-size", "16",
                "--epochs", "4", "--lr", "1e12", "--output-dir", str(tmp_path / "ddp")]  # fmt: skip
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     process = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -480,7 +480,7 @@ def test_divergence_stops_every_process_of_a_distributed_run(tmp_path):
 
 def _torchrun_train(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(_free_port()), "-m", "hf_replacement.cli", "train", *args]  # fmt: skip
+            str(_free_port()), "-m", "hf_replacement.commands.cli", "train", *args]  # fmt: skip
 
 
 FSDP_ARGS = [*(a if a != "32" else "16" for a in DISTRIBUTED_ARGS), "--fsdp"]  # the same global batch

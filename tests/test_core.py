@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from torch.func import functional_call
 
-from hf_replacement import ReplacementConfig, ReplacementModel, fusion, get_replacement_model
-from hf_replacement.fusion import DimResample, resample_matrix, resample_plan
+from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model, resampling
+from hf_replacement.resampling import DimResample, resample_matrix, resample_plan
 from hf_replacement.synthesis import _Synthesis, reference_synthesize, synthesize
 
 ARCHITECTURES = list(tiny_models.ARCHITECTURES)
@@ -174,7 +174,7 @@ RESAMPLED_ARCHITECTURES = ["convnext", "convnextv2", "swin", "resnet"]
 @pytest.mark.parametrize("arch", RESAMPLED_ARCHITECTURES)
 def test_structured_resampling_matches_reference(arch, granularity, monkeypatch):
     """The tiny models' tensors are small enough for dense resampling; force the structured form."""
-    monkeypatch.setattr(fusion, "DENSE_LIMIT", 0)
+    monkeypatch.setattr(resampling, "DENSE_LIMIT", 0)
     model, reference = make(arch, granularity)
     steps = [
         step
@@ -203,7 +203,7 @@ def test_dense_resampling_only_with_a_small_table(source, target, dense):
     steps = resample_plan(torch.Size(source), torch.Size(target), set())
     assert [step.dense for step in steps] == [dense] * len(steps)
     tables = [table for step in steps for table in step.tables(torch.float32)]
-    assert sum(table.numel() for table in tables) <= len(steps) * fusion.DENSE_TABLE_LIMIT
+    assert sum(table.numel() for table in tables) <= len(steps) * resampling.DENSE_TABLE_LIMIT
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=matrix_id)
@@ -492,7 +492,7 @@ class StagedModel(torch.nn.Module):
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_synthesis_gradcheck(granularity, fusion_mode, form, monkeypatch):
     """The fused synthesis node's backward against finite differences, float64, small tensors."""
-    monkeypatch.setattr(fusion, "DENSE_LIMIT", 2**40 if form == "dense" else 0)
+    monkeypatch.setattr(resampling, "DENSE_LIMIT", 2**40 if form == "dense" else 0)
     torch.manual_seed(0)
     # Block 1: previous neighbour narrower (upsampled), next wider (downsampled); block 3: next the same.
     # With fusion="nearest" a tensor of a neighbour of another width is left out (one term).

@@ -12,7 +12,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
-from hf_replacement.data import (
+from hf_replacement.commands.data import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_LABELS,
     DataError,

@@ -16,7 +16,7 @@ import tiny_models
 import torch
 
 from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model
-from hf_replacement.cli import build_parser, main
+from hf_replacement.commands.cli import build_parser, main
 from hf_replacement.config import ReplacementConfigError
 from hf_replacement.planning import coefficient_width
 from hf_replacement.synthesis import reference_synthesize
@@ -317,7 +317,7 @@ def test_launcher_fits_a_local_pretrained_model_and_reports_it(tmp_path, capsys)
 
 def make_exact_combination_preset() -> torch.nn.Module:
     """vit-mini for the digits (8 px, 10 labels) whose block 3 is exactly 0.3·block 2 + 0.7·block 4."""
-    from hf_replacement.presets import build_preset_model
+    from hf_replacement.commands.presets import build_preset_model
 
     model = build_preset_model("vit-mini", 10, 8, 1)
     blocks = model.vit.layers

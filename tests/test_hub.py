@@ -24,9 +24,9 @@ from test_trainer import logits as logits_of
 from transformers import TrainingArguments
 
 from hf_replacement import ReplacementConfig, ReplacementModel, ReplacementTrainer, get_replacement_model
-from hf_replacement.cli import main
+from hf_replacement.commands.cli import main
+from hf_replacement.commands.processing import build_image_processor
 from hf_replacement.hub import TEMPLATE_PATH, HubDownloadError, HubPushError, push_to_hub, render_model_card
-from hf_replacement.processing import build_image_processor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_TestWriteToken1234567890abcd"

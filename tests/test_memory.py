@@ -1,5 +1,5 @@
 """Synthesized weights are not kept for backward: autograd saves a recipe, backward rebuilds them
-(`hf_replacement/saved_weights.py`). Same gradients as keeping them, fewer saved bytes."""
+(`hf_replacement/saved_tensor_hooks.py`). Same gradients as keeping them, fewer saved bytes."""
 
 from __future__ import annotations
 

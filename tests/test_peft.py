@@ -45,7 +45,7 @@ def train_one_step(peft_model: PeftModel) -> None:
 
 
 def peft_records(caplog) -> list[logging.LogRecord]:
-    return [record for record in caplog.records if record.name == "hf_replacement.peft_support"]
+    return [record for record in caplog.records if record.name == "hf_replacement.integrations.peft"]
 
 
 @pytest.mark.parametrize("name", ["vit", "deit"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_replacement.presets import UnknownPresetError, build_preset_model
+from hf_replacement.commands.presets import UnknownPresetError, build_preset_model
 
 
 @pytest.mark.parametrize(

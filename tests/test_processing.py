@@ -12,8 +12,13 @@ from PIL import Image as PILImage
 from transformers import AutoImageProcessor, ConvNextImageProcessorPil
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from hf_replacement.data import FASHION_MNIST_DIR, image_transform, load_image_dataset, normalisation
-from hf_replacement.processing import PROCESSOR_NAME, build_image_processor, load_saved_image_processor, square_size
+from hf_replacement.commands.data import FASHION_MNIST_DIR, image_transform, load_image_dataset, normalisation
+from hf_replacement.commands.processing import (
+    PROCESSOR_NAME,
+    build_image_processor,
+    load_saved_image_processor,
+    square_size,
+)
 
 # What a pretrained Hub model's processor brings (e.g. ConvNeXt's on the Hub), as the launcher reads it.
 IMAGENET = normalisation(ConvNextImageProcessorPil(image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD))
@@ -70,7 +75,7 @@ def test_the_saved_processor_gives_the_training_pixel_values(source, tmp_path):
 
 def test_a_1_channel_processor_takes_gray_images_and_says_pipelines_cannot_serve_it(caplog):
     images = digits_images()
-    with caplog.at_level(logging.WARNING, logger="hf_replacement.processing"):
+    with caplog.at_level(logging.WARNING, logger="hf_replacement.commands.processing"):
         processor = build_image_processor(12, 1, *IMAGENET)
     assert "cannot serve this model" in caplog.text
     expected = torch.stack([image_transform(12, 1, *IMAGENET)(image) for image in images])

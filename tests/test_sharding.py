@@ -1,4 +1,4 @@
-"""FSDP2 sharding of RepL models (`hf_replacement.sharding`) in one process, in a one-rank gloo group.
+"""FSDP2 sharding of RepL models (`hf_replacement.integrations.fsdp`) in one process, in a one-rank gloo group.
 
 One rank is enough to tell a grouping that works from one that does not (a replaced block alone in
 its unit reads its neighbours as sharded `DTensor`s there too) and to hold a sharded model to the
@@ -15,14 +15,14 @@ import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from hf_replacement import ReplacementConfig, ReplacementModel, gather_state_dict, get_replacement_model, shard_model
-from hf_replacement.model import coefficient_logs
-from hf_replacement.sharding import (
+from hf_replacement.integrations.fsdp import (
     check_deepspeed_stage,
     gather_optimizer_state_dict,
     load_full_optimizer_state_dict,
     load_full_state_dict,
     sharding_units,
 )
+from hf_replacement.model import coefficient_logs
 
 
 @pytest.fixture

@@ -485,7 +485,7 @@ def test_fsdp2_trains_like_one_process_without_sharding():
 
 
 def test_launcher_trains_evaluates_and_merges_a_surrogate(tmp_path, capsys):
-    from hf_replacement.cli import main
+    from hf_replacement.commands.cli import main
 
     out = tmp_path / "run"
     argv = ["--model", "vit-mini", "--dataset", "digits", "--max-train-samples", "128", "--max-eval-samples", "64",

@@ -35,8 +35,8 @@ from hf_replacement import (
     ReplacementTrainer,
     get_replacement_model,
 )
+from hf_replacement.integrations.trainer import MERGED_DIR_NAME
 from hf_replacement.model import coefficient_logs
-from hf_replacement.trainer import MERGED_DIR_NAME
 
 A, B = "replacement/a/block_1", "replacement/b/block_1"
 
@@ -520,7 +520,7 @@ def test_start_step_is_rejected_under_several_processes(tmp_path, monkeypatch):
 
 def test_prepared_datasets_train_with_the_default_remove_unused_columns(tmp_path):
     """prepare_dataset's lazy transform reads `image`, which the model's forward does not take."""
-    from hf_replacement.data import collate_fn, load_image_dataset, prepare_dataset, subsample
+    from hf_replacement.commands.data import collate_fn, load_image_dataset, prepare_dataset, subsample
 
     data = prepare_dataset(subsample(load_image_dataset("digits"), 16, 8, seed=0), image_size=8, num_channels=1)
     args = training_args(tmp_path, max_steps=2, remove_unused_columns=True, eval_strategy="no")
@@ -570,7 +570,7 @@ def test_fsdp_plugin_settings_shard_the_model_in_repl_units(process_group):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from hf_replacement.trainer import _shard_with_plugin
+    from hf_replacement.integrations.trainer import _shard_with_plugin
 
     def accelerator(**plugin_options) -> SimpleNamespace:
         return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin(**plugin_options)))

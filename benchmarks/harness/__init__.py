@@ -26,7 +26,7 @@ Each file here does one part: `methods` builds each method's model, `suites` say
 `training` trains for accuracy, `transfer` pretrains (transfer suites) and measures each conversion on the
 source task, `runner` runs it all, `report`, `plots` and `output` write the
 results, `readme` writes benchmarks/README.md, `paths` says where files go, `cli` reads the flags.
-Training steps, optimizer, schedule and accuracy are `hf_replacement.steps`, shared with the launcher.
+Training steps, optimizer, schedule and accuracy are `hf_replacement.commands.training_steps`, shared with the launcher.
 """
 
 from .cli import add_benchmark_arguments, main, run_benchmark_from_args, suite_from_args

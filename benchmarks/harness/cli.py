@@ -8,7 +8,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from hf_replacement.argtypes import positive_int
+from hf_replacement.commands.argtypes import positive_int
 
 from .. import __doc__ as PACKAGE_DOC
 from .errors import BenchmarkError

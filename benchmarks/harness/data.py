@@ -25,7 +25,7 @@ class TensorData:
 def load_tensor_data(suite: SuiteSpec, data_dir: str | None = None) -> TensorData:
     """The suite's data as in-memory tensors: the sets are small, and a permutation per epoch is all
     a DataLoader would do here, without its per-batch collation cost."""
-    from hf_replacement.data import dataset_info, load_image_dataset, prepare_dataset, subsample
+    from hf_replacement.commands.data import dataset_info, load_image_dataset, prepare_dataset, subsample
 
     raw = load_image_dataset(suite.dataset, data_dir=data_dir, seed=0)
     raw = subsample(raw, suite.max_train_samples, suite.max_test_samples, seed=0)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from hf_replacement import find_blocks
+from hf_replacement.commands.training_steps import make_optimizer, train_step
 from hf_replacement.layer import is_replaced
-from hf_replacement.steps import make_optimizer, train_step
 from hf_replacement.synthesis import synthesize
 from hf_replacement.utils import count_parameters
 

@@ -16,9 +16,9 @@ from hf_replacement import (
     merge_peft_and_replacement,
     prepare_peft_config,
 )
+from hf_replacement.commands.presets import build_preset_model
 from hf_replacement.config import DEFAULT_COEFFICIENT_INIT, FIT
 from hf_replacement.loading import load_image_classifier
-from hf_replacement.presets import build_preset_model
 from hf_replacement.selection import select_blocks
 from hf_replacement.utils import count_parameters
 

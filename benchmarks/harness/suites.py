@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from hf_replacement.presets import PRESETS
+from hf_replacement.commands.presets import PRESETS
 
 from .errors import BenchmarkError
 from .methods import DEFAULT_METHODS, TRANSFER_METHODS, resolve_methods
@@ -47,7 +47,7 @@ class SuiteSpec:
     accuracy_methods: tuple[str, ...] | None = None
     max_train_samples: int | None = None
     max_test_samples: int | None = None
-    # Training: AdamW (hf_replacement.steps.make_optimizer), cosine schedule with linear warm-up.
+    # Training: AdamW (hf_replacement.commands.training_steps.make_optimizer), cosine schedule with linear warm-up.
     seeds: int = 3
     epochs: int = 10
     batch_size: int = 64

@@ -1,6 +1,6 @@
 """Training a method's model for accuracy: one seeded run, with the library's optimizer, schedule, step and evaluation.
 
-The step, schedule and accuracy are `hf_replacement.steps`, the ones the `hf-replacement train`
+The step, schedule and accuracy are `hf_replacement.commands.training_steps`, the ones the `hf-replacement train`
 launcher uses, so the benchmark measures what a user's training does.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_replacement.commands.training_steps import evaluate_accuracy, make_optimizer, make_scheduler, train_step
 from hf_replacement.model import LOG_PREFIX, coefficient_logs
-from hf_replacement.steps import evaluate_accuracy, make_optimizer, make_scheduler, train_step
 
 from .data import TensorData
 from .device import autocast

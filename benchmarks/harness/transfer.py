@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from hf_replacement.checkpoint import staged_directory
+from hf_replacement.commands.presets import build_preset_model
+from hf_replacement.commands.training_steps import evaluate_accuracy
 from hf_replacement.loading import load_image_classifier
-from hf_replacement.presets import build_preset_model
-from hf_replacement.steps import evaluate_accuracy
 
 from .data import TensorData
 from .methods import METHODS, apply_method, replacement_of

@@ -23,7 +23,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
-from .model import ReplacementModel
+from ..model import ReplacementModel
 
 logger = logging.getLogger(__name__)
 

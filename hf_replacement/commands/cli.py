@@ -13,10 +13,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ..config import ReplacementConfig
+from ..hub import HubError
 from .argtypes import block_list, coefficient_init, non_negative_float, positive_float, positive_int
-from .config import ReplacementConfig
-from .hub import HubError
-from .steps import NonFiniteLossError
+from .training_steps import NonFiniteLossError
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,7 +140,7 @@ def _report(results: dict, output_dir: str) -> None:
         blocks = ", ".join(f"{index} ({name})" for index, name in results["replaced_blocks"].items())
         lines = [f"trainable params: {trainable:,d} {savings}", f"replaced blocks: {blocks}"]
         if results.get("coefficient_fit"):
-            from .model import describe_fit_errors
+            from ..model import describe_fit_errors
 
             fits = describe_fit_errors(results["coefficient_fit"])
             lines.append(f"fitted initial coefficients, relative reconstruction error: {fits}")

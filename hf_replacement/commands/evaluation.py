@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME
-from .loading import load_image_classifier
-from .model import ReplacementModel
+from ..config import CONFIG_NAME
+from ..loading import load_image_classifier
+from ..model import ReplacementModel
 from .processing import PROCESSOR_NAME, load_saved_image_processor, square_size
 
 logger = logging.getLogger(__name__)

@@ -19,10 +19,10 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import logging
 
-from .hub import render_model_card
-from .model import LOG_PREFIX, ReplacementModel, coefficient_logs
-from .sharding import check_deepspeed_stage, gather_state_dict, shard_model
-from .utils import is_sharded
+from ..hub import render_model_card
+from ..model import LOG_PREFIX, ReplacementModel, coefficient_logs
+from ..utils import is_sharded
+from .fsdp import check_deepspeed_stage, gather_state_dict, shard_model
 
 logger = logging.get_logger(__name__)
 

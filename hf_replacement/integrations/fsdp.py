@@ -28,9 +28,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 
-from .blocks import Block, find_blocks
-from .model import ReplacementModel
-from .utils import is_sharded
+from ..blocks import Block, find_blocks
+from ..model import ReplacementModel
+from ..utils import is_sharded
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,20 @@ from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_s
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import load_weights, staged_directory, write_checkpoint
-from .config import ReplacementConfig
+from ..checkpoint import load_weights, staged_directory, write_checkpoint
+from ..config import ReplacementConfig
+from ..hub import push_to_hub
+from ..integrations.fsdp import (
+    check_deepspeed_stage,
+    gather_optimizer_state_dict,
+    gather_state_dict,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+    shard_model,
+)
+from ..loading import load_image_classifier, load_pretrained_config
+from ..model import ReplacementModel, coefficient_logs, get_replacement_model
+from ..utils import count_parameters
 from .data import (
     collate_fn,
     dataset_info,
@@ -35,22 +47,10 @@ from .data import (
     prepare_dataset,
     subsample,
 )
-from .hub import push_to_hub
-from .loading import load_image_classifier, load_pretrained_config
-from .model import ReplacementModel, coefficient_logs, get_replacement_model
 from .presets import PRESETS, build_preset_model
 from .processing import PROCESSOR_NAME, build_image_processor
-from .sharding import (
-    check_deepspeed_stage,
-    gather_optimizer_state_dict,
-    gather_state_dict,
-    load_full_optimizer_state_dict,
-    load_full_state_dict,
-    shard_model,
-)
-from .steps import check_finite, evaluate_accuracy, make_optimizer, make_scheduler, train_step
 from .training_state import check_resumable, load_training_state, save_training_state
-from .utils import count_parameters
+from .training_steps import check_finite, evaluate_accuracy, make_optimizer, make_scheduler, train_step
 
 logger = get_logger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .checkpoint import WEIGHTS_NAME, write_checkpoint
+from ..checkpoint import WEIGHTS_NAME, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
