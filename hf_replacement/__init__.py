@@ -1,16 +1,38 @@
-"""hf_replacement: Replacement Learning (RepL) for Hugging Face Transformers vision models."""
+"""hf_replacement: Replacement Learning (RepL) for Hugging Face Transformers vision models.
 
-from .blocks import Block, BlockDiscoveryError, find_blocks
-from .config import CONFIG_NAME, ReplacementConfig, ReplacementConfigError
-from .integrations.fsdp import gather_state_dict, shard_model, sharding_units
-from .integrations.peft import merge_peft_and_replacement, prepare_peft_config
-from .integrations.trainer import ReplacementCallback, ReplacementTrainer
-from .model import ReplacementModel, get_replacement_model
-from .resampling import FusionError
+The public names load lazily (PEP 562), as Transformers' own do: `import hf_replacement` and the
+command line's argument parsing import no torch, so `hf-replacement --help` answers at once; the
+first use of a name imports the module that defines it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
+# public name -> the submodule defining it
+_EXPORTS = {
+    "Block": ".blocks",
+    "BlockDiscoveryError": ".blocks",
+    "find_blocks": ".blocks",
+    "CONFIG_NAME": ".config",
+    "ReplacementConfig": ".config",
+    "ReplacementConfigError": ".config",
+    "gather_state_dict": ".integrations.fsdp",
+    "shard_model": ".integrations.fsdp",
+    "sharding_units": ".integrations.fsdp",
+    "merge_peft_and_replacement": ".integrations.peft",
+    "prepare_peft_config": ".integrations.peft",
+    "ReplacementCallback": ".integrations.trainer",
+    "ReplacementTrainer": ".integrations.trainer",
+    "ReplacementModel": ".model",
+    "get_replacement_model": ".model",
+    "FusionError": ".resampling",
+}
+
+__all__ = [  # a literal list, so linters and `from hf_replacement import *` read it without importing
     "Block",
     "BlockDiscoveryError",
     "CONFIG_NAME",
@@ -29,3 +51,24 @@ __all__ = [
     "sharding_units",
     "__version__",
 ]
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
+    from .blocks import Block, BlockDiscoveryError, find_blocks
+    from .config import CONFIG_NAME, ReplacementConfig, ReplacementConfigError
+    from .integrations.fsdp import gather_state_dict, shard_model, sharding_units
+    from .integrations.peft import merge_peft_and_replacement, prepare_peft_config
+    from .integrations.trainer import ReplacementCallback, ReplacementTrainer
+    from .model import ReplacementModel, get_replacement_model
+    from .resampling import FusionError
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

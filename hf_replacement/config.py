@@ -62,7 +62,9 @@ class ReplacementConfig:
     """
 
     replace_interval: int = _option(4, "replace every k-th block (blocks k-1, 2k-1, ...; the paper uses 4)")
-    replaced_blocks: list[int] | None = _option(None, "explicit block indices to replace instead, e.g. 3,7")
+    replaced_blocks: list[int] | None = _option(
+        None, "explicit block indices to replace instead, e.g. 3,7 (default: none, the interval applies)"
+    )
     coefficient_granularity: str = _option(
         "block", "one (a, b) per block (the paper), per tensor or per output channel", choices=GRANULARITIES
     )

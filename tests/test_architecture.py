@@ -3,6 +3,7 @@ the launcher's RepL flags come from `ReplacementConfig`."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import pathlib
@@ -119,3 +120,79 @@ def test_cli_replacement_flags_come_from_the_config(spec):
     assert train.default == spec.default
     assert spec.metadata["help"] in (train.help or "")
     assert train.choices == spec.metadata.get("choices")
+
+
+def test_the_public_names_load_lazily_and_all_resolve():
+    import hf_replacement
+
+    assert set(hf_replacement.__all__) == set(hf_replacement._EXPORTS) | {"__version__"}
+    for name in hf_replacement.__all__:
+        assert getattr(hf_replacement, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchName'"):
+        hf_replacement.NoSuchName  # noqa: B018
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["evaluate", "--help"], ["merge", "--help"]])
+def test_the_command_line_answers_help_without_importing_torch(argv):
+    """Parsing comes first: torch, Transformers and Accelerate load only in a command that runs."""
+    code = (
+        "import sys\n"
+        "from hf_replacement.commands.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 0, done.code\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'safetensors') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env_with_checkout()
+    )
+    assert "usage: hf-replacement" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "HEAVY []", result.stdout[-500:]
+
+
+def _env_with_checkout() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def _train_actions() -> dict[str, argparse.Action]:
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    return {action.dest: action for action in train._actions if action.dest != "help"}
+
+
+def test_every_flag_has_help_a_shown_default_and_a_group():
+    parser = build_parser()
+    for name, command in parser._subparsers._group_actions[0].choices.items():
+        rendered = " ".join(command.format_help().split())
+        for action in command._actions:
+            if action.dest == "help":
+                continue
+            label = f"{name} {action.option_strings or action.dest}"
+            assert action.help, f"{label} has no help"
+            if action.option_strings and action.default not in (None, False):
+                shown = action.default
+                if isinstance(shown, (list, tuple)):
+                    shown = ",".join(map(str, shown)) if shown else "none"
+                assert f"(default: {shown})" in rendered, f"{label} does not show its default {shown}"
+            elif action.option_strings and action.default is None:
+                assert "default" in action.help, f"{label} does not say what happens without it"
+    groups = {
+        group.title for group in parser._subparsers._group_actions[0].choices["train"]._action_groups if group.title
+    }
+    assert {"model and data", "RepL", "optimisation", "precision and processes", "checkpoints and Hub"} <= groups
+
+
+def test_every_training_option_has_a_flag_with_the_same_default():
+    """What results.json records under "options" is what the command line can set, defaults included."""
+    from hf_replacement.commands.train import TrainingOptions
+
+    actions = _train_actions()
+    for spec in dataclasses.fields(TrainingOptions):
+        if spec.name == "replacement":  # one flag per ReplacementConfig field, checked above
+            continue
+        assert spec.name in actions, f"TrainingOptions.{spec.name} has no flag"
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        assert actions[spec.name].default == default, spec.name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -36,10 +37,14 @@ def run_cli(*args: str) -> None:
     assert main(list(args)) == 0
 
 
-def test_train_writes_a_loadable_checkpoint_and_results(tmp_path, capsys):
+def test_train_writes_a_loadable_checkpoint_and_results(tmp_path, capsys, caplog):
     out = tmp_path / "run"
-    run_cli("train", *TINY, "--epochs", "1", "--output-dir", str(out))
+    with caplog.at_level(logging.INFO):
+        run_cli("train", *TINY, "--epochs", "1", "--output-dir", str(out))
     printed = capsys.readouterr().out
+    # One process: the save location said once (in the summary), and no log line tagged with a rank.
+    assert (printed + caplog.text).count(str(out)) == 1, printed + caplog.text
+    assert caplog.records and not [record for record in caplog.records if "[RANK" in record.getMessage()]
     results = json.loads((out / "results.json").read_text())
     assert results["replaced_blocks"] == {"3": "vit.layers.3"} or results["replaced_blocks"] == {3: "vit.layers.3"}
     assert results["updates"] == 8 and results["num_processes"] == 1 and results["mixed_precision"] == "no"
@@ -55,6 +60,21 @@ def test_train_writes_a_loadable_checkpoint_and_results(tmp_path, capsys):
     capsys.readouterr()
     run_cli("evaluate", str(tmp_path / "merged"), "--max-eval-samples", "64")
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(results["accuracy"])
+
+
+def test_the_launcher_logs_a_rank_only_across_processes(caplog, monkeypatch):
+    from accelerate.state import PartialState
+
+    from hf_replacement.commands.logs import get_logger
+
+    PartialState()  # what train() has made before it logs
+    logger = get_logger("hf_replacement.test")
+    with caplog.at_level(logging.INFO, logger="hf_replacement.test"):
+        logger.info("one process", main_process_only=True)
+        monkeypatch.setitem(PartialState._shared_state, "num_processes", 2)
+        logger.info("two processes", main_process_only=True)
+    assert [record.getMessage() for record in caplog.records] == ["one process", "[RANK 0] two processes"]
+    assert caplog.records[0].funcName == "test_the_launcher_logs_a_rank_only_across_processes"
 
 
 def test_baseline_trains_the_plain_model(tmp_path):

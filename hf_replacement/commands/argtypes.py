@@ -31,6 +31,14 @@ def non_negative_float(text: str) -> float:
     return _bounded(text, float, 0, strict=False)
 
 
+def fraction(text: str) -> float:
+    """A number in [0, 1), e.g. the share of the updates spent warming up."""
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a number >= 0 and < 1 (a fraction of the updates)")
+    return value
+
+
 def block_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]

@@ -14,42 +14,73 @@ import sys
 from collections.abc import Sequence
 
 from ..config import ReplacementConfig
-from ..hub import HubError
-from .argtypes import block_list, coefficient_init, non_negative_float, positive_float, positive_int
-from .training_steps import NonFiniteLossError
+from .argtypes import block_list, coefficient_init, fraction, non_negative_float, positive_float, positive_int
+
+# Parsing imports no torch, Transformers or Accelerate (`hf-replacement --help` answers at once): the package's
+# names load lazily, and each command imports what it runs inside its handler.
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, written as one would type it (`0.5,0.5`, not `(0.5, 0.5)`).
+
+    A flag without a value (`store_true`) is off unless given; a flag whose default is None says in its
+    own help what happens without it, since "None" would tell the reader nothing.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if "default" in help_text or default is None or default is False or default is argparse.SUPPRESS:
+            return help_text
+        if isinstance(default, (list, tuple)):
+            shown = ",".join(str(value) for value in default) if default else "none"
+        else:
+            shown = str(default)
+        return f"{help_text} (default: {shown.replace('%', '%%')})"
+
+
+def _add_data_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
         "--dataset",
         default="digits",
         help="digits (embedded), fashion-mnist, a Hub id, or a local imagefolder / save_to_disk dir",
     )
-    parser.add_argument(
-        "--data-dir", help="directory with the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)"
+    group.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="directory with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)",
     )
-    parser.add_argument(
-        "--max-eval-samples", type=positive_int, help="evaluate on a random subset of the test split (seeded)"
+    group.add_argument(
+        "--max-eval-samples",
+        type=positive_int,
+        metavar="N",
+        help="evaluate on a random subset of N test images, seeded (default: the whole test split)",
     )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=64, help="per process (global batch: x processes x accumulation)"
+    group.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=64,
+        metavar="N",
+        help="images per process and step (global batch: x processes x accumulation steps)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="initialisation, data order and the digits split")
+    group.add_argument("--seed", type=int, default=0, help="initialisation, data order and the digits split")
 
 
 # Which blocks to replace: one way at a time (or --baseline, none).
 _SELECTION_FIELDS = ("replace_interval", "replaced_blocks")
 _VALUE_PARSERS = {"replaced_blocks": block_list, "coefficient_init": coefficient_init}
+_METAVARS = {"replace_interval": "K", "replaced_blocks": "I,J,...", "coefficient_init": "A,B|fit"}
 
 
 def _replacement_fields() -> list[dataclasses.Field]:
     return [spec for spec in dataclasses.fields(ReplacementConfig) if spec.metadata.get("cli")]
 
 
-def _add_replacement_arguments(parser: argparse.ArgumentParser, selection: argparse._MutuallyExclusiveGroup) -> None:
+def _add_replacement_arguments(group: argparse._ArgumentGroup) -> None:
     """One flag per `ReplacementConfig` field marked for the CLI: help, choices and defaults come from the config."""
+    selection = group.add_mutually_exclusive_group()
     for spec in _replacement_fields():
-        target = selection if spec.name in _SELECTION_FIELDS else parser
+        target = selection if spec.name in _SELECTION_FIELDS else group
         flag = "--" + spec.name.replace("_", "-")
         if isinstance(spec.default, bool):
             target.add_argument(flag, action="store_true", dest=spec.name, help=spec.metadata["help"])
@@ -60,62 +91,147 @@ def _add_replacement_arguments(parser: argparse.ArgumentParser, selection: argpa
             default=spec.default,
             type=_VALUE_PARSERS.get(spec.name, type(spec.default) if spec.default is not None else str),
             choices=spec.metadata.get("choices"),
-            help=f"{spec.metadata['help']} (default: {spec.default})",
+            metavar=_METAVARS.get(spec.name),
+            help=spec.metadata["help"],
         )
+    selection.add_argument(
+        "--baseline", action="store_true", help="ordinary training (no block replaced), everything else the same"
+    )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hf-replacement", description="Replacement Learning (RepL) for Transformers vision models."
+def _add_training_arguments(train: argparse.ArgumentParser) -> None:
+    optimisation = train.add_argument_group("optimisation")
+    optimisation.add_argument(
+        "--epochs", type=positive_float, default=10, help="passes over the data; may be fractional"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    optimisation.add_argument(
+        "--lr", type=positive_float, default=1e-3, help="peak learning rate of AdamW (cosine decay after the warm-up)"
+    )
+    optimisation.add_argument(
+        "--weight-decay",
+        type=non_negative_float,
+        default=0.05,
+        help="AdamW's decoupled weight decay, on every trainable parameter (the coefficients included)",
+    )
+    optimisation.add_argument(
+        "--warmup-ratio",
+        type=fraction,
+        default=0.05,
+        help="fraction of the updates spent in the linear learning-rate warm-up, in [0, 1)",
+    )
+    optimisation.add_argument(
+        "--gradient-accumulation-steps",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="batches whose gradients are summed into one update",
+    )
 
-    train = commands.add_parser("train", help="train a model with RepL (or --baseline) and evaluate it")
-    train.add_argument(
-        "--model",
-        default="vit-mini",
-        help="preset (vit-mini, vit-tiny, deit-small, convnext-tiny, ...), Hub id or local model dir",
-    )
-    _add_data_arguments(train)
-    train.add_argument(
-        "--image-size", type=positive_int, help="input resolution (default: the data's, or the pretrained model's)"
-    )
-    train.add_argument("--max-train-samples", type=positive_int, help="train on a random subset (seeded)")
-    selection = train.add_mutually_exclusive_group()
-    _add_replacement_arguments(train, selection)
-    selection.add_argument("--baseline", action="store_true", help="ordinary training, everything else the same")
-    train.add_argument(
+    processes = train.add_argument_group("precision and processes")
+    processes.add_argument(
         "--mixed-precision",
         choices=["no", "fp16", "bf16"],
         default="no",
-        help="autocast; coefficients and master weights stay fp32",
+        help="autocast (fp16 only on CUDA); coefficients and master weights stay fp32",
     )
-    train.add_argument(
+    processes.add_argument(
         "--fsdp",
         action="store_true",
         help="shard parameters, gradients and optimizer state with FSDP2 across the processes of a torchrun / "
         "accelerate launch (each replaced block with its neighbours in one unit); with --mixed-precision bf16, "
         "FSDP's bf16 compute with fp32 master weights",
     )
-    train.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
-    train.add_argument("--epochs", type=positive_float, default=10, help="may be fractional")
-    train.add_argument("--lr", type=positive_float, default=1e-3)
-    train.add_argument("--weight-decay", type=non_negative_float, default=0.05)
-    train.add_argument("--output-dir", default="outputs/repl", help="model, results.json and checkpoint-N/ go here")
-    train.add_argument("--resume-from", help="a checkpoint-<step> directory written with --checkpointing-steps")
-    train.add_argument("--checkpointing-steps", type=positive_int, help="write checkpoint-N/ every N updates")
-    train.add_argument("--report-to", nargs="*", default=[], help="trackers for Accelerate: tensorboard, wandb, ...")
-    train.add_argument("--push-to-hub", action="store_true", help="push the model, results and a model card at the end")
-    train.add_argument("--hub-model-id", help="user/name (default: the output directory's name)")
-    train.add_argument("--hub-token", help="default: the token of `hf auth login` or HF_TOKEN")
 
-    evaluate = commands.add_parser("evaluate", help="accuracy of a saved RepL or merged checkpoint")
-    evaluate.add_argument("checkpoint", help="directory written by train / save_pretrained / merge")
-    _add_data_arguments(evaluate)
+    outputs = train.add_argument_group("checkpoints and Hub")
+    outputs.add_argument(
+        "--output-dir", default="outputs/repl", metavar="DIR", help="model, results.json and checkpoint-N/ go here"
+    )
+    outputs.add_argument(
+        "--checkpointing-steps",
+        type=positive_int,
+        metavar="N",
+        help="write checkpoint-N/ every N updates (default: no checkpoint, only the final model)",
+    )
+    outputs.add_argument(
+        "--resume-from",
+        metavar="DIR",
+        help="a checkpoint-N/ directory written with --checkpointing-steps (default: start from scratch)",
+    )
+    outputs.add_argument(
+        "--report-to", nargs="*", default=[], metavar="TRACKER", help="trackers for Accelerate: tensorboard, wandb, ..."
+    )
+    outputs.add_argument(
+        "--push-to-hub", action="store_true", help="push the model, results and a model card at the end"
+    )
+    outputs.add_argument(
+        "--hub-model-id", metavar="USER/NAME", help="the Hub repository (default: the output directory's name)"
+    )
+    outputs.add_argument("--hub-token", help="default: the token of `hf auth login` or HF_TOKEN")
 
-    merge = commands.add_parser("merge", help="write a RepL checkpoint as a plain Transformers model")
-    merge.add_argument("checkpoint")
-    merge.add_argument("output_dir")
+
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a model with RepL (or --baseline) and evaluate it",
+        description="Train an image classifier with Replacement Learning (or --baseline), evaluate it on the "
+        "test split and save it with its image processor and results.json.",
+        formatter_class=_HelpFormatter,
+    )
+    model_and_data = train.add_argument_group("model and data")
+    model_and_data.add_argument(
+        "--model",
+        default="vit-mini",
+        help="preset (vit-mini, vit-tiny, deit-small, convnext-tiny, ...), Hub id or local model dir",
+    )
+    _add_data_arguments(model_and_data)
+    model_and_data.add_argument(
+        "--image-size",
+        type=positive_int,
+        metavar="PIXELS",
+        help="input resolution (default: the data's, or the pretrained model's)",
+    )
+    model_and_data.add_argument(
+        "--max-train-samples",
+        type=positive_int,
+        metavar="N",
+        help="train on a random subset of N images, seeded (default: the whole train split)",
+    )
+    _add_replacement_arguments(train.add_argument_group("RepL", "which blocks are replaced, and how"))
+    _add_training_arguments(train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-replacement",
+        description="Replacement Learning (RepL) for Transformers vision models.",
+        epilog="`hf-replacement COMMAND --help` lists a command's flags with their defaults.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_command(commands)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="accuracy of a saved RepL or merged checkpoint",
+        description="Print, as JSON, the top-1 accuracy of a saved model on a data set's test split.",
+        formatter_class=_HelpFormatter,
+    )
+    evaluate.add_argument(
+        "checkpoint", help="directory written by train, save_pretrained or merge (a RepL or a plain model)"
+    )
+    _add_data_arguments(evaluate.add_argument_group("data"))
+
+    merge = commands.add_parser(
+        "merge",
+        help="write a RepL checkpoint as a plain Transformers model",
+        description="Synthesize every replaced block's weights once and write an ordinary Transformers model, "
+        "with the checkpoint's image processor, that AutoModelForImageClassification and "
+        'pipeline("image-classification") load without hf_replacement.',
+        formatter_class=_HelpFormatter,
+    )
+    merge.add_argument(
+        "checkpoint", help="a RepL checkpoint directory: a train --output-dir, a checkpoint-N/ or a save_pretrained"
+    )
+    merge.add_argument("output_dir", help="where the plain model goes: a new or empty directory")
     return parser
 
 
@@ -182,8 +298,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"train": _train, "evaluate": _evaluate, "merge": _merge}
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, NonFiniteLossError, HubError) as error:
+    except Exception as error:
+        if not isinstance(error, _input_errors()):
+            raise
         parser.exit(2, f"hf-replacement {args.command}: error: {error}\n")
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input or a failed run, reported in one line; anything else is a bug and shows
+    its traceback. Imported when a command failed, not before parsing (they import torch)."""
+    from ..hub import HubError
+    from .training_steps import NonFiniteLossError
+
+    return (ValueError, FileNotFoundError, NonFiniteLossError, HubError)
 
 
 if __name__ == "__main__":

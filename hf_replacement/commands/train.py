@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
@@ -47,6 +46,7 @@ from .data import (
     prepare_dataset,
     subsample,
 )
+from .logs import get_logger
 from .presets import PRESETS, build_preset_model
 from .processing import PROCESSOR_NAME, build_image_processor
 from .training_state import check_resumable, load_training_state, save_training_state
@@ -287,9 +287,6 @@ def train(options: TrainingOptions) -> dict[str, Any]:
                 PROCESSOR_NAME: image_processor.to_json_string(),
                 RESULTS_NAME: json.dumps(results, indent=2, default=str, allow_nan=False),
             },
-        )
-        logger.info(
-            f"Saved the model, its image processor and {RESULTS_NAME} to {options.output_dir}", main_process_only=True
         )
         if options.push_to_hub:
             _push(_saved_model(options) if options.fsdp else unwrapped, image_processor, options, results)
