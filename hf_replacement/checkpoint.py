@@ -18,14 +18,61 @@ from safetensors.torch import load_file, save_file
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # a sharded save, as Transformers writes it
 _WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-# Saved models and results are shared files: the mode an ordinary `open(path, "w")` would give.
-FILE_MODE = 0o666 & ~_UMASK
 # What `write_checkpoint` leaves behind only when it is killed: `.<name>.<random>.tmp` / `.backup`.
 _LEFTOVER = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.(tmp|backup)$")
 
 FileContent = str | bytes | dict[str, torch.Tensor]
+
+
+def current_umask() -> int:
+    """The process's umask, read when a file is written (a user or a launcher may change it after import).
+
+    Linux reports it in /proc; elsewhere it can only be read by setting it, which another thread could
+    observe for an instant, so that is the fallback.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def shared_modes() -> tuple[int, int]:
+    """(file mode, directory mode) of what the launcher and `save_pretrained` write: those an ordinary
+    `open(path, "w")` and `os.mkdir` give under the umask, so a model saved to share is readable by whom
+    the user's other files are (safetensors' `save_file` makes 0600 files, `mkdtemp` 0700 directories)."""
+    umask = current_umask()
+    return 0o666 & ~umask, 0o777 & ~umask
+
+
+def share_tree(path: str | os.PathLike) -> None:
+    """Give `path` and, for a directory, everything under it the shared modes: for a directory this
+    writer has just filled (a staged checkpoint, a merged model), whoever wrote each file."""
+    file_mode, directory_mode = shared_modes()
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        os.chmod(path, file_mode)
+        return
+    os.chmod(path, directory_mode)
+    for root, directories, files in os.walk(path):
+        for name in directories:
+            os.chmod(os.path.join(root, name), directory_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
+
+
+def share_weight_files(directory: str | os.PathLike) -> None:
+    """Give the weight files a Transformers `save_pretrained` wrote into `directory` (0600: safetensors
+    `save_file`) the mode of the config files written with them."""
+    file_mode, _ = shared_modes()
+    for name in os.listdir(directory):
+        if _WEIGHT_FILE.match(name):
+            os.chmod(os.path.join(directory, name), file_mode)
 
 
 def write_checkpoint(directory: str | os.PathLike, files: dict[str, FileContent]) -> None:
@@ -40,6 +87,7 @@ def write_checkpoint(directory: str | os.PathLike, files: dict[str, FileContent]
     os.makedirs(directory, exist_ok=True)
     _remove_leftovers(directory)
     staged: list[tuple[str, str]] = []
+    file_mode, _ = shared_modes()
     try:
         for name, content in files.items():
             handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
@@ -52,7 +100,7 @@ def write_checkpoint(directory: str | os.PathLike, files: dict[str, FileContent]
                 with open(temporary, "wb") as stream:
                     stream.write(content.encode("utf-8") if isinstance(content, str) else content)
             # After writing: safetensors replaces the file it writes, with mode 0600.
-            os.chmod(temporary, FILE_MODE)
+            os.chmod(temporary, file_mode)
         _replace_all(staged)
     finally:
         for temporary, _ in staged:
@@ -105,7 +153,8 @@ def staged_directory(directory: str | os.PathLike) -> Iterator[str]:
     """A temporary directory beside `directory`, renamed to it when the block succeeds, removed if not.
 
     A directory of several files (a training checkpoint) thus appears whole or not at all; one
-    already there is replaced as a unit.
+    already there is replaced as a unit. What it holds gets the shared modes (`share_tree`), whoever
+    wrote it into the staging directory.
     """
     directory = os.path.abspath(os.fspath(directory))
     parent, name = os.path.split(directory)
@@ -114,7 +163,7 @@ def staged_directory(directory: str | os.PathLike) -> Iterator[str]:
     staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes it private
+        share_tree(staging)
         if os.path.exists(directory):
             retired = tempfile.mkdtemp(prefix=f".{name}.", suffix=".backup", dir=parent)
             os.replace(directory, os.path.join(retired, name))

@@ -16,7 +16,14 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .blocks import find_blocks
-from .checkpoint import WEIGHTS_NAME, load_weights, remove_other_weight_files, weight_files, write_checkpoint
+from .checkpoint import (
+    WEIGHTS_NAME,
+    load_weights,
+    remove_other_weight_files,
+    share_weight_files,
+    weight_files,
+    write_checkpoint,
+)
 from .config import CONFIG_NAME, DEFAULT_COEFFICIENT_INIT, FIT, ReplacementConfig
 from .fitting import CoefficientFit
 from .hub import CardFacts, push_to_hub
@@ -282,6 +289,7 @@ class ReplacementModel(nn.Module):
                 f"a merged save needs a Transformers base model; {type(plain).__name__} has no save_pretrained."
             )
         plain.save_pretrained(save_directory)
+        share_weight_files(save_directory)
 
     def card_facts(self) -> CardFacts:
         """What the model card reports: architecture, parameter counts, replaced blocks and coefficients."""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import hf_replacement.checkpoint as checkpoint
+from file_modes import expected_modes, modes_under
 from hf_replacement.checkpoint import atomic_write, staged_directory, write_checkpoint
 
 OLD = {"replacement_config.json": "old config", "model.safetensors": {"w": torch.zeros(3)}}
@@ -59,13 +62,22 @@ def test_leftovers_of_a_killed_writer_are_removed_on_the_next_save(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".keep-me.tmp", "model.safetensors", "replacement_config.json"]
 
 
-def test_weights_and_json_get_the_mode_of_an_ordinary_file(tmp_path):
-    umask = os.umask(0o022)
-    os.umask(umask)
+def test_weights_and_json_get_the_mode_of_an_ordinary_file(tmp_path, umask):
     write_checkpoint(tmp_path, NEW)
     atomic_write(tmp_path / "results.json", b"{}")
-    for name in ("model.safetensors", "replacement_config.json", "results.json"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert checkpoint.current_umask() == umask
+    assert modes_under(tmp_path) | {".": 0} == expected_modes(tmp_path, umask) | {".": 0}
+
+
+def test_a_staged_directory_shares_what_any_writer_put_in_it(tmp_path, umask):
+    """safetensors' save_file makes 0600 files and mkdtemp 0700 directories: the staged result is shared."""
+    target = tmp_path / "checkpoint-2"
+    with staged_directory(target) as staging:
+        save_file({"w": torch.ones(2)}, os.path.join(staging, "model.safetensors"))
+        inner = tempfile.mkdtemp(dir=staging)
+        save_file({"w": torch.ones(2)}, os.path.join(inner, "shard.safetensors"))
+        assert os.stat(os.path.join(staging, "model.safetensors")).st_mode & 0o777 == 0o600  # the trap itself
+    assert modes_under(target) == expected_modes(target, umask)
 
 
 def test_a_staged_directory_appears_whole_or_not_at_all(tmp_path):
@@ -81,6 +93,22 @@ def test_a_staged_directory_appears_whole_or_not_at_all(tmp_path):
     with staged_directory(target) as staging:  # a re-run replaces the whole directory
         write_checkpoint(staging, {"model.safetensors": NEW["model.safetensors"]})
     assert sorted(os.listdir(target)) == ["model.safetensors"] and sorted(os.listdir(tmp_path)) == ["checkpoint-4"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_merged_models_get_the_modes_of_ordinary_files(tmp_path, umask):
+    """`hf-replacement merge` and `save_merged` write through Transformers' save_pretrained (weights 0600)."""
+    from tiny_models import build
+
+    from hf_replacement import ReplacementConfig, get_replacement_model
+    from hf_replacement.commands.evaluation import merge_checkpoint
+
+    model = get_replacement_model(build("vit"), ReplacementConfig(replace_interval=2))
+    model.save_pretrained(tmp_path / "repl")
+    (tmp_path / "merged").mkdir()  # an empty directory is replaced as a whole
+    merge_checkpoint(str(tmp_path / "repl"), str(tmp_path / "merged"))
+    model.save_merged(tmp_path / "saved-merged")
+    for directory in ("repl", "merged", "saved-merged"):
+        root = tmp_path / directory
+        assert "model.safetensors" in os.listdir(root)
+        assert modes_under(root) | {".": 0} == expected_modes(root, umask) | {".": 0}, directory
+    assert modes_under(tmp_path / "merged")["."] == 0o777 & ~umask  # made in a private staging directory

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from file_modes import expected_modes, modes_under
 from hf_replacement import ReplacementModel
 from hf_replacement.commands.cli import main
 from hf_replacement.commands.data import collate_fn, load_image_dataset, prepare_dataset, subsample
@@ -78,11 +79,17 @@ def test_the_launcher_logs_a_rank_only_across_processes(caplog, monkeypatch):
 
 
 def test_baseline_trains_the_plain_model(tmp_path):
-    run_cli("train", *TINY, "--epochs", "0.25", "--baseline", "--output-dir", str(tmp_path))
-    results = json.loads((tmp_path / "results.json").read_text())
+    previous_umask = os.umask(0o027)  # not the usual 022: the modes follow the umask, whichever it is
+    try:
+        run_cli("train", *TINY, "--epochs", "0.25", "--baseline", "--output-dir", str(tmp_path / "run"))
+    finally:
+        os.umask(previous_umask)
+    # Transformers saves a plain model's weights 0600: the launcher gives them the modes of the rest.
+    assert modes_under(tmp_path / "run") == expected_modes(tmp_path / "run", 0o027)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["method"] == "baseline" and results["replaced_blocks"] == {}
     assert results["trainable_params"] == results["total_params"] == results["total_params_unreplaced"]
-    assert not (tmp_path / "replacement_config.json").exists()
+    assert not (tmp_path / "run" / "replacement_config.json").exists()
 
 
 def assert_resume_is_exact(tmp_path, checkpointing_steps: int) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..checkpoint import staged_directory
 from ..config import CONFIG_NAME
 from ..loading import load_image_classifier
 from ..model import ReplacementModel
@@ -69,10 +69,9 @@ def merge_checkpoint(directory: str, output_dir: str) -> None:
     model = load_checkpoint(directory)
     if not isinstance(model, ReplacementModel):
         raise ValueError(f"{directory} is already a plain model (no {CONFIG_NAME}); nothing to merge.")
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".merge-", dir=parent)
-    try:  # a failed save must not leave a half-written model under the final name
+    # Staged: a failed save leaves no half-written model under the final name; and it gets the modes of
+    # ordinary files (Transformers' save_pretrained writes its weights 0600), so a server can read it.
+    with staged_directory(output_dir) as staging:
         model.merge_and_unload().save_pretrained(staging)
         processor_file = os.path.join(directory, PROCESSOR_NAME)
         if os.path.isfile(processor_file):
@@ -84,9 +83,3 @@ def merge_checkpoint(directory: str, output_dir: str) -> None:
                 directory,
                 PROCESSOR_NAME,
             )
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -24,7 +24,7 @@ from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_s
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_weights, staged_directory, write_checkpoint
+from ..checkpoint import load_weights, share_weight_files, staged_directory, write_checkpoint
 from ..config import ReplacementConfig
 from ..hub import push_to_hub
 from ..integrations.fsdp import (
@@ -281,6 +281,7 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     weights = gather_state_dict(unwrapped)  # every process takes part when the model is sharded
     if accelerator.is_main_process:
         unwrapped.save_pretrained(options.output_dir, state_dict=weights)
+        share_weight_files(options.output_dir)  # a --baseline model is saved by Transformers, its weights 0600
         write_checkpoint(
             options.output_dir,
             {
