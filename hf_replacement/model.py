@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import json
 import logging
@@ -15,9 +14,9 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from .blocks import find_blocks
+from .blocks import Block, find_blocks
 from .checkpoint import WEIGHTS_NAME, load_weights, remove_other_weight_files, weight_files, write_checkpoint
-from .config import CONFIG_NAME, DEFAULT_COEFFICIENT_INIT, FIT, ReplacementConfig
+from .config import CONFIG_NAME, FIT, ReplacementConfig
 from .fitting import CoefficientFit
 from .hub import CardFacts, push_to_hub
 from .integrations.pipelines import allow_replacement_models_in_pipelines
@@ -35,7 +34,7 @@ from .loading import (
 )
 from .planning import BlockPlan
 from .selection import select_blocks
-from .synthesis import synthesize
+from .synthesis import replacement_state, synthesize
 from .utils import count_parameters, is_sharded
 
 logger = logging.getLogger(__name__)
@@ -116,13 +115,15 @@ class ReplacementModel(nn.Module):
             # PEFT's modules_to_save puts a wrapper holding a trainable copy here (and the copy on unload):
             # the replaced blocks read their coefficients through whatever module holds this name.
             for block in self._blocks:
-                if is_replaced(block.module):
-                    block.module._replacement.coefficients = value
+                state = replacement_state(block.module)
+                if state is not None:
+                    state.coefficients = value
 
-    def _replace_planned(self, plans: list[BlockPlan]) -> None:
+    def _replace_planned(self, plans: list[BlockPlan], initial: dict[int, torch.Tensor] | None = None) -> None:
+        """Carry the plans out; `initial`: coefficients by block index to start from (a checkpoint's), not fitted."""
         self._coefficient_fits = {}
         for plan in plans:
-            fit = apply_plan(plan, self.replacement_coefficients, self.replacement_config)
+            fit = apply_plan(plan, self.replacement_coefficients, (initial or {}).get(plan.block.index))
             if fit is not None:
                 self._coefficient_fits[plan.block.index] = fit
         if self._coefficient_fits:
@@ -160,13 +161,17 @@ class ReplacementModel(nn.Module):
     def num_blocks(self) -> int:
         return len(self._blocks)
 
+    def get_blocks(self) -> list[Block]:
+        """Every block of the base model in forward order, replaced or not (`find_blocks`' result)."""
+        return list(self._blocks)
+
     def get_coefficients(self) -> dict[str, dict[str, torch.Tensor]]:
         """Block name -> {"a": ..., "b": ...}; scalars for "block" granularity, else one entry per column."""
         names = self.replaced_blocks
         result = {}
         for key, parameter in self.replacement_coefficients().named_parameters():
             a, b = parameter.detach().clone()
-            if self.replacement_config.coefficient_granularity == "block":
+            if replacement_state(self._blocks[int(key)].module).granularity == "block":
                 a, b = a[0], b[0]
             result[names[int(key)]] = {"a": a, "b": b}
         return result
@@ -178,7 +183,7 @@ class ReplacementModel(nn.Module):
             raise ValueError(f"block {block_index} ({block.name}) is not replaced; replaced: {self.replaced_blocks}")
         with torch.no_grad():
             values = synthesize(block.module)
-        return {tensor.name: value for tensor, value in zip(block.module._replacement.tensors, values)}
+        return {tensor.name: value for tensor, value in zip(replacement_state(block.module).tensors, values)}
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Transformers' `num_parameters`, the coefficients included (as `get_nb_trainable_parameters` counts them)."""
@@ -366,11 +371,14 @@ class ReplacementModel(nn.Module):
         # A checkpoint saved before a deferred replacement (`replacement_start_step`) has no
         # coefficients yet: it loads as a model whose replacement is still deferred.
         deferred = not any(key.startswith("replacement_coefficients.") for key in state_dict)
-        # The coefficients come from the checkpoint: no fit to the freshly built model's weights first.
-        # A deferred checkpoint keeps "fit", which `replace_blocks()` applies to the weights it has then.
-        unfitted = dataclasses.replace(replacement_config, coefficient_init=DEFAULT_COEFFICIENT_INIT)
-        replacement_model = cls(model, replacement_config if deferred else unfitted, defer_replacement=deferred)
-        replacement_model.replacement_config = replacement_config
+        replacement_model = cls(model, replacement_config, defer_replacement=True)
+        if not deferred:
+            # The coefficients start from the checkpoint's (no fit to the freshly built model's weights). A
+            # deferred checkpoint keeps "fit", which `replace_blocks()` applies to the weights it has then.
+            prefix = "replacement_coefficients."
+            initial = {int(key[len(prefix) :]): value for key, value in state_dict.items() if key.startswith(prefix)}
+            plans = select_blocks(replacement_model.get_blocks(), replacement_config)
+            replacement_model._replace_planned(plans, initial)
         load_exact(replacement_model, state_dict, directory)
         if dtype == "auto":
             dtype = getattr(getattr(model, "config", None), "dtype", None) or torch.float32

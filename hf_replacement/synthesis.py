@@ -143,6 +143,21 @@ class ReplacementState:
         return rows
 
 
+def replacement_state(module: nn.Module) -> ReplacementState | None:
+    """The state `layer.apply_plan` attached to a replaced block; None for any other module.
+
+    The one way to read a replaced block's plan, coefficients and program from outside `layer.py`.
+    """
+    return vars(module).get("_replacement")
+
+
+def _state_of(module: nn.Module) -> ReplacementState:
+    state = replacement_state(module)
+    if state is None:
+        raise ValueError(f"{type(module).__name__} is not a replaced block: it has no weights to synthesize.")
+    return state
+
+
 # An OrderedDict, as torch's own hook registries: RemovableHandle keeps a weak reference to it.
 _SYNTHESIS_HOOKS: OrderedDict[int, Callable[[nn.Module], None]] = OrderedDict()
 
@@ -165,7 +180,7 @@ def synthesize(module: nn.Module) -> list[torch.Tensor]:
     if _SYNTHESIS_HOOKS:  # every forward of a replaced block comes here: nothing to do without hooks
         for hook in tuple(_SYNTHESIS_HOOKS.values()):
             hook(module)
-    state: ReplacementState = module._replacement
+    state = _state_of(module)
     coefficients = state.coefficient_rows()
     sources = [owner._parameters[attr] for owner, attr in state.neighbours]
     if state.detach_neighbors:
@@ -318,7 +333,7 @@ def reference_synthesize(module: nn.Module) -> list[torch.Tensor]:
     another shape with the dense matrix of each dimension, and `a`, `b` are the block's pair, the
     tensor's pair or one pair per output channel (granularity).
     """
-    state: ReplacementState = module._replacement
+    state = _state_of(module)
     rows = state.coefficient_rows()
     plan = state.plan
     weights, column = [], 0
@@ -351,4 +366,11 @@ def _dense_resample(tensor: torch.Tensor, step: Step) -> torch.Tensor:
     return moved.movedim(0, step.dim)
 
 
-__all__ = ["ReplacementState", "SynthesizedTensor", "reference_synthesize", "register_synthesis_hook", "synthesize"]
+__all__ = [
+    "ReplacementState",
+    "SynthesizedTensor",
+    "reference_synthesize",
+    "register_synthesis_hook",
+    "replacement_state",
+    "synthesize",
+]

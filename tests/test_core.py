@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model, resampling
 from hf_replacement.resampling import DimResample, resample_matrix, resample_plan
-from hf_replacement.synthesis import _Synthesis, reference_synthesize, synthesize
+from hf_replacement.synthesis import _Synthesis, reference_synthesize, replacement_state, synthesize
 
 ARCHITECTURES = list(tiny_models.ARCHITECTURES)
 GRANULARITIES = ["block", "tensor", "channel"]
@@ -101,7 +101,7 @@ def reference_weights(
     """
     granularity = model.replacement_config.coefficient_granularity
     weights = dict(model.base_model.named_parameters())
-    names = {block.index: block.name for block in model._blocks}
+    names = {block.index: block.name for block in model.get_blocks()}
     for index, block_name in model.replaced_blocks.items():
         coefficients = model.replacement_coefficients.get_parameter(str(index))
         block = reference.get_submodule(block_name)
@@ -155,7 +155,8 @@ def assert_matches_reference(
         torch.testing.assert_close(replacement_grads[name], reference_grads[name], rtol=1e-5, atol=grad_atol, msg=name)
     coefficient_names = {f"replacement_coefficients.{i}" for i in model.replaced_blocks}
     assert coefficient_names <= reference_grads.keys()
-    neighbour_prefixes = {f"base_model.{model._blocks[i + d].name}." for i in model.replaced_blocks for d in (-1, 1)}
+    blocks = model.get_blocks()
+    neighbour_prefixes = {f"base_model.{blocks[i + d].name}." for i in model.replaced_blocks for d in (-1, 1)}
     neighbour_grads = [name for name in reference_grads if any(name.startswith(p) for p in neighbour_prefixes)]
     assert bool(neighbour_grads)  # the downstream loss always reaches the neighbours' own use
 
@@ -178,9 +179,9 @@ def test_structured_resampling_matches_reference(arch, granularity, monkeypatch)
     model, reference = make(arch, granularity)
     steps = [
         step
-        for block in model._blocks
-        if hasattr(block.module, "_replacement")
-        for term in block.module._replacement.program.terms
+        for block in model.get_blocks()
+        if replacement_state(block.module) is not None
+        for term in replacement_state(block.module).program.terms
         for step, _ in term.resample
     ]
     assert steps and not any(step.dense for step in steps)
@@ -375,9 +376,9 @@ def test_recomputation_gives_same_gradients(setting):
         assert model.base_model.is_gradient_checkpointing
     else:
         model.replacement_config.recompute_replaced = True
-        for block in model._blocks:
-            if hasattr(block.module, "_replacement"):
-                block.module._replacement.recompute = True
+        for block in model.get_blocks():
+            if replacement_state(block.module) is not None:
+                replacement_state(block.module).recompute = True
     loss_of(model(pixel_values=x).logits).backward()
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-6, atol=1e-7, msg=name)
@@ -505,7 +506,7 @@ def test_synthesis_gradcheck(granularity, fusion_mode, form, monkeypatch):
     )
     for index in (1, 3):
         module = model.base_model.blocks[index]
-        state = module._replacement
+        state = replacement_state(module)
         coefficients = torch.rand(state.coefficients.get_parameter(str(index)).shape, dtype=torch.float64) + 0.25
         sources = [owner._parameters[attr].detach().double() for owner, attr in state.neighbours]
         tables = [
