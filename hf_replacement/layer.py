@@ -315,3 +315,6 @@ def materialize(module: nn.Module) -> None:
         del module._buffers[name]
     module.__class__ = type(module).__bases__[1]
     del module._replacement
+
+
+__all__ = ["ReplacementCoefficients", "apply_plan", "is_replaced", "materialize"]

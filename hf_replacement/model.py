@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import logging
 import os
 from typing import Any
 
@@ -16,10 +15,9 @@ from torch.distributed.tensor import DTensor
 
 from .blocks import Block, find_blocks
 from .checkpoint import WEIGHTS_NAME, load_weights, remove_other_weight_files, weight_files, write_checkpoint
-from .config import CONFIG_NAME, FIT, ReplacementConfig
+from .config import CONFIG_NAME, ReplacementConfig
 from .fitting import CoefficientFit
 from .hub import CardFacts, push_to_hub
-from .integrations.pipelines import allow_replacement_models_in_pipelines
 from .layer import ReplacementCoefficients, apply_plan, is_replaced, materialize
 from .loading import (
     BASE_CONFIG_NAME,
@@ -33,11 +31,10 @@ from .loading import (
     without_tied_copies,
 )
 from .planning import BlockPlan
+from .reporting import describe_parameters, log_fit_errors
 from .selection import select_blocks
 from .synthesis import replacement_state, synthesize
 from .utils import count_parameters, is_sharded
-
-logger = logging.getLogger(__name__)
 
 LOG_PREFIX = "replacement/"
 
@@ -81,7 +78,6 @@ class ReplacementModel(nn.Module):
             self._replace_planned(plans)
         # Trainer keeps the dataset columns named in forward's signature: show it the base model's.
         self.forward = functools.wraps(base_model.forward)(functools.partial(ReplacementModel.forward, self))
-        allow_replacement_models_in_pipelines()
 
     def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
         # `labels` is named because Trainer finds the label names in the *class*'s forward signature;
@@ -127,7 +123,7 @@ class ReplacementModel(nn.Module):
             if fit is not None:
                 self._coefficient_fits[plan.block.index] = fit
         if self._coefficient_fits:
-            _log_fit_errors(self.coefficient_fit_errors())
+            log_fit_errors(self.coefficient_fit_errors())
 
     def coefficient_fit_errors(self) -> dict[int, dict[str, float]]:
         """How well the fitted initial coefficients (`coefficient_init="fit"`) rebuild each replaced
@@ -197,16 +193,16 @@ class ReplacementModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        replaced = ", ".join(str(i) for i in self.replaced_blocks)
-        saved = 1 - total / self._num_unreplaced_parameters
-        fits = ""
-        if self._coefficient_fits:
-            fits = f" || fitted init, relative error: {describe_fit_errors(self.coefficient_fit_errors())}"
         # A user-facing report, like PEFT's print_trainable_parameters.
         print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / total:.4f} || replaced blocks: {replaced} (of {self.num_blocks}) || "
-            f"unreplaced model: {self._num_unreplaced_parameters:,d} params ({100 * saved:.2f}% fewer now){fits}"
+            describe_parameters(
+                trainable,
+                total,
+                list(self.replaced_blocks),
+                self.num_blocks,
+                self._num_unreplaced_parameters,
+                self.coefficient_fit_errors(),
+            )
         )
 
     def merge_and_unload(self) -> nn.Module:
@@ -396,30 +392,6 @@ def _refuse_sharded(model: ReplacementModel, action: str) -> None:
         )
 
 
-# A block whose fitted coefficients leave more than this share of its weights' norm unexplained is warned
-# about: converting it loses most of what it held.
-POOR_FIT_RELATIVE_ERROR = 0.9
-
-
-def describe_fit_errors(errors: dict[Any, dict[str, float]]) -> str:
-    """`coefficient_fit_errors()` (or its JSON form) in one line: "block 3: 0.412 (a=b=0.5: 0.951), ..."."""
-    return ", ".join(
-        f"block {index}: {error['relative_error']:.3f} (a=b=0.5: {error['default_relative_error']:.3f})"
-        for index, error in errors.items()
-    )
-
-
-def _log_fit_errors(errors: dict[int, dict[str, float]]) -> None:
-    logger.info("Fitted initial coefficients, relative reconstruction error: %s", describe_fit_errors(errors))
-    poor = [index for index, error in errors.items() if error["relative_error"] > POOR_FIT_RELATIVE_ERROR]
-    if poor:
-        logger.warning(
-            "coefficient_init=%r: the neighbours explain little of block(s) %s (relative error above %s): these "
-            "replaced blocks start far from the weights they had, whatever the coefficients.",
-            FIT, poor, POOR_FIT_RELATIVE_ERROR,
-        )
-
-
 # See loading.GUARD_MODEL_TYPE: Transformers reads `model_type` first and names it in its error.
 _GUARD_CONFIG = json.dumps({"model_type": GUARD_MODEL_TYPE, "architectures": ["ReplacementModel"]}, indent=2) + "\n"
 
@@ -467,4 +439,4 @@ def get_replacement_model(model: nn.Module, config: ReplacementConfig | None = N
     return ReplacementModel(model, config if config is not None else ReplacementConfig())
 
 
-__all__ = ["ReplacementModel", "get_replacement_model"]
+__all__ = ["LOG_PREFIX", "ReplacementModel", "coefficient_logs", "get_replacement_model"]
