@@ -175,16 +175,7 @@ class ReplacementTrainer(Trainer):
                 coefficient_logging_steps=coefficient_logging_steps,
             ),
         )
-        if callback.start_step is not None and optimizers[0] is not None:
-            raise ValueError(
-                "replacement_start_step regroups the optimizer the Trainer builds when the blocks are replaced: "
-                "pass optimizer_cls_and_kwargs=(cls, kwargs) instead of optimizers=(optimizer, scheduler)."
-            )
-        if callback.start_step is not None and model_init is not None:
-            # train() would build a new model, without the hook that resumes across the switch.
-            raise ValueError("replacement_start_step needs model=..., not model_init.")
-        if model is not None:  # before the Trainer's own work (device placement, Hub repo creation)
-            _check_model(model, callback.start_step)
+        _check_arguments(callback.start_step, model, model_init, optimizers[0])
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")  # the Trainer's default
         deepspeed = getattr(args, "deepspeed_plugin", None)  # set by TrainingArguments(deepspeed=...) or the launcher
         check_deepspeed_stage(deepspeed.zero_stage if deepspeed is not None else None)
@@ -441,6 +432,25 @@ def _own_callback(
     if callback.trainer is not None:
         raise ValueError("This ReplacementCallback belongs to another ReplacementTrainer: create one per trainer.")
     return others, callback
+
+
+def _check_arguments(
+    start_step: int | None,
+    model: nn.Module | None,
+    model_init: Callable[..., nn.Module] | None,
+    optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """Refuse, before the Trainer's own work (device placement, Hub repo creation), what cannot train."""
+    if start_step is not None and optimizer is not None:
+        raise ValueError(
+            "replacement_start_step regroups the optimizer the Trainer builds when the blocks are replaced: "
+            "pass optimizer_cls_and_kwargs=(cls, kwargs) instead of optimizers=(optimizer, scheduler)."
+        )
+    if start_step is not None and model_init is not None:
+        # train() would build a new model, without the hook that resumes across the switch.
+        raise ValueError("replacement_start_step needs model=..., not model_init.")
+    if model is not None:
+        _check_model(model, start_step)
 
 
 def _check_model(model: nn.Module, start_step: int | None) -> ReplacementModel:
