@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import os
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from .blocks import Block, find_blocks
 from .checkpoint import WEIGHTS_NAME, load_weights, remove_other_weight_files, weight_files, write_checkpoint
-from .config import CONFIG_NAME, ReplacementConfig
+from .config import CONFIG_NAME, FIT, ReplacementConfig
 from .fitting import CoefficientFit
 from .hub import CardFacts, push_to_hub
 from .layer import ReplacementCoefficients, apply_plan, is_replaced, materialize
@@ -31,10 +32,12 @@ from .loading import (
     without_tied_copies,
 )
 from .planning import BlockPlan
-from .reporting import describe_parameters, log_fit_errors
+from .reporting import POOR_FIT_RELATIVE_ERROR, describe_fit_errors, describe_parameters
 from .selection import select_blocks
 from .synthesis import replacement_state, synthesize
 from .utils import count_parameters, is_sharded
+
+logger = logging.getLogger(__name__)
 
 LOG_PREFIX = "replacement/"
 
@@ -123,7 +126,7 @@ class ReplacementModel(nn.Module):
             if fit is not None:
                 self._coefficient_fits[plan.block.index] = fit
         if self._coefficient_fits:
-            log_fit_errors(self.coefficient_fit_errors())
+            _log_fit_errors(self.coefficient_fit_errors())
 
     def coefficient_fit_errors(self) -> dict[int, dict[str, float]]:
         """How well the fitted initial coefficients (`coefficient_init="fit"`) rebuild each replaced
@@ -389,6 +392,17 @@ def _refuse_sharded(model: ReplacementModel, action: str) -> None:
             f"This model is sharded with FSDP: {action} a whole model instead. Save it (gather_state_dict on every "
             "process, save_pretrained(directory, state_dict=...) on the main one) and "
             f"{action} ReplacementModel.from_pretrained(directory)."
+        )
+
+
+def _log_fit_errors(errors: dict[int, dict[str, float]]) -> None:
+    logger.info("Fitted initial coefficients, relative reconstruction error: %s", describe_fit_errors(errors))
+    poor = [index for index, error in errors.items() if error["relative_error"] > POOR_FIT_RELATIVE_ERROR]
+    if poor:
+        logger.warning(
+            "coefficient_init=%r: the neighbours explain little of block(s) %s (relative error above %s): these "
+            "replaced blocks start far from the weights they had, whatever the coefficients.",
+            FIT, poor, POOR_FIT_RELATIVE_ERROR,
         )
 
 

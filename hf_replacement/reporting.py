@@ -1,5 +1,5 @@
-"""What a RepL model reports to people: the parameter line of `print_trainable_parameters` and the
-fitted coefficients' reconstruction errors (`coefficient_init="fit"`), logged and formatted.
+"""What a RepL model reports to people, formatted: the parameter line of `print_trainable_parameters`
+and the fitted coefficients' reconstruction errors (`coefficient_init="fit"`).
 
 Plain formatting from numbers: it knows nothing of the model, so the launcher formats the errors it
 read back from `results.json` the same way.
@@ -7,12 +7,7 @@ read back from `results.json` the same way.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-from .config import FIT
-
-logger = logging.getLogger(__name__)
 
 # A block whose fitted coefficients leave more than this share of its weights' norm unexplained is warned
 # about: converting it loses most of what it held.
@@ -25,18 +20,6 @@ def describe_fit_errors(errors: dict[Any, dict[str, float]]) -> str:
         f"block {index}: {error['relative_error']:.3f} (a=b=0.5: {error['default_relative_error']:.3f})"
         for index, error in errors.items()
     )
-
-
-def log_fit_errors(errors: dict[int, dict[str, float]]) -> None:
-    """Log the fit's errors, and warn about the blocks the neighbours explain little of."""
-    logger.info("Fitted initial coefficients, relative reconstruction error: %s", describe_fit_errors(errors))
-    poor = [index for index, error in errors.items() if error["relative_error"] > POOR_FIT_RELATIVE_ERROR]
-    if poor:
-        logger.warning(
-            "coefficient_init=%r: the neighbours explain little of block(s) %s (relative error above %s): these "
-            "replaced blocks start far from the weights they had, whatever the coefficients.",
-            FIT, poor, POOR_FIT_RELATIVE_ERROR,
-        )
 
 
 def describe_parameters(
@@ -57,4 +40,4 @@ def describe_parameters(
     )
 
 
-__all__ = ["POOR_FIT_RELATIVE_ERROR", "describe_fit_errors", "describe_parameters", "log_fit_errors"]
+__all__ = ["POOR_FIT_RELATIVE_ERROR", "describe_fit_errors", "describe_parameters"]

@@ -21,8 +21,9 @@ from safetensors import safe_open
 from torch.func import functional_call
 
 from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model, resampling
+from hf_replacement.reference import reference_synthesize
 from hf_replacement.resampling import DimResample, resample_matrix, resample_plan
-from hf_replacement.synthesis import _Synthesis, reference_synthesize, replacement_state, synthesize
+from hf_replacement.synthesis import _Synthesis, replacement_state, synthesize
 
 ARCHITECTURES = list(tiny_models.ARCHITECTURES)
 GRANULARITIES = ["block", "tensor", "channel"]
@@ -252,7 +253,7 @@ def test_fused_synthesis_equals_reference(case):
 
 def test_synthesis_hook_sees_every_synthesis():
     """One call per replaced block in forward; a recompute in backward synthesizes again."""
-    from hf_replacement.synthesis import register_synthesis_hook
+    from hf_replacement.synthesis_hooks import register_synthesis_hook
 
     model, _ = make("vit", recompute_replaced=True)
     seen: list[torch.nn.Module] = []

@@ -19,7 +19,8 @@ from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_
 from hf_replacement.commands.cli import build_parser, main
 from hf_replacement.config import ReplacementConfigError
 from hf_replacement.planning import coefficient_width
-from hf_replacement.synthesis import reference_synthesize, replacement_state
+from hf_replacement.reference import reference_synthesize
+from hf_replacement.synthesis import replacement_state
 
 GRANULARITIES = ["block", "tensor", "channel"]
 PRIOR = torch.tensor([0.5, 0.5], dtype=torch.float64)

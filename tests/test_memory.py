@@ -10,7 +10,8 @@ from torch import nn
 
 from hf_replacement import ReplacementConfig, get_replacement_model, layer
 from hf_replacement.layer import is_replaced
-from hf_replacement.synthesis import register_synthesis_hook, replacement_state
+from hf_replacement.synthesis import replacement_state
+from hf_replacement.synthesis_hooks import register_synthesis_hook
 
 # Dropout / drop-path on, so that a rebuild that drew random numbers would show.
 DROPOUT = {
