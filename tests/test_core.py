@@ -20,9 +20,11 @@ import torch
 from safetensors import safe_open
 from torch.func import functional_call
 
-from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model, resampling
+from hf_replacement import ReplacementConfig, ReplacementModel, find_blocks, get_replacement_model, resampling
+from hf_replacement.layer import ReplacementCoefficients, apply_plan, is_replaced
 from hf_replacement.reference import reference_synthesize
 from hf_replacement.resampling import DimResample, resample_matrix, resample_plan
+from hf_replacement.selection import select_blocks
 from hf_replacement.synthesis import _Synthesis, replacement_state, synthesize
 
 ARCHITECTURES = list(tiny_models.ARCHITECTURES)
@@ -613,3 +615,49 @@ def test_sharded_save_round_trip_and_back_to_one_file(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
     model.save_pretrained(tmp_path)  # one file again: the shards and their index go
     assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+
+
+# ---- the plan and the state: one way in -----------------------------------------------------------
+
+
+def test_replacement_state_is_there_exactly_for_the_replaced_blocks():
+    model = get_replacement_model(tiny_models.build("vit"), ReplacementConfig(replace_interval=2))
+    assert sorted(model.replaced_blocks) == [1, 3]
+    for block in model.get_blocks():
+        state = replacement_state(block.module)
+        assert (state is not None) == is_replaced(block.module) == (block.index in model.replaced_blocks)
+        if state is not None:
+            assert (state.plan.previous.index, state.plan.block.index, state.plan.next.index) == (
+                block.index - 1, block.index, block.index + 1,
+            )  # fmt: skip
+    model.merge_and_unload()
+    assert [replacement_state(block.module) for block in model.get_blocks()] == [None] * 6
+    with pytest.raises(ValueError, match="is not a replaced block"):
+        synthesize(model.get_blocks()[1].module)
+
+
+def test_a_plan_is_carried_out_without_the_config():
+    config = ReplacementConfig(
+        replace_interval=3,
+        coefficient_granularity="channel",
+        coefficient_init=(0.3, 0.6),
+        surrogate="mlp",
+        detach_neighbors=True,
+        recompute_replaced=True,
+    )
+    reference = get_replacement_model(tiny_models.build("vit"), config)
+    base = tiny_models.build("vit")
+    plans = select_blocks(find_blocks(base), config)
+    for plan in plans:  # everything the config said that matters after planning
+        assert (plan.granularity, plan.coefficient_init, plan.detach_neighbors, plan.recompute) == (
+            "channel", (0.3, 0.6), True, True,
+        )  # fmt: skip
+        assert (plan.surrogate.name, plan.surrogate.family.name) == ("mlp", "ViT/DeiT")
+    coefficients = ReplacementCoefficients()
+    for plan in plans:
+        apply_plan(plan, coefficients)
+    pixels = tiny_models.inputs()
+    # The same operations on the same numbers: equal to the bit.
+    expected = tiny_models.logits(reference(pixel_values=pixels))
+    assert torch.equal(tiny_models.logits(base(pixel_values=pixels)), expected)
+    assert coefficients.state_dict().keys() == reference.replacement_coefficients.state_dict().keys()

@@ -251,12 +251,17 @@ def test_deferred_replacement_fits_the_weights_it_has_then():
     assert model.coefficient_fit_errors()[3]["relative_error"] < 1e-6
 
 
-def test_a_fitted_model_saves_and_loads_its_coefficients_not_a_new_fit(tmp_path):
+def test_a_fitted_model_saves_and_loads_its_coefficients_not_a_new_fit(tmp_path, monkeypatch):
     model = get_replacement_model(tiny_models.build("vit"), config(coefficient_granularity="tensor"))
     with torch.no_grad():  # "trained": the checkpoint's coefficients differ from any fit
         model.replacement_coefficients.get_parameter("3").add_(1.0)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "replacement_config.json").read_text())["coefficient_init"] == "fit"
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("from_pretrained fitted coefficients the checkpoint holds")
+
+    monkeypatch.setattr("hf_replacement.layer.fit_coefficients", no_fit)
     loaded = ReplacementModel.from_pretrained(tmp_path)
     assert loaded.replacement_config.coefficient_init == "fit"
     assert loaded.coefficient_fit_errors() == {}
