@@ -10,7 +10,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .integrations.pipelines import allow_replacement_models_in_pipelines
+
 __version__ = "0.1.0"
+
+# Pipelines log a false "not supported" error for any class they do not know: the integration filters
+# that one record. Installed here, with the other integrations, rather than by the core model (the
+# module imports only `logging`, so the lazy package stays light).
+allow_replacement_models_in_pipelines()
 
 # public name -> the submodule defining it
 _EXPORTS = {

@@ -7,10 +7,10 @@ import tempfile
 
 import pytest
 import torch
+from file_modes import expected_modes, modes_under
 from safetensors.torch import save_file
 
 import hf_replacement.checkpoint as checkpoint
-from file_modes import expected_modes, modes_under
 from hf_replacement.checkpoint import atomic_write, staged_directory, write_checkpoint
 
 OLD = {"replacement_config.json": "old config", "model.safetensors": {"w": torch.zeros(3)}}
@@ -100,7 +100,7 @@ def test_merged_models_get_the_modes_of_ordinary_files(tmp_path, umask):
     from tiny_models import build
 
     from hf_replacement import ReplacementConfig, get_replacement_model
-    from hf_replacement.commands.evaluation import merge_checkpoint
+    from hf_replacement.commands.merge import merge_checkpoint
 
     model = get_replacement_model(build("vit"), ReplacementConfig(replace_interval=2))
     model.save_pretrained(tmp_path / "repl")

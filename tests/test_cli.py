@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
+from file_modes import expected_modes, modes_under
 from safetensors.torch import load_file, save_file
 
-from file_modes import expected_modes, modes_under
 from hf_replacement import ReplacementModel
 from hf_replacement.commands.cli import main
 from hf_replacement.commands.data import collate_fn, load_image_dataset, prepare_dataset, subsample
