@@ -241,4 +241,13 @@ def atomic_write(path: str | os.PathLike, content: FileContent) -> None:
     write_checkpoint(directory or ".", {name: content})
 
 
-__all__ = ["WEIGHTS_NAME", "atomic_write", "load_weights", "staged_directory", "write_checkpoint"]
+__all__ = [
+    "WEIGHTS_NAME",
+    "atomic_write",
+    "load_weights",
+    "share_tree",
+    "share_weight_files",
+    "shared_modes",
+    "staged_directory",
+    "write_checkpoint",
+]
