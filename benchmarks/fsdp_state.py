@@ -18,11 +18,12 @@ during a step, parameters at their dtype: RepL gathers a replaced block's two ne
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import gc
 import json
 import logging
 import os
 import shlex
-import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -109,9 +110,12 @@ def measure_unsharded(model_name: str, method: str, image_size: int) -> dict[str
     return {kind: memory[kind] for kind in KINDS}
 
 
-def _worker(rank: int, world_size: int, port: int, settings: dict[str, Any], output: str) -> None:
+def _worker(rank: int, world_size: int, store_path: str, settings: dict[str, Any], output: str) -> None:
+    # A native abort (a C++ thread alive at exit) then prints every thread's Python stack to stderr.
+    faulthandler.enable()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    # A file store in this run's own directory: no TCP port to race for with other runs on the machine.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
         measured = []
         for model_name in settings["models"]:
@@ -123,14 +127,22 @@ def _worker(rank: int, world_size: int, port: int, settings: dict[str, Any], out
         if rank == 0:
             with open(output, "w", encoding="utf-8") as handle:
                 json.dump(measured, handle)
+        dist.barrier()  # no process tears the group down while another still uses it
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def shutdown_process_group() -> None:
+    """Destroy the default process group once nothing refers to its communicators any more.
+
+    A sharded model and its optimizer sit in reference cycles (FSDP hooks), which keep the gloo process
+    group and its worker threads alive past `destroy_process_group` until the interpreter's final
+    teardown, where freeing them aborts the process ("terminate called without an active exception").
+    Collecting those cycles first frees them while the interpreter is whole.
+    """
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def measure(models: Sequence[str], methods: Sequence[str], processes: int, image_size: int) -> list[dict[str, Any]]:
@@ -138,7 +150,9 @@ def measure(models: Sequence[str], methods: Sequence[str], processes: int, image
     settings = {"models": list(models), "methods": list(methods), "image_size": image_size}
     with tempfile.TemporaryDirectory() as directory:
         output = os.path.join(directory, "measured.json")
-        torch.multiprocessing.spawn(_worker, args=(processes, _free_port(), settings, output), nprocs=processes)
+        store_path = os.path.join(directory, "process_group_store")
+        # A child's exception comes back as a ProcessRaisedException carrying the child's traceback.
+        torch.multiprocessing.spawn(_worker, args=(processes, store_path, settings, output), nprocs=processes)
         with open(output, encoding="utf-8") as handle:
             measured = json.load(handle)
     for entry in measured:

@@ -151,6 +151,7 @@ def test_importing_the_package_loads_no_benchmark_code():
     assert output.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_plugin_and_launcher_only(tmp_path):
     subprocess.run(
         [

@@ -17,6 +17,7 @@ import statistics
 
 import pytest
 import torch
+from tolerances import assert_fp32_close, reduction_length
 from torch import nn
 
 from benchmarks import fsdp_state, synthesis_overhead
@@ -137,7 +138,8 @@ def test_lora_on_repl_adapts_the_kept_blocks_and_deploys_as_trained():
     with torch.no_grad():
         expected = model(pixel_values=_pixels()).logits
         deployed = inference_model(built)(pixel_values=_pixels()).logits
-    torch.testing.assert_close(deployed, expected, rtol=1e-5, atol=1e-5)
+    # Merging LoRA and the coefficients into the weights changes the summation order: fp32 rounding.
+    assert_fp32_close(deployed, expected, reduction_length(inference_model(built)))
 
 
 def test_saved_tensor_meter_counts_a_linear_chain_exactly():
@@ -528,15 +530,12 @@ def test_synthesis_overhead_script_writes_measured_numbers(overhead_dir):
     assert "fused / reference" in markdown and "| vit-mini (8px, 64) | [3] |" in markdown
 
 
-@pytest.fixture(scope="module")
-def fsdp_state_dir(tmp_path_factory):
-    """A tiny fsdp_state.py run: vit-mini at 8 px, bp and repl-k4, 2 processes."""
-    directory = tmp_path_factory.mktemp("fsdp")
-    assert fsdp_state.main(["--models", "vit-mini", "--image-size", "8", "--output-dir", str(directory)]) == 0
-    return directory
-
-
-def test_fsdp_state_script_counts_what_each_process_holds(fsdp_state_dir):
+@pytest.mark.slow
+def test_fsdp_state_script_counts_what_each_process_holds(tmp_path):
+    """A tiny fsdp_state.py run of its own (vit-mini at 8 px, bp and repl-k4, 2 spawned processes): no other
+    test depends on it, and a failing child comes back as the child's own traceback."""
+    fsdp_state_dir = tmp_path
+    assert fsdp_state.main(["--models", "vit-mini", "--image-size", "8", "--output-dir", str(tmp_path)]) == 0
     report_json = json.loads((fsdp_state_dir / "fsdp_state.json").read_text())
     assert report_json["command"].startswith("python benchmarks/fsdp_state.py --models vit-mini")
     bp, repl = report_json["results"]
@@ -558,7 +557,7 @@ def test_fsdp_state_script_counts_what_each_process_holds(fsdp_state_dir):
     assert "| vit-mini | repl-k4 |" in markdown and "| vit-mini | repl-k4 | 0, 1, 2+3+4, 5, 6, 7 |" in markdown
 
 
-def test_readme_is_generated_from_the_results_on_disk(tmp_path, overhead_dir, fsdp_state_dir):
+def test_readme_is_generated_from_the_results_on_disk(tmp_path, overhead_dir):
     empty = render_readme(str(tmp_path))
     for command in ("python -m benchmarks --suite quick", "python -m benchmarks --suite fashion-mnist",
                     "python -m benchmarks --suite gpu", "python benchmarks/synthesis_overhead.py",
@@ -570,7 +569,8 @@ def test_readme_is_generated_from_the_results_on_disk(tmp_path, overhead_dir, fs
     (tmp_path / "quick").mkdir()
     shutil.copy(os.path.join(BENCHMARKS_DIR, "quick", "results.json"), tmp_path / "quick" / "results.json")
     shutil.copy(overhead_dir / "synthesis_overhead.json", tmp_path / "synthesis_overhead.json")
-    shutil.copy(fsdp_state_dir / "fsdp_state.json", tmp_path / "fsdp_state.json")
+    # The committed FSDP numbers (counted bytes, the same on every machine): no multi-process run needed here.
+    shutil.copy(os.path.join(BENCHMARKS_DIR, "fsdp_state.json"), tmp_path / "fsdp_state.json")
     assert write_readme(str(tmp_path)) == str(tmp_path / "README.md")
     text = (tmp_path / "README.md").read_text()
     assert text == render_readme(str(tmp_path))  # deterministic: regenerating changes nothing
@@ -579,7 +579,7 @@ def test_readme_is_generated_from_the_results_on_disk(tmp_path, overhead_dir, fs
     assert "### vit-mini" in text and "### convnext-mini" in text and "| repl-k4 |" in text
     assert "[`quick/results.md`](quick/results.md)" in text and "(quick/accuracy_curves.png)" in text
     assert "## Synthesis overhead" in text and "| vit-mini (8px, 64) | [3] |" in text
-    assert "## Training state per process under FSDP2" in text and "| vit-mini | repl-k4 |" in text
+    assert "## Training state per process under FSDP2" in text and "| vit-tiny | repl-k4 |" in text
 
 
 def test_committed_readme_is_up_to_date():

@@ -6,20 +6,19 @@ import json
 import logging
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 from file_modes import expected_modes, modes_under
+from processes import free_port, launch, run_processes, torchrun
 from safetensors.torch import load_file, save_file
+from tolerances import assert_fp32_close, reduction_length
 
 from hf_replacement import ReplacementModel
 from hf_replacement.commands.cli import main
 from hf_replacement.commands.data import collate_fn, load_image_dataset, prepare_dataset, subsample
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--model",
     "vit-mini",
@@ -313,11 +312,13 @@ def test_the_merged_model_serves_with_a_pipeline_at_the_evaluated_accuracy(tmp_p
     assert accuracy == results["accuracy"]
     # Image by image: the label and probability the RepL model gives the launcher's evaluation inputs.
     batch = collate_fn(list(prepare_dataset(raw, 8, 3)["test"]))
+    repl_model = ReplacementModel.from_pretrained(out)
     with torch.no_grad():
-        probabilities = ReplacementModel.from_pretrained(out)(pixel_values=batch["pixel_values"]).logits.softmax(-1)
+        probabilities = repl_model(pixel_values=batch["pixel_values"]).logits.softmax(-1)
     assert [answer["label"] for answer in served] == [names[index] for index in probabilities.argmax(-1)]
     scores = torch.tensor([answer["score"] for answer in served])
-    torch.testing.assert_close(scores, probabilities.max(-1).values, rtol=0, atol=1e-6)
+    # The pipeline runs the merged model image by image: the network's rounding, at the scale of a probability.
+    assert_fp32_close(scores, probabilities.max(-1).values, reduction_length(repl_model), 1.0)
     assert scores.std() > 1e-3  # the answers depend on the image
 
 
@@ -349,7 +350,7 @@ def test_merge_into_a_non_empty_directory_is_one_line(trained_and_merged, tmp_pa
 
 
 def test_a_failed_hub_push_is_one_line_and_keeps_the_saved_model(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     with pytest.raises(SystemExit) as exit_info:
         main(["train", *TINY, "--epochs", "0.25", "--push-to-hub", "--hub-model-id", "user/run",
               "--output-dir", str(tmp_path)])  # fmt: skip
@@ -404,23 +405,6 @@ def test_dataset_without_labels(tmp_path, capsys):
     assert "label" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _launch(commands: list[list[str]], tmp_path) -> None:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    processes = [
-        subprocess.Popen(c, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for c in commands
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in processes]
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output[-3000:]
-
-
 DISTRIBUTED_ARGS = [*TINY, "--epochs", "1", "--lr", "3e-3"]
 
 
@@ -438,32 +422,21 @@ def _compare_with_single_process(tmp_path, distributed_dir, *extra: str) -> None
         torch.testing.assert_close(multi[key], single[key], rtol=0, atol=2e-4, msg=key)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     half_batch = [a if a != "32" else "16" for a in DISTRIBUTED_ARGS]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "hf_replacement.commands.cli",
-        "train",
-        *half_batch,
-        "--output-dir",
-        str(tmp_path / "ddp"),
-        "--checkpointing-steps",
-        "4",
-    ]
-    _launch([command], tmp_path)
+    command = torchrun(
+        "-m", "hf_replacement.commands.cli", "train", *half_batch, "--output-dir", str(tmp_path / "ddp"),
+        "--checkpointing-steps", "4",
+    )  # fmt: skip
+    launch([command], tmp_path)
     _compare_with_single_process(tmp_path, tmp_path / "ddp")
 
 
+@pytest.mark.slow
 def test_simulated_two_node_run(tmp_path):
     half_batch = [a if a != "32" else "16" for a in DISTRIBUTED_ARGS]
-    port = str(_free_port())
+    port = str(free_port())
     commands = [
         [
             sys.executable,
@@ -489,48 +462,48 @@ def test_simulated_two_node_run(tmp_path):
         ]
         for rank in (0, 1)
     ]
-    _launch(commands, tmp_path)
+    launch(commands, tmp_path)
     _compare_with_single_process(tmp_path, tmp_path / "nodes")
 
 
+@pytest.mark.slow
 def test_divergence_stops_every_process_of_a_distributed_run(tmp_path):
     """Both processes see the non-finite loss (reduced across them) and exit with the error: none waits forever."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "hf_replacement.commands.cli", "train", *TINY, "--batch-size", "16",
-               "--epochs", "4", "--lr", "1e12", "--output-dir", str(tmp_path / "ddp")]  # fmt: skip
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    process = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert process.returncode != 0
-    assert process.stdout.count("the run diverged") + process.stderr.count("the run diverged") == 2
+    command = torchrun("-m", "hf_replacement.commands.cli", "train", *TINY, "--batch-size", "16", "--epochs", "4",
+                       "--lr", "1e12", "--output-dir", str(tmp_path / "ddp"))  # fmt: skip
+    (finished,) = run_processes([command], tmp_path)
+    assert finished.returncode != 0
+    assert finished.stdout.count("the run diverged") == 2, finished.stdout[-5000:]
     assert not (tmp_path / "ddp" / "model.safetensors").exists()
 
 
 def _torchrun_train(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(_free_port()), "-m", "hf_replacement.commands.cli", "train", *args]  # fmt: skip
+    return torchrun("-m", "hf_replacement.commands.cli", "train", *args)
 
 
 FSDP_ARGS = [*(a if a != "32" else "16" for a in DISTRIBUTED_ARGS), "--fsdp"]  # the same global batch
 
 
+@pytest.mark.slow
 def test_fsdp_vit_equals_one_process_and_resumes_exactly(tmp_path):
     """--fsdp over 2 processes ends with one process's weights and coefficients; its checkpoint resumes exactly."""
     straight, resumed = tmp_path / "fsdp", tmp_path / "resumed"
-    _launch([_torchrun_train(*FSDP_ARGS, "--checkpointing-steps", "4", "--output-dir", str(straight))], tmp_path)
+    launch([_torchrun_train(*FSDP_ARGS, "--checkpointing-steps", "4", "--output-dir", str(straight))], tmp_path)
     _compare_with_single_process(tmp_path, straight)
     checkpoint = straight / "checkpoint-4"
-    _launch([_torchrun_train(*FSDP_ARGS, "--output-dir", str(resumed), "--resume-from", str(checkpoint))], tmp_path)
+    launch([_torchrun_train(*FSDP_ARGS, "--output-dir", str(resumed), "--resume-from", str(checkpoint))], tmp_path)
     expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert actual.keys() == expected.keys()
     for key in expected:
         assert torch.equal(actual[key], expected[key]), key
 
 
+@pytest.mark.slow
 def test_fsdp_convnext_fusing_across_a_stage_boundary_equals_one_process_loads_and_merges(tmp_path, capsys):
     from transformers import AutoModelForImageClassification
 
     run = tmp_path / "fsdp"
-    _launch([_torchrun_train(*FSDP_ARGS, "--model", "convnext-mini", "--output-dir", str(run))], tmp_path)
+    launch([_torchrun_train(*FSDP_ARGS, "--model", "convnext-mini", "--output-dir", str(run))], tmp_path)
     _compare_with_single_process(tmp_path, run, "--model", "convnext-mini")
     results = json.loads((run / "results.json").read_text())
     saved = load_file(run / "model.safetensors")

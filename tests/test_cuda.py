@@ -86,31 +86,24 @@ def test_cuda_checkpoint_loads_on_cpu(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_trainer_under_fsdp_trains_as_one_process_and_saves_repl_checkpoints(tmp_path):
     """TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2}): ReplacementTrainer shards the model in
     RepL units; the weights match an unsharded run of the same global batch and every save is a RepL checkpoint."""
     import os
-    import socket
-    import subprocess
-    import sys
 
+    from processes import launch, torchrun
     from safetensors.torch import load_file
 
     processes = min(2, torch.cuda.device_count())
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_trainer_run.py")
-    environment = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(script)))
 
-    def launch(output_dir, mode: str, process_count: int, batch_size: int) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = str(probe.getsockname()[1])
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(process_count),
-                   "--master_port", port, script, str(output_dir), mode, str(batch_size)]  # fmt: skip
-        finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-        assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    def run(output_dir, mode: str, process_count: int, batch_size: int) -> None:
+        launch([torchrun(script, str(output_dir), mode, str(batch_size), processes=process_count)], output_dir.parent,
+               timeout=600, cpu=False)  # fmt: skip
 
-    launch(tmp_path / "fsdp", "fsdp", processes, 4)
-    launch(tmp_path / "plain", "plain", 1, 4 * processes)
+    run(tmp_path / "fsdp", "fsdp", processes, 4)
+    run(tmp_path / "plain", "plain", 1, 4 * processes)
     plain = load_file(tmp_path / "plain" / "model.safetensors")
     for directory in (tmp_path / "fsdp", tmp_path / "fsdp" / "checkpoint-4"):
         loaded = ReplacementModel.from_pretrained(directory)  # a whole RepL checkpoint, whatever was sharded

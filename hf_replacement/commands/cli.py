@@ -7,11 +7,13 @@ Run it as the console script, as `python -m hf_replacement.cli`, or under
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ..config import ReplacementConfig
 from .argtypes import block_list, coefficient_init, fraction, non_negative_float, positive_float, positive_int
@@ -241,12 +243,34 @@ def _train(args: argparse.Namespace) -> int:
     values = {key: value for key, value in vars(args).items() if key != "command"}
     replacement = ReplacementConfig(**{spec.name: values.pop(spec.name) for spec in _replacement_fields()})
     options = TrainingOptions(replacement=replacement, **values)
-    results = train(options)
-    from accelerate import PartialState
+    with _process_group_released():
+        results = train(options)
+        from accelerate import PartialState
 
-    if PartialState().is_main_process:
-        _report(results, options.output_dir)
+        if PartialState().is_main_process:
+            _report(results, options.output_dir)
     return 0
+
+
+@contextlib.contextmanager
+def _process_group_released() -> Iterator[None]:
+    """Destroy the process group a multi-process run created (torchrun, accelerate launch) before the
+    interpreter exits; one the caller had initialized is left to the caller.
+
+    Left to the interpreter's exit, the gloo group and its worker threads are freed during finalization,
+    where a thread still joinable aborts the process ("terminate called without an active exception")
+    and torch warns that destroy_process_group() was not called. The model and optimizer hold the group
+    through reference cycles (FSDP hooks, DTensor meshes): they are collected first.
+    """
+    import torch.distributed as dist
+
+    created_here = not (dist.is_available() and dist.is_initialized())
+    try:
+        yield
+    finally:
+        if created_here and dist.is_available() and dist.is_initialized():
+            gc.collect()
+            dist.destroy_process_group()
 
 
 def _report(results: dict, output_dir: str) -> None:
