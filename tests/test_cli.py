@@ -37,6 +37,7 @@ def run_cli(*args: str) -> None:
     assert main(list(args)) == 0
 
 
+@pytest.mark.slow
 def test_train_writes_a_loadable_checkpoint_and_results(tmp_path, capsys, caplog):
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO):
@@ -104,10 +105,12 @@ def assert_resume_is_exact(tmp_path, checkpointing_steps: int) -> None:
         assert torch.equal(straight[key], resumed[key]), key
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     assert_resume_is_exact(tmp_path, checkpointing_steps=6)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_other_settings_or_mixed_saves(tmp_path, capsys):
     common = [*TINY, "--max-train-samples", "64", "--epochs", "2", "--checkpointing-steps", "2"]
     run_cli("train", *common, "--output-dir", str(tmp_path / "run"))
@@ -131,6 +134,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings_or_mixed_saves(tmp_path, 
     assert "the checkpoint mixes two saves" in resume_error()
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_with_dropout_continues_exactly(tmp_path, monkeypatch):
     """Dropout draws from the global RNG: the resumed loader must not draw from it where the straight run did not."""
     import hf_replacement.commands.train as launcher
@@ -148,6 +152,7 @@ def test_resume_mid_epoch_with_dropout_continues_exactly(tmp_path, monkeypatch):
     assert_resume_is_exact(tmp_path, checkpointing_steps=5)  # 8 updates an epoch: update 5 is mid-epoch
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_keeps_fp32_coefficients(tmp_path):
     run_cli(
         "train",
@@ -246,6 +251,7 @@ def test_output_dir_that_is_a_file_fails_before_training(tmp_path, capsys):
     assert "is a file, not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_keeps_earlier_checkpoints(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(
@@ -291,6 +297,7 @@ def _evaluate_error(directory, capsys) -> str:
     return error
 
 
+@pytest.mark.slow
 def test_the_merged_model_serves_with_a_pipeline_at_the_evaluated_accuracy(tmp_path):
     """Digits are gray 8x8 images: trained as RGB, the merged model and its saved image processor serve
     `pipeline(model=DIR)` on the test split's PIL images with the launcher's own predictions."""
@@ -322,6 +329,7 @@ def test_the_merged_model_serves_with_a_pipeline_at_the_evaluated_accuracy(tmp_p
     assert scores.std() > 1e-3  # the answers depend on the image
 
 
+@pytest.mark.slow
 def test_training_goes_on_from_a_merged_model(trained_and_merged, tmp_path, capsys):
     """`--model MERGED_DIR` reads the saved image processor, or without one (merged by an earlier version)
     normalises as the launcher did then; a vanishing learning rate keeps the merged model's accuracy."""
@@ -349,6 +357,7 @@ def test_merge_into_a_non_empty_directory_is_one_line(trained_and_merged, tmp_pa
     assert os.listdir(tmp_path) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_a_failed_hub_push_is_one_line_and_keeps_the_saved_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     with pytest.raises(SystemExit) as exit_info:
@@ -521,6 +530,7 @@ def test_fsdp_convnext_fusing_across_a_stage_boundary_equals_one_process_loads_a
         torch.testing.assert_close(merged(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_computes_in_bf16_and_keeps_fp32_weights(tmp_path):
     """FSDP's mixed precision (bf16 compute, fp32 shards): what is saved and reported is fp32. One rank, in process."""
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)

@@ -433,6 +433,7 @@ def test_bf16_autocast_and_half_model_keep_fp32_coefficients():
     torch.testing.assert_close(coefficients.grad, fp32_grad, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     model, _ = make("vit")
     x = tiny_models.inputs()

@@ -303,6 +303,7 @@ def test_cli_flag_takes_fit_or_a_pair(capsys):
     assert "'0.3' is neither 'fit' nor two numbers a,b" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_launcher_fits_a_local_pretrained_model_and_reports_it(tmp_path, capsys):
     """`--model DIR --coefficient-init fit` on a model saved by save_pretrained (no image processor)."""
     from hf_replacement.loading import load_image_classifier

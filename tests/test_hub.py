@@ -358,6 +358,7 @@ def test_trainer_pushes_from_the_main_process_only(trainer_hub, tmp_path, monkey
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_launcher_pushes_the_trained_checkpoint(hub_env, tmp_path, capsys, caplog):
     hub = hub_env(token=TOKEN)
     caplog.set_level(logging.DEBUG)
@@ -410,6 +411,7 @@ def test_launcher_pushes_the_trained_checkpoint(hub_env, tmp_path, capsys, caplo
     assert not [path for path in out.rglob("*") if path.is_file() and TOKEN.encode() in path.read_bytes()]
 
 
+@pytest.mark.slow
 def test_launcher_under_fsdp_pushes_the_saved_checkpoint(hub_env, tmp_path):
     """A sharded model cannot be pushed as it is: --fsdp pushes what it saved, loaded whole (one rank, in process)."""
     hub = hub_env(token=TOKEN)

@@ -385,7 +385,9 @@ def test_a_checkpoint_without_the_field_loads_as_block(tmp_path):
         assert torch.equal(loaded(pixel_values=x).logits, model(pixel_values=x).logits)
 
 
-@pytest.mark.parametrize("setting", ["gradient_checkpointing", "recompute_replaced", "compile"])
+@pytest.mark.parametrize(
+    "setting", ["gradient_checkpointing", "recompute_replaced", pytest.param("compile", marks=pytest.mark.slow)]
+)
 def test_recompute_checkpointing_and_compile_give_the_same_gradients(setting):
     model, _ = make("vit", "half", "tensor")
     model.train()
@@ -488,6 +490,7 @@ def test_fsdp2_trains_like_one_process_without_sharding():
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_launcher_trains_evaluates_and_merges_a_surrogate(tmp_path, capsys):
     from hf_replacement.commands.cli import main
 
