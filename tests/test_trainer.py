@@ -181,6 +181,7 @@ def test_every_checkpoint_and_save_model_load_with_from_pretrained(tmp_path):
     assert not [name for name in os.listdir(tmp_path / "final") if name.endswith(".tmp")]  # written atomically
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     """8 steps straight == 4 steps, resume from checkpoint-4, 4 more (crossing an epoch boundary).
 
@@ -393,6 +394,7 @@ def test_start_step_trains_the_full_model_then_replaces(tmp_path):
     assert sorted(losses) == [1, 2, 3, 4, 5] and all(math.isfinite(loss) for loss in losses.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", [2, 3], ids=["from-warmup-checkpoint", "from-replaced-checkpoint"])
 def test_start_step_resume_continues_exactly(tmp_path, checkpoint):
     def run(output_dir, resume=None):
