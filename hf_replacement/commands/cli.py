@@ -165,7 +165,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .evaluation import merge_checkpoint
+    from .merge import merge_checkpoint
 
     merge_checkpoint(args.checkpoint, args.output_dir)
     print(

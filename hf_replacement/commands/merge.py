@@ -1,0 +1,46 @@
+"""`hf-replacement merge`: write a RepL checkpoint as a plain Transformers model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+from ..config import CONFIG_NAME
+from ..model import ReplacementModel
+from .evaluation import load_checkpoint
+from .processing import PROCESSOR_NAME
+
+logger = logging.getLogger(__name__)
+
+
+def merge_checkpoint(directory: str, output_dir: str) -> None:
+    """Write a RepL checkpoint as a plain Transformers model (loads without hf_replacement), with the
+    checkpoint's image processor (`preprocessor_config.json`, which pipelines load) when it has one."""
+    if os.path.exists(output_dir) and os.listdir(output_dir):
+        raise ValueError(f"{output_dir} exists and is not empty; choose a new output directory.")
+    model = load_checkpoint(directory)
+    if not isinstance(model, ReplacementModel):
+        raise ValueError(f"{directory} is already a plain model (no {CONFIG_NAME}); nothing to merge.")
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".merge-", dir=parent)
+    try:  # a failed save must not leave a half-written model under the final name
+        model.merge_and_unload().save_pretrained(staging)
+        processor_file = os.path.join(directory, PROCESSOR_NAME)
+        if os.path.isfile(processor_file):
+            shutil.copyfile(processor_file, os.path.join(staging, PROCESSOR_NAME))
+        else:
+            logger.warning(
+                "%s has no %s (saved before hf-replacement wrote image processors): give pipelines an "
+                "image_processor yourself.",
+                directory,
+                PROCESSOR_NAME,
+            )
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
