@@ -1,4 +1,4 @@
-"""Load a saved checkpoint (RepL or plain) and measure its accuracy."""
+"""Load a saved checkpoint (RepL or plain) and measure its accuracy: `hf-replacement evaluate`."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
-"""`hf-replacement merge`: write a RepL checkpoint as a plain Transformers model."""
+"""Merge a saved RepL checkpoint into a plain Transformers model: `hf-replacement merge`."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-import tempfile
 
+from ..checkpoint import staged_directory
 from ..config import CONFIG_NAME
 from ..model import ReplacementModel
 from .evaluation import load_checkpoint
@@ -23,10 +23,7 @@ def merge_checkpoint(directory: str, output_dir: str) -> None:
     model = load_checkpoint(directory)
     if not isinstance(model, ReplacementModel):
         raise ValueError(f"{directory} is already a plain model (no {CONFIG_NAME}); nothing to merge.")
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".merge-", dir=parent)
-    try:  # a failed save must not leave a half-written model under the final name
+    with staged_directory(output_dir) as staging:  # a failed save leaves no half-written model under the name
         model.merge_and_unload().save_pretrained(staging)
         processor_file = os.path.join(directory, PROCESSOR_NAME)
         if os.path.isfile(processor_file):
@@ -38,9 +35,3 @@ def merge_checkpoint(directory: str, output_dir: str) -> None:
                 directory,
                 PROCESSOR_NAME,
             )
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
