@@ -243,11 +243,15 @@ def test_processing_files_are_transformers_processing_files_only(tmp_path):
 
 @pytest.fixture(scope="module")
 def configs_only(tmp_path_factory):
-    """RepL checkpoints of each task but the classifier, without their weights: what evaluate reads first."""
+    """RepL checkpoints of each task but the classifier, and a plain causal LM, without their weights: what evaluate
+    reads first."""
     root = tmp_path_factory.mktemp("configs")
     for name in ("causal-lm", "segmenter", "detector"):
         _save_repl_checkpoint(TASKS[name], root / name)
         (root / name / "model.safetensors").unlink()
+    plain_config = TASKS["causal-lm"].build()[0].config
+    plain_config.architectures = ["GPT2LMHeadModel"]  # as the merged model's save_pretrained writes it
+    plain_config.save_pretrained(root / "plain-causal-lm")
     return root
 
 
@@ -255,6 +259,7 @@ def configs_only(tmp_path_factory):
     "name, architecture, example",
     [
         ("causal-lm", "GPT2LMHeadModel (text-generation)", "examples/pytorch/language-modeling/run_clm.py"),
+        ("plain-causal-lm", "GPT2LMHeadModel (text-generation)", "examples/pytorch/language-modeling/run_clm.py"),
         ("segmenter", "DPTForSemanticSegmentation (image-segmentation)",
          "examples/pytorch/semantic-segmentation/run_semantic_segmentation.py"),
         ("detector", "YolosForObjectDetection (object-detection)",

@@ -13,7 +13,6 @@ import json
 import os
 from collections.abc import Mapping
 
-from ..config import CONFIG_NAME
 from ..loading import BASE_CONFIG_NAME
 
 # What `hf-replacement evaluate` measures.
@@ -56,9 +55,12 @@ class ModelTask:
 
 def saved_architecture(directory: str) -> tuple[str, str] | None:
     """(model type, architecture class name) of a RepL checkpoint (its `base_config.json`) or of a plain
-    Transformers model directory (its `config.json`); None when no readable config names one."""
-    is_replacement = os.path.isfile(os.path.join(directory, CONFIG_NAME))
-    config_path = os.path.join(directory, BASE_CONFIG_NAME if is_replacement else "config.json")
+    Transformers model directory (its `config.json`); None when no readable config names a Transformers model
+    type and class (a RepL checkpoint's guard `config.json` included: the loaders name that problem)."""
+    from transformers import CONFIG_MAPPING
+
+    base_config = os.path.join(directory, BASE_CONFIG_NAME)
+    config_path = base_config if os.path.isfile(base_config) else os.path.join(directory, "config.json")
     try:
         with open(config_path, encoding="utf-8") as stream:
             config = json.load(stream)
@@ -66,7 +68,7 @@ def saved_architecture(directory: str) -> tuple[str, str] | None:
         model_type = config.get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
-    if not (architectures and isinstance(architectures[0], str) and isinstance(model_type, str)):
+    if not (architectures and isinstance(architectures[0], str) and model_type in CONFIG_MAPPING):
         return None
     return model_type, architectures[0]
 
