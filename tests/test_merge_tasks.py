@@ -296,3 +296,26 @@ def test_a_repl_checkpoint_keeps_the_generation_config_it_was_saved_with(tmp_pat
 
     get_replacement_model(tiny_models.build("vit")).save_pretrained(tmp_path / "classifier")
     assert not (tmp_path / "classifier" / "generation_config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "model_type, architecture, auto_class, pipeline_task",
+    [
+        ("vit", "ViTForImageClassification", "AutoModelForImageClassification", "image-classification"),
+        ("gpt2", "GPT2LMHeadModel", "AutoModelForCausalLM", "text-generation"),
+        ("gpt2", "GPT2ForSequenceClassification", "AutoModelForSequenceClassification", "text-classification"),
+        ("bert", "BertForMaskedLM", "AutoModelForMaskedLM", "fill-mask"),
+        ("bert", "BertModel", "AutoModel", "feature-extraction"),
+        ("upernet", "UperNetForSemanticSegmentation", "AutoModelForSemanticSegmentation", "image-segmentation"),
+        ("dpt", "DPTForDepthEstimation", "AutoModelForDepthEstimation", "depth-estimation"),
+        ("yolos", "YolosForObjectDetection", "AutoModelForObjectDetection", "object-detection"),
+        ("t5", "T5ForConditionalGeneration", "AutoModelForSeq2SeqLM", None),  # no Transformers 5 pipeline takes it
+        ("vit_mae", "ViTMAEForPreTraining", "AutoModelForPreTraining", None),
+    ],
+)
+def test_the_task_comes_from_transformers_tables(model_type, architecture, auto_class, pipeline_task):
+    """Named for architectures no test builds too (the UperNet segmenter of run_semantic_segmentation.py)."""
+    from hf_replacement.commands.tasks import model_task
+
+    task = model_task(model_type, architecture)
+    assert (task.auto_class, task.pipeline_task) == (auto_class, pipeline_task)
