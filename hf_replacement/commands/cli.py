@@ -213,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="accuracy of a saved RepL or merged checkpoint",
-        description="Print, as JSON, the top-1 accuracy of a saved model on a data set's test split.",
+        help="accuracy of a saved RepL or merged image classifier (other tasks: see docs/cli.md)",
+        description="Print, as JSON, the top-1 accuracy of a saved image classifier on a data set's test split.",
         formatter_class=_HelpFormatter,
     )
     evaluate.add_argument(
@@ -224,10 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser(
         "merge",
-        help="write a RepL checkpoint as a plain Transformers model",
+        help="write a RepL checkpoint as a plain Transformers model, with its tokenizer / processor files",
         description="Synthesize every replaced block's weights once and write an ordinary Transformers model, "
-        "with the checkpoint's image processor, that AutoModelForImageClassification and "
-        'pipeline("image-classification") load without hf_replacement.',
+        "with the checkpoint's processing files (image processor, tokenizer, ...), that the Auto class and "
+        "pipeline of its task load without hf_replacement.",
         formatter_class=_HelpFormatter,
     )
     merge.add_argument(
@@ -307,11 +307,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .merge import merge_checkpoint
 
-    merge_checkpoint(args.checkpoint, args.output_dir)
-    print(
-        f"merged model written to {args.output_dir} (loads with AutoModelForImageClassification; serves "
-        f'pipeline("image-classification", model="{args.output_dir}"))'
-    )
+    result = merge_checkpoint(args.checkpoint, args.output_dir)
+    how = result.task.how_to_load(args.output_dir) if result.task else "its config names no Transformers class"
+    carried = ", ".join(result.processing_files) or "none (pass a processor to the pipeline yourself)"
+    print(f"merged model written to {args.output_dir} ({how})\nprocessing files carried over: {carried}")
     return 0
 
 
