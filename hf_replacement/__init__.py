@@ -5,7 +5,7 @@ from .config import CONFIG_NAME, ReplacementConfig, ReplacementConfigError
 from .integrations.fsdp import gather_state_dict, shard_model, sharding_units
 from .integrations.peft import merge_peft_and_replacement, prepare_peft_config
 from .integrations.pipelines import allow_replacement_models_in_pipelines
-from .integrations.trainer import ReplacementCallback, ReplacementTrainer
+from .integrations.trainer import ReplacementCallback, ReplacementSeq2SeqTrainer, ReplacementTrainer
 from .model import ReplacementModel, get_replacement_model
 from .resampling import FusionError
 
@@ -24,6 +24,7 @@ __all__ = [
     "ReplacementConfig",
     "ReplacementConfigError",
     "ReplacementModel",
+    "ReplacementSeq2SeqTrainer",
     "ReplacementTrainer",
     "find_blocks",
     "gather_state_dict",

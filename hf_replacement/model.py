@@ -152,6 +152,15 @@ class ReplacementModel(nn.Module):
         return getattr(self.base_model, "config", None)
 
     @property
+    def generation_config(self) -> Any:
+        """The base model's generation config: the one its `generate` reads, set here too (Seq2SeqTrainer sets it)."""
+        return getattr(self.base_model, "generation_config", None)
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        self.base_model.generation_config = value
+
+    @property
     def replaced_blocks(self) -> dict[int, str]:
         """Replaced block index (forward order) -> module name in the base model."""
         return {block.index: block.name for block in self._blocks if is_replaced(block.module)}
@@ -402,7 +411,9 @@ def _log_fit_errors(errors: dict[int, dict[str, float]]) -> None:
         logger.warning(
             "coefficient_init=%r: the neighbours explain little of block(s) %s (relative error above %s): these "
             "replaced blocks start far from the weights they had, whatever the coefficients.",
-            FIT, poor, POOR_FIT_RELATIVE_ERROR,
+            FIT,
+            poor,
+            POOR_FIT_RELATIVE_ERROR,
         )
 
 
