@@ -187,13 +187,7 @@ class ReplacementTrainer(Trainer):
         )
         _check_arguments(callback.start_step, model, model_init, optimizers[0])
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")  # the Trainer's default
-        if getattr(args, "predict_with_generate", False) and not isinstance(self, Seq2SeqTrainer):
-            raise ValueError(
-                "predict_with_generate=True asks for generation in evaluation, which ReplacementTrainer (like "
-                "Trainer) does not do: use ReplacementSeq2SeqTrainer, the RepL Seq2SeqTrainer, with the same arguments."
-            )
-        deepspeed = getattr(args, "deepspeed_plugin", None)  # set by TrainingArguments(deepspeed=...) or the launcher
-        check_deepspeed_stage(deepspeed.zero_stage if deepspeed is not None else None)
+        _check_training_arguments(args, generates=isinstance(self, Seq2SeqTrainer))
         if args.ddp_find_unused_parameters is None:
             # Every parameter of a RepL model takes part in every forward (the replaced blocks' own are
             # freed): the Trainer's default for a non-PreTrainedModel, True, only costs an extra pass.
@@ -514,6 +508,16 @@ def _check_arguments(
         raise ValueError("replacement_start_step needs model=..., not model_init.")
     if model is not None:
         _check_model(model, start_step)
+
+
+def _check_training_arguments(args: TrainingArguments, generates: bool) -> None:
+    if getattr(args, "predict_with_generate", False) and not generates:
+        raise ValueError(
+            "predict_with_generate=True asks for generation in evaluation, which ReplacementTrainer (like "
+            "Trainer) does not do: use ReplacementSeq2SeqTrainer, the RepL Seq2SeqTrainer, with the same arguments."
+        )
+    deepspeed = getattr(args, "deepspeed_plugin", None)  # set by TrainingArguments(deepspeed=...) or the launcher
+    check_deepspeed_stage(deepspeed.zero_stage if deepspeed is not None else None)
 
 
 def _check_model(model: nn.Module, start_step: int | None) -> ReplacementModel:
