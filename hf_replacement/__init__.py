@@ -1,6 +1,6 @@
 """hf_replacement: Replacement Learning (RepL) for Hugging Face Transformers vision models."""
 
-from .blocks import Block, BlockDiscoveryError, find_blocks
+from .blocks import Block, BlockDiscoveryError, Chain, find_blocks, find_chains
 from .config import CONFIG_NAME, ReplacementConfig, ReplacementConfigError
 from .integrations.fsdp import gather_state_dict, shard_model, sharding_units
 from .integrations.peft import merge_peft_and_replacement, prepare_peft_config
@@ -19,6 +19,7 @@ __all__ = [
     "Block",
     "BlockDiscoveryError",
     "CONFIG_NAME",
+    "Chain",
     "FusionError",
     "ReplacementCallback",
     "ReplacementConfig",
@@ -27,6 +28,7 @@ __all__ = [
     "ReplacementSeq2SeqTrainer",
     "ReplacementTrainer",
     "find_blocks",
+    "find_chains",
     "gather_state_dict",
     "get_replacement_model",
     "merge_peft_and_replacement",

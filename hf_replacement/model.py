@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import gc
 import json
 import logging
 import os
@@ -14,9 +16,9 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from .blocks import Block, find_blocks
+from .blocks import Block, Chain, find_chains
 from .checkpoint import WEIGHTS_NAME, load_weights, remove_other_weight_files, weight_files, write_checkpoint
-from .config import CONFIG_NAME, FIT, ReplacementConfig
+from .config import CONFIG_NAME, FIT, FORMAT_VERSION, LEGACY_FORMAT_VERSION, ReplacementConfig
 from .fitting import CoefficientFit
 from .hub import CardFacts, push_to_hub
 from .layer import ReplacementCoefficients, apply_plan, is_replaced, materialize
@@ -67,12 +69,18 @@ class ReplacementModel(nn.Module):
         _refuse_peft_modules(base_model)
         if isinstance(base_model, ReplacementModel) or any(is_replaced(m) for m in base_model.modules()):
             raise ValueError("This model already has replaced blocks; call get_replacement_model on a plain model.")
-        blocks = find_blocks(base_model, replacement_config.block_path)
-        plans = select_blocks(blocks, replacement_config)
+        refuse_submodule(base_model)
+        # A checkpoint of format_version 1 was built before chains: it is found and selected as it was then.
+        self._legacy = replacement_config.format_version == LEGACY_FORMAT_VERSION
+        chains = find_chains(base_model, replacement_config.block_path, legacy=self._legacy)
+        plans = select_blocks(chains, replacement_config, legacy=self._legacy)
         self.base_model = base_model
         self.replacement_config = replacement_config
         self.replacement_coefficients = ReplacementCoefficients()
-        self._blocks = blocks
+        self._chains = chains
+        self._blocks = [block for chain in chains for block in chain.blocks]
+        # What a checkpoint records: these blocks, also while the replacement is deferred.
+        self._selected = sorted(plan.block.index for plan in plans)
         self._num_unreplaced_parameters = sum(p.numel() for p in base_model.parameters())
         self._coefficient_fits: dict[int, CoefficientFit] = {}
         # `defer_replacement`: the config is validated now, the blocks are replaced by `replace_blocks()`
@@ -105,7 +113,7 @@ class ReplacementModel(nn.Module):
                 "them before sharding (replace_blocks(), then hf_replacement.shard_model)."
             )
         # Planned again here, not at construction: the model may have moved device or dtype since.
-        self._replace_planned(select_blocks(self._blocks, self.replacement_config))
+        self._replace_planned(select_blocks(self._chains, self.replacement_config, legacy=self._legacy))
         return self.replaced_blocks
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -168,6 +176,27 @@ class ReplacementModel(nn.Module):
     @property
     def num_blocks(self) -> int:
         return len(self._blocks)
+
+    @property
+    def chains(self) -> dict[str, list[int]]:
+        """Chain name (its list's path, `*` for a stage number) -> its block indices, in forward order.
+        A replaced block's neighbours are the blocks before and after it in its chain."""
+        return {chain.name: [block.index for block in chain.blocks] for chain in self._chains}
+
+    def get_chains(self) -> list[Chain]:
+        """The base model's chains of blocks (`blocks.find_chains`' result)."""
+        return list(self._chains)
+
+    def recorded_config(self) -> ReplacementConfig:
+        """The config a checkpoint saves: this one with the chains (`block_path`) and the selected blocks
+        (`replaced_blocks`) written out, so the checkpoint loads with the same blocks whatever later
+        versions of the discovery and of `replace_interval` would choose."""
+        return dataclasses.replace(
+            self.replacement_config,
+            block_path=[list(chain.paths) for chain in self._chains],
+            replaced_blocks=list(self._selected),
+            format_version=FORMAT_VERSION,
+        )
 
     def get_blocks(self) -> list[Block]:
         """Every block of the base model in forward order, replaced or not (`find_blocks`' result)."""
@@ -272,7 +301,7 @@ class ReplacementModel(nn.Module):
                 "model.save_pretrained(directory, state_dict=..., is_main_process=<rank 0>)."
             )
         if is_main_process:
-            files: dict[str, Any] = {CONFIG_NAME: self.replacement_config.to_json_string()}
+            files: dict[str, Any] = {CONFIG_NAME: self.recorded_config().to_json_string()}
             if self.config is not None and hasattr(self.config, "to_json_string"):
                 config = copy.deepcopy(self.config)  # the architecture to rebuild, without touching the live config
                 config.architectures = [type(self.base_model).__name__]
@@ -385,7 +414,7 @@ class ReplacementModel(nn.Module):
             # deferred checkpoint keeps "fit", which `replace_blocks()` applies to the weights it has then.
             prefix = "replacement_coefficients."
             initial = {int(key[len(prefix) :]): value for key, value in state_dict.items() if key.startswith(prefix)}
-            plans = select_blocks(replacement_model.get_blocks(), replacement_config)
+            plans = select_blocks(replacement_model.get_chains(), replacement_config, legacy=replacement_model._legacy)
             replacement_model._replace_planned(plans, initial)
         load_exact(replacement_model, state_dict, directory)
         if dtype == "auto":
@@ -454,6 +483,51 @@ def _refuse_peft_modules(model: nn.Module) -> None:
             "This model holds PEFT modules (a PeftModel or LoRA layers): replacing its blocks would silently drop "
             "the replaced blocks' base and adapter weights. Apply RepL to the plain model first, then PEFT on top: "
             "get_peft_model(repl_model, hf_replacement.prepare_peft_config(repl_model, peft_config))."
+        )
+
+
+def _sub_model_class_names() -> set[str]:
+    """Transformers' base models and backbones: the classes that also live inside task models."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in (*MODEL_MAPPING_NAMES.values(), *MODEL_FOR_BACKBONE_MAPPING_NAMES.values()):
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+def _owned_by_replacement_model(modules: dict[str, Any]) -> bool:
+    """Whether `modules` is a `ReplacementModel`'s `_modules` (a merged model its former wrapper still holds)."""
+    # The owner refers to its `_modules` directly, or through its instance `__dict__`.
+    referrers = gc.get_referrers(modules)
+    owners = referrers + [owner for r in referrers if isinstance(r, dict) for owner in gc.get_referrers(r)]
+    return any(isinstance(owner, ReplacementModel) and owner._modules is modules for owner in owners)
+
+
+def refuse_submodule(model: nn.Module) -> None:
+    """Refuse to convert a Transformers base model or backbone that is a submodule of another model
+    (`upernet.backbone`): the coefficients would live outside the outer model, which would neither
+    train nor save them, and its `save_pretrained` would write no replaced block.
+
+    Only those classes are checked: finding a module's owners walks the garbage collector's objects
+    (a fraction of a second), too slow to pay on every conversion.
+    """
+    if type(model).__name__ not in _sub_model_class_names():
+        return
+    for referrer in gc.get_referrers(model):
+        # An nn.Module's `_modules`: a dict of modules (or None) naming this one.
+        if not isinstance(referrer, dict) or not all(v is None or isinstance(v, nn.Module) for v in referrer.values()):
+            continue
+        attribute = next((key for key, value in referrer.items() if value is model), None)
+        if attribute is None or _owned_by_replacement_model(referrer):
+            continue
+        raise ValueError(
+            f"This {type(model).__name__} is the submodule {attribute!r} of another model: converted alone, its RepL "
+            "coefficients would not be among the outer model's parameters (an optimizer over them never trains "
+            "them) and the outer model's save_pretrained would write neither them nor the replaced blocks. Convert "
+            "the whole model instead: get_replacement_model(outer_model, ReplacementConfig("
+            f"target_chains=[{attribute!r}])) replaces blocks only in the chains under {attribute!r} "
+            "(ReplacementModel.chains lists them), and trains, saves and merges the whole task model."
         )
 
 

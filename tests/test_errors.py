@@ -39,7 +39,7 @@ BAD_CONFIGS = [
     (dict(detach_neighbors="yes"), "detach_neighbors='yes' is invalid"),
     (dict(recompute_replaced=1), "recompute_replaced=1 is invalid"),
     (dict(block_path=""), "block_path='' is invalid"),
-    (dict(format_version=2), "format_version=2 is not supported"),
+    (dict(format_version=3), "format_version=3 is not supported"),
 ]
 
 
@@ -54,7 +54,7 @@ BAD_SELECTIONS = [
     (dict(replaced_blocks=[5]), r"\[5\] outside the valid range 1..4"),
     (dict(replaced_blocks=[-1]), r"\[-1\] outside the valid range"),
     (dict(replaced_blocks=[2, 3]), r"adjacent blocks \[\(2, 3\)\]"),
-    (dict(replace_interval=7), "replace_interval=7 selects no block of this 6-block model"),
+    (dict(replace_interval=13), r"replace_interval=13 selects no block .* lengths: \{'vit.layers': 6\}"),
     (dict(block_path="vit.nothing"), "block_path='vit.nothing' does not exist"),
     (dict(block_path="classifier"), "points at a Linear, not an nn.ModuleList"),
 ]
