@@ -258,8 +258,9 @@ def test_tied_weights_are_saved_once_and_tied_again_on_load(tmp_path):
 @pytest.mark.parametrize(
     "keywords, message",
     [
-        (dict(num_labels=3), "num_labels: unknown, or a config override"),
-        (dict(tpyo_kwarg=1), "tpyo_kwarg: unknown"),
+        (dict(num_labels=5), "ignore_mismatched_sizes=True with the new num_labels"),
+        (dict(tpyo_kwarg=1), "tpyo_kwarg \\(unknown keyword, and is no attribute of the checkpoint's base config"),
+        (dict(model=tiny_models.build("vit"), num_labels=5), "num_labels .*but model= was given"),
         (dict(use_safetensors=False), "use_safetensors \\(only safetensors are ever loaded\\)"),
         (dict(dtype=torch.bfloat16, torch_dtype=torch.float16), "give dtype or torch_dtype"),
         (dict(dtype="int8"), "dtype='int8' is not a floating-point torch dtype"),

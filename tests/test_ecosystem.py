@@ -1,0 +1,212 @@
+"""Transformers / PEFT / Accelerate habits on RepL models, written as a user writes them (issue 25).
+
+Each test is a habit that once gave a wrong result without a word: PEFT methods other than LoRA and
+PEFT's own `merge_and_unload`, bf16 checkpoints, per-layer outputs under a lighter surrogate, a
+PeftModel in `ReplacementTrainer`, directories other tools write, `from_pretrained`/`save_pretrained`
+keywords, and the message Transformers' own loaders give for a RepL directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import tiny_models
+import torch
+from peft import (
+    FourierFTConfig,
+    HRAConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    OFTConfig,
+    PeftModel,
+    VeraConfig,
+    get_peft_model,
+)
+
+from hf_replacement import (
+    ReplacementConfig,
+    ReplacementModel,
+    get_replacement_model,
+    merge_peft_and_replacement,
+    prepare_peft_config,
+)
+
+TARGETS = ["q_proj", "v_proj"]
+
+# Every PEFT method prepare_peft_config accepts (hf_replacement.integrations.peft.MERGEABLE_PEFT_TYPES).
+MERGEABLE = {
+    "lora": lambda: LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS),
+    "ia3": lambda: IA3Config(target_modules=TARGETS + ["fc2"], feedforward_modules=["fc2"]),
+    "loha": lambda: LoHaConfig(r=2, alpha=4, target_modules=TARGETS),
+    "lokr": lambda: LoKrConfig(r=2, alpha=4, target_modules=TARGETS),
+    "oft": lambda: OFTConfig(r=0, oft_block_size=4, target_modules=TARGETS),
+    "fourierft": lambda: FourierFTConfig(n_frequency=10, target_modules=TARGETS),
+}
+
+
+def repl_vit(seed: int = 0, **options) -> ReplacementModel:
+    return get_replacement_model(tiny_models.build("vit", seed=seed), ReplacementConfig(replaced_blocks=[1, 4], **options))
+
+
+def trained_peft_model(method: str) -> PeftModel:
+    """A PeftModel on a RepL ViT after a step of training (adapters and coefficients moved from their init)."""
+    model = repl_vit()
+    peft_model = get_peft_model(model, prepare_peft_config(model, MERGEABLE[method]()))
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    logits = peft_model(pixel_values=tiny_models.inputs()).logits
+    (logits * torch.linspace(-1, 1, logits.shape[-1])).square().sum().backward()
+    optimizer.step()
+    return peft_model.eval()
+
+
+def logits_of(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(pixel_values=x).logits
+
+
+# Logits are O(1) sums over 16-32 products: merged weights reorder those sums (float32 rounding ~1e-7).
+MERGE_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+# ---- 1, 2: PEFT merges -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(MERGEABLE))
+def test_every_accepted_peft_method_merges_to_the_same_outputs(method):
+    peft_model = trained_peft_model(method)
+    x = tiny_models.inputs()
+    expected = logits_of(peft_model, x)
+    plain = merge_peft_and_replacement(peft_model)
+    assert not any(type(m).__module__.startswith(("peft.", "hf_replacement.")) for m in plain.modules())
+    torch.testing.assert_close(logits_of(plain, x), expected, **MERGE_TOLERANCE)
+    # PEFT's habitual call does the same: the replaced blocks are materialized before any adapter is merged.
+    merged = peft_model.merge_and_unload()
+    assert isinstance(merged, ReplacementModel) and merged.replaced_blocks == {}
+    torch.testing.assert_close(logits_of(merged, x), expected, **MERGE_TOLERANCE)
+    assert not any(type(m).__module__.startswith("peft.") for m in merged.modules())
+
+
+def test_peft_unload_without_merge_gives_the_repl_model_with_the_trained_coefficients():
+    """IA³'s generic unload puts the coefficients' trained copy back, as LoRA's does."""
+    peft_model = trained_peft_model("ia3")
+    model = peft_model.get_base_model()
+    trained = {k: v.detach().clone() for k, v in model.replacement_coefficients.modules_to_save["default"].state_dict().items()}
+    reference = repl_vit()  # the same seed: the same weights before training; IA³ changed none of them in place
+    reference.replacement_coefficients.load_state_dict(trained)
+    assert not torch.equal(trained["1"], reference.replacement_coefficients.get_parameter("1").new_full((2, 1), 0.5))
+    unloaded = peft_model.unload()
+    assert unloaded is model and set(model.replaced_blocks) == {1, 4}
+    x = tiny_models.inputs()
+    torch.testing.assert_close(logits_of(unloaded, x), logits_of(reference.eval(), x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "config, error, message",
+    [
+        (HRAConfig(r=2, target_modules=TARGETS), ValueError, r"peft_type='HRA' .*only LORA, LOHA, LOKR, IA3, OFT, FOURIERFT"),
+        (VeraConfig(r=2, target_modules=TARGETS), TypeError, "VeraConfig has no exclude_modules"),
+    ],
+    ids=["hra", "vera"],
+)
+def test_other_peft_methods_are_refused_before_training(config, error, message):
+    with pytest.raises(error, match=message):
+        prepare_peft_config(repl_vit(), config)
+
+
+def test_layer_replication_is_refused():
+    with pytest.raises(ValueError, match=r"layer_replication=\[\[0, 2\]\] would duplicate blocks"):
+        prepare_peft_config(repl_vit(), LoraConfig(target_modules=TARGETS, layer_replication=[[0, 2]]))
+
+
+def test_a_merge_that_fails_leaves_the_peft_model_as_it_was(monkeypatch):
+    peft_model = trained_peft_model("lora")
+    model = peft_model.get_base_model()
+    x = tiny_models.inputs()
+    expected = logits_of(peft_model, x)
+    last_lora_layer = [m for m in peft_model.modules() if hasattr(m, "lora_A")][-1]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("merge failed in PEFT")
+
+    # The merge works on a copy: make every copy of this layer fail.
+    monkeypatch.setattr(type(last_lora_layer), "merge", fail)
+    with pytest.raises(RuntimeError, match="merge failed in PEFT"):
+        merge_peft_and_replacement(peft_model)
+    assert set(model.replaced_blocks) == {1, 4}
+    torch.testing.assert_close(logits_of(peft_model, x), expected, rtol=0, atol=0)
+
+
+# ---- 3: dtypes ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_checkpoints_reload_as_saved(tmp_path, dtype):
+    model = repl_vit().to(dtype)
+    model.save_pretrained(tmp_path)
+    saved_config = json.loads((tmp_path / "base_config.json").read_text())
+    assert saved_config["dtype"] == str(dtype).removeprefix("torch.")
+    x = tiny_models.inputs().to(dtype)
+    for keywords in ({}, {"dtype": "auto"}, {"torch_dtype": "auto"}):
+        loaded = ReplacementModel.from_pretrained(tmp_path, **keywords)
+        assert {p.dtype for p in loaded.base_model.parameters()} == {dtype}
+        assert {p.dtype for p in loaded.replacement_coefficients.parameters()} == {torch.float32}
+        torch.testing.assert_close(logits_of(loaded, x), logits_of(model.eval(), x), rtol=0, atol=0)
+    as_fp32 = ReplacementModel.from_pretrained(tmp_path, dtype=torch.float32)
+    assert {p.dtype for p in as_fp32.base_model.parameters()} == {torch.float32}
+
+
+# ---- 7: from_pretrained / save_pretrained keywords ---------------------------------------------------------
+
+
+def test_attn_implementation_and_low_cpu_mem_usage(tmp_path):
+    repl_vit().save_pretrained(tmp_path)
+    loaded = ReplacementModel.from_pretrained(tmp_path, attn_implementation="eager", low_cpu_mem_usage=True)
+    assert loaded.config._attn_implementation == "eager"
+    with torch.no_grad():
+        output = loaded(pixel_values=tiny_models.inputs(), output_attentions=True)
+    assert len(output.attentions) == 6 and all(a is not None for a in output.attentions)
+
+
+def test_re_heading_a_checkpoint_for_a_new_label_set(tmp_path):
+    model = repl_vit()
+    model.save_pretrained(tmp_path)
+    labels = {0: "a", 1: "b", 2: "c", 3: "d", 4: "e"}
+    with pytest.raises(ValueError, match=r"wrong shape \['base_model.classifier.bias', 'base_model.classifier.weight'"
+                       r"\].*pass ignore_mismatched_sizes=True"):  # fmt: skip
+        ReplacementModel.from_pretrained(tmp_path, num_labels=5)
+    reheaded = ReplacementModel.from_pretrained(
+        tmp_path, num_labels=5, id2label=labels, label2id={v: k for k, v in labels.items()}, ignore_mismatched_sizes=True
+    )
+    assert reheaded.config.num_labels == 5 and reheaded.config.id2label == labels
+    assert reheaded.base_model.classifier.weight.shape == (5, 16)
+    old, new = model.state_dict(), reheaded.state_dict()
+    assert set(old) == set(new)
+    for key in old:
+        if not key.startswith("base_model.classifier."):
+            torch.testing.assert_close(new[key], old[key], rtol=0, atol=0, msg=key)
+    # The new head is initialised as Transformers initialises one (normal(0, initializer_range), zero bias),
+    # not left as the uninitialised memory the model was built with.
+    head = reheaded.base_model.classifier
+    assert torch.equal(head.bias, torch.zeros(5))
+    assert 0.5 * reheaded.config.initializer_range < head.weight.std() < 2 * reheaded.config.initializer_range
+    assert set(reheaded.replaced_blocks) == {1, 4}
+
+
+def test_save_pretrained_the_no_trainer_way(tmp_path):
+    """`unwrapped.save_pretrained(dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)`."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(repl_vit())
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(tmp_path / "other", is_main_process=False, save_function=accelerator.save)
+    assert not (tmp_path / "other").exists()
+    unwrapped.save_pretrained(tmp_path, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    x = tiny_models.inputs()
+    torch.testing.assert_close(
+        logits_of(ReplacementModel.from_pretrained(tmp_path), x), logits_of(unwrapped.eval(), x), rtol=0, atol=0
+    )
