@@ -346,3 +346,6 @@ def _initialise(model: nn.Module, keys: list[str]) -> None:
         "initialised: train them before use.",
         sorted(keys),
     )
+
+
+__all__ = ["load_image_classifier", "load_pretrained_config"]

@@ -8,7 +8,6 @@ keywords, and the message Transformers' own loaders give for a RepL directory.
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -49,7 +48,9 @@ MERGEABLE = {
 
 
 def repl_vit(seed: int = 0, **options) -> ReplacementModel:
-    return get_replacement_model(tiny_models.build("vit", seed=seed), ReplacementConfig(replaced_blocks=[1, 4], **options))
+    return get_replacement_model(
+        tiny_models.build("vit", seed=seed), ReplacementConfig(replaced_blocks=[1, 4], **options)
+    )
 
 
 def trained_peft_model(method: str) -> PeftModel:
@@ -94,7 +95,9 @@ def test_peft_unload_without_merge_gives_the_repl_model_with_the_trained_coeffic
     """IA³'s generic unload puts the coefficients' trained copy back, as LoRA's does."""
     peft_model = trained_peft_model("ia3")
     model = peft_model.get_base_model()
-    trained = {k: v.detach().clone() for k, v in model.replacement_coefficients.modules_to_save["default"].state_dict().items()}
+    trained = {
+        k: v.detach().clone() for k, v in model.replacement_coefficients.modules_to_save["default"].state_dict().items()
+    }
     reference = repl_vit()  # the same seed: the same weights before training; IA³ changed none of them in place
     reference.replacement_coefficients.load_state_dict(trained)
     assert not torch.equal(trained["1"], reference.replacement_coefficients.get_parameter("1").new_full((2, 1), 0.5))
@@ -107,7 +110,11 @@ def test_peft_unload_without_merge_gives_the_repl_model_with_the_trained_coeffic
 @pytest.mark.parametrize(
     "config, error, message",
     [
-        (HRAConfig(r=2, target_modules=TARGETS), ValueError, r"peft_type='HRA' .*only LORA, LOHA, LOKR, IA3, OFT, FOURIERFT"),
+        (
+            HRAConfig(r=2, target_modules=TARGETS),
+            ValueError,
+            r"peft_type='HRA' .*only LORA, LOHA, LOKR, IA3, OFT, FOURIERFT",
+        ),
         (VeraConfig(r=2, target_modules=TARGETS), TypeError, "VeraConfig has no exclude_modules"),
     ],
     ids=["hra", "vera"],
@@ -179,7 +186,11 @@ def test_re_heading_a_checkpoint_for_a_new_label_set(tmp_path):
                        r"\].*pass ignore_mismatched_sizes=True"):  # fmt: skip
         ReplacementModel.from_pretrained(tmp_path, num_labels=5)
     reheaded = ReplacementModel.from_pretrained(
-        tmp_path, num_labels=5, id2label=labels, label2id={v: k for k, v in labels.items()}, ignore_mismatched_sizes=True
+        tmp_path,
+        num_labels=5,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+        ignore_mismatched_sizes=True,
     )
     assert reheaded.config.num_labels == 5 and reheaded.config.id2label == labels
     assert reheaded.base_model.classifier.weight.shape == (5, 16)
