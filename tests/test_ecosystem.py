@@ -8,6 +8,7 @@ keywords, and the message Transformers' own loaders give for a RepL directory.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -221,3 +222,31 @@ def test_save_pretrained_the_no_trainer_way(tmp_path):
     torch.testing.assert_close(
         logits_of(ReplacementModel.from_pretrained(tmp_path), x), logits_of(unwrapped.eval(), x), rtol=0, atol=0
     )
+
+
+# ---- 4: per-layer outputs under a lighter surrogate ------------------------------------------------------
+
+
+@pytest.mark.parametrize("surrogate", ["mlp", "half"])
+@pytest.mark.parametrize("architecture", ["vit", "deit", "beit", "dinov2", "swin"])
+def test_attentions_keep_one_entry_per_layer_under_every_surrogate(architecture, surrogate):
+    """A skipped token mixer reports the attention its merged block computes (zero query and key: uniform,
+    within the shifted-window mask for Swin), so attentions[i] stays layer i's (Swin: stage i's)."""
+    base = tiny_models.build(architecture)
+    base.set_attn_implementation("eager")  # the attention weights are only returned by the eager path
+    # Block 1 is the last of Swin's first stage: the block whose attention a Swin stage reports.
+    model = get_replacement_model(base, ReplacementConfig(replaced_blocks=[1], surrogate=surrogate)).eval()
+    plain = tiny_models.build(architecture)
+    plain.set_attn_implementation("eager")
+    x = tiny_models.inputs()
+    with torch.no_grad():
+        expected = plain(pixel_values=x, output_attentions=True, output_hidden_states=True)
+        output = model(pixel_values=x, output_attentions=True, output_hidden_states=True)
+        merged = copy.deepcopy(model).merge_and_unload()(pixel_values=x, output_attentions=True)
+    assert len(output.attentions) == len(expected.attentions)
+    assert len(output.hidden_states) == len(expected.hidden_states)
+    # Probabilities (<= 1) after the same weights up to float32 reordering of sums in the merged block.
+    for layer, (got, want) in enumerate(zip(output.attentions, merged.attentions, strict=True)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"attentions[{layer}]")
+    if architecture != "swin":  # layer 0 runs before the replaced block: as in the plain model, to the bit
+        torch.testing.assert_close(output.attentions[0], expected.attentions[0], rtol=0, atol=0)
