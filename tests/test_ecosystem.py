@@ -26,6 +26,7 @@ from peft import (
     VeraConfig,
     get_peft_model,
 )
+from transformers import Trainer, TrainingArguments
 
 from hf_replacement import (
     ReplacementConfig,
@@ -34,6 +35,7 @@ from hf_replacement import (
     merge_peft_and_replacement,
     prepare_peft_config,
 )
+from hf_replacement.commands.data import DataError, collate_fn, load_image_dataset, prepare_dataset, subsample
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -48,10 +50,9 @@ MERGEABLE = {
 }
 
 
-def repl_vit(seed: int = 0, **options) -> ReplacementModel:
-    return get_replacement_model(
-        tiny_models.build("vit", seed=seed), ReplacementConfig(replaced_blocks=[1, 4], **options)
-    )
+def repl_vit(seed: int = 0, **config_overrides) -> ReplacementModel:
+    base = tiny_models.build("vit", seed=seed, **config_overrides)
+    return get_replacement_model(base, ReplacementConfig(replaced_blocks=[1, 4]))
 
 
 def trained_peft_model(method: str) -> PeftModel:
@@ -250,3 +251,50 @@ def test_attentions_keep_one_entry_per_layer_under_every_surrogate(architecture,
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"attentions[{layer}]")
     if architecture != "swin":  # layer 0 runs before the replaced block: as in the plain model, to the bit
         torch.testing.assert_close(output.attentions[0], expected.attentions[0], rtol=0, atol=0)
+
+
+# ---- 6: directories other tools write; the launcher's data helpers in a plain Trainer ------------------------
+
+
+def digits_for_tiny_models(count: int = 8):
+    data = subsample(load_image_dataset("digits"), count, count)
+    return prepare_dataset(data, image_size=tiny_models.IMAGE_SIZE, num_channels=3)
+
+
+def plain_trainer(output_dir, model, **arguments) -> Trainer:
+    args = TrainingArguments(
+        str(output_dir), use_cpu=True, report_to=[], max_steps=2, per_device_train_batch_size=4,
+        disable_tqdm=True, save_strategy="no", **arguments,
+    )  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=digits_for_tiny_models()["train"], data_collator=collate_fn)
+
+
+def test_prepare_dataset_in_a_plain_trainer_says_what_it_needs(tmp_path):
+    with pytest.raises(DataError, match=r"'image' and 'label' and got only \['label'\].*remove_unused_columns=False"):
+        plain_trainer(tmp_path, repl_vit(num_labels=10)).train()
+
+
+@pytest.mark.parametrize("writer", ["trainer", "accelerate"])
+def test_a_directory_of_weights_only_says_what_wrote_it_and_loads_with_the_config(tmp_path, writer):
+    config = ReplacementConfig(replaced_blocks=[1, 4])
+    model = get_replacement_model(tiny_models.build("vit", num_labels=10), config)
+    if writer == "trainer":
+        trainer = plain_trainer(tmp_path / "run", model, remove_unused_columns=False)
+        trainer.train()
+        trainer.save_model(str(tmp_path))
+        wrote = r"a plain transformers\.Trainer \(training_args\.bin is there\)"
+    else:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)
+        accelerator.save_model(accelerator.prepare(model), str(tmp_path))
+        wrote = "accelerator.save_model, a plain transformers.Trainer or safetensors.save_file"
+    with pytest.raises(FileNotFoundError, match=f"no replacement_config.json: it was written by {wrote}.*"
+                       r"from_pretrained\(directory, model=<a fresh base model>, replacement_config="):  # fmt: skip
+        ReplacementModel.from_pretrained(tmp_path)
+    loaded = ReplacementModel.from_pretrained(
+        tmp_path, model=tiny_models.build("vit", seed=1, num_labels=10), replacement_config=config
+    )
+    assert set(loaded.replaced_blocks) == {1, 4}
+    x = tiny_models.inputs()
+    torch.testing.assert_close(logits_of(loaded, x), logits_of(model.eval(), x), rtol=0, atol=0)
