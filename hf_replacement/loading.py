@@ -35,10 +35,45 @@ _COEFFICIENTS_PREFIX = "replacement_coefficients."
 # Transformers' own loaders (AutoModel*, pipeline) stop with an error naming the right loader
 # instead of building a randomly initialised model from the base config.
 BASE_CONFIG_NAME = "base_config.json"
+# Transformers names the model_type in its error and then advises updating Transformers, which never helps
+# here: the model_type says so, for a process that has not imported hf_replacement (one that has gets
+# GUARD_MESSAGE alone, see register_guard_with_transformers).
 GUARD_MODEL_TYPE = (
+    "hf-replacement RepL checkpoint, which no Transformers version loads (updating Transformers will not help): "
+    "load it with hf_replacement.ReplacementModel.from_pretrained, or write a plain Transformers model with "
+    "`hf-replacement merge`"
+)
+# The guard written before issue 25, still recognised.
+_FORMER_GUARD_MODEL_TYPE = (
     "hf-replacement RepL checkpoint: load it with hf_replacement.ReplacementModel.from_pretrained, "
     "or write a plain Transformers model with `hf-replacement merge`"
 )
+GUARD_MESSAGE = (
+    "This directory is an hf-replacement RepL checkpoint (replacement_config.json, base_config.json, "
+    "model.safetensors), not a Transformers model: Transformers' loaders (AutoConfig, AutoModel*, pipeline) cannot "
+    "build it. Load it with hf_replacement.ReplacementModel.from_pretrained(path), or write a plain Transformers "
+    "model with `hf-replacement merge path MERGED_DIR` (or model.save_merged(MERGED_DIR)) and load MERGED_DIR "
+    "with Transformers."
+)
+
+
+class _GuardConfig(PretrainedConfig):
+    """The config class Transformers' AutoConfig finds for a RepL checkpoint's guard `config.json` once
+    hf_replacement is imported: building it raises `GUARD_MESSAGE`, so the error says only what is true."""
+
+    model_type = GUARD_MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> PretrainedConfig:
+        raise ValueError(GUARD_MESSAGE)
+
+
+def register_guard_with_transformers() -> None:
+    """Let Transformers' AutoConfig (hence AutoModel* and pipeline) recognise a RepL checkpoint's guard and
+    stop with `GUARD_MESSAGE` instead of its advice to update Transformers. Called on import of the package."""
+    for model_type in (GUARD_MODEL_TYPE, _FORMER_GUARD_MODEL_TYPE):
+        if model_type not in CONFIG_MAPPING:
+            CONFIG_MAPPING.register(model_type, _GuardConfig, exist_ok=True)
 
 # The head every Transformers image classifier of this package's scope names `classifier`.
 _HEAD_PREFIX = "classifier"
@@ -65,7 +100,7 @@ def load_pretrained_config(path: str | os.PathLike) -> PretrainedConfig:
 def _is_guard(config_path: str) -> bool:
     try:
         with open(config_path, encoding="utf-8") as stream:
-            return json.load(stream).get("model_type") == GUARD_MODEL_TYPE
+            return json.load(stream).get("model_type") in (GUARD_MODEL_TYPE, _FORMER_GUARD_MODEL_TYPE)
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import tiny_models
@@ -298,3 +300,23 @@ def test_a_directory_of_weights_only_says_what_wrote_it_and_loads_with_the_confi
     assert set(loaded.replaced_blocks) == {1, 4}
     x = tiny_models.inputs()
     torch.testing.assert_close(logits_of(loaded, x), logits_of(model.eval(), x), rtol=0, atol=0)
+
+
+# ---- 8: Transformers' own loaders on a RepL directory -------------------------------------------------------
+
+
+@pytest.mark.slow  # a fresh interpreter: Transformers without hf_replacement imported
+def test_transformers_alone_on_a_repl_directory_is_told_no_update_helps(tmp_path):
+    repl_vit().save_pretrained(tmp_path)
+    script = (
+        "import sys, transformers\n"
+        "try:\n"
+        f"    transformers.AutoModelForImageClassification.from_pretrained({str(tmp_path)!r})\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+        "assert 'hf_replacement' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    # Transformers appends its advice to update; the model_type it quotes first says that will not help.
+    assert "which no Transformers version loads (updating Transformers will not help): load it with " \
+        "hf_replacement.ReplacementModel.from_pretrained" in result.stdout  # fmt: skip
