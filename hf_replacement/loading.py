@@ -156,9 +156,7 @@ _REFUSED_KEYWORDS = {
 }
 
 
-def split_config_overrides(
-    keywords: dict[str, Any], directory: str, model: nn.Module | None
-) -> dict[str, Any]:  # fmt: skip
+def split_config_overrides(keywords: dict[str, Any], directory: str, model: nn.Module | None) -> dict[str, Any]:
     """The keywords of `keywords` that set attributes of the checkpoint's base config (`num_labels=5`,
     `id2label=...`), as Transformers' `from_pretrained` takes them; raises a `TypeError` for the others."""
     config = _read_base_config(directory) if model is None and _base_config_path(directory) else None
@@ -283,14 +281,11 @@ def build_base_model(directory: str, config_overrides: dict[str, Any] | None = N
     return model
 
 
-def checkpoint_dtype(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.dtype:
-    """The dtype a checkpoint was saved in, as Transformers' `dtype="auto"` finds it: the base config's
-    `dtype`, else that of the first floating-point weight (the coefficients, always fp32, aside)."""
-    saved = getattr(getattr(model, "config", None), "dtype", None)
-    if isinstance(saved, str):
-        saved = getattr(torch, saved, None)
-    if isinstance(saved, torch.dtype):
-        return saved
+def checkpoint_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype a checkpoint was saved in (what `dtype="auto"` loads it as): that of its first floating-point
+    weight, the coefficients (always fp32) aside. The weights rather than the config's `dtype`, which
+    `base_config.json` records too: a `model=` given by the caller has a config of its own, and checkpoints
+    written before the dtype was recorded hold `"dtype": null`."""
     for key, tensor in state_dict.items():
         if tensor.is_floating_point() and not key.startswith(_COEFFICIENTS_PREFIX):
             return tensor.dtype

@@ -92,6 +92,8 @@ class ReplacementModel(nn.Module):
         # without it, evaluation computes no loss and returns no label_ids.
         if labels is not None:
             kwargs["labels"] = labels
+        if self.replaced_blocks:
+            _refuse_merged_adapters(self)
         return self.base_model(*args, **kwargs)
 
     def replace_blocks(self) -> dict[int, str]:
@@ -405,7 +407,7 @@ class ReplacementModel(nn.Module):
                 raise TypeError(f"attn_implementation needs a Transformers base model, got {type(model).__name__}.")
             model.set_attn_implementation(attn_implementation)
         if dtype in (None, "auto"):
-            dtype = checkpoint_dtype(model, state_dict)
+            dtype = checkpoint_dtype(state_dict)
         replacement_model.to(device=device, dtype=dtype)  # the coefficients stay fp32
         return replacement_model.eval()  # like Transformers' from_pretrained; call .train() to train
 
@@ -497,6 +499,19 @@ def coefficient_logs(model: nn.Module) -> dict[str, float]:
 
 def _holds_peft_modules(model: nn.Module) -> bool:
     return any(type(module).__module__.startswith("peft.") for module in model.modules())
+
+
+def _refuse_merged_adapters(model: ReplacementModel) -> None:
+    """PEFT's `merge_adapter()` adds the adapter into the weights the replaced blocks are synthesized from,
+    which changes those blocks without a word: stop the forward instead. (A scan of the modules, a few
+    microseconds; PEFT's tuner layers list their merged adapters in `merged_adapters`.)"""
+    if any(getattr(module, "merged_adapters", None) for module in model.base_model.modules()):
+        raise ValueError(
+            "An adapter is merged into this RepL model's weights (peft_model.merge_adapter()): the replaced blocks "
+            f"{sorted(model.replaced_blocks)} would be synthesized from the merged neighbours, which changes their "
+            "outputs. Call peft_model.unmerge_adapter() and run unmerged, or merge for good with "
+            "peft_model.merge_and_unload() or hf_replacement.merge_peft_and_replacement(peft_model)."
+        )
 
 
 def _refuse_peft_modules(model: nn.Module) -> None:

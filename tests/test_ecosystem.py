@@ -111,6 +111,21 @@ def test_peft_unload_without_merge_gives_the_repl_model_with_the_trained_coeffic
     torch.testing.assert_close(logits_of(unloaded, x), logits_of(reference.eval(), x), rtol=0, atol=0)
 
 
+def test_merge_adapter_in_place_is_refused_at_the_forward_and_unmerge_restores():
+    """`peft_model.merge_adapter()` would change the replaced blocks (synthesized from the merged neighbours)."""
+    peft_model = trained_peft_model("lora")
+    x = tiny_models.inputs()
+    expected = logits_of(peft_model, x)
+    peft_model.merge_adapter()
+    with pytest.raises(
+        ValueError, match=r"peft_model.merge_adapter\(\)\): the replaced blocks \[1, 4\].*unmerge_adapter"
+    ):
+        logits_of(peft_model, x)
+    peft_model.unmerge_adapter()
+    # Unmerging subtracts what merging added: float32 rounding of weights of magnitude ~1 (eps 1.2e-7, a few ops).
+    torch.testing.assert_close(logits_of(peft_model, x), expected, **MERGE_TOLERANCE)
+
+
 @pytest.mark.parametrize(
     "config, error, message",
     [
@@ -161,7 +176,8 @@ def test_half_precision_checkpoints_reload_as_saved(tmp_path, dtype):
     saved_config = json.loads((tmp_path / "base_config.json").read_text())
     assert saved_config["dtype"] == str(dtype).removeprefix("torch.")
     x = tiny_models.inputs().to(dtype)
-    for keywords in ({}, {"dtype": "auto"}, {"torch_dtype": "auto"}):
+    # model=: a fresh fp32 model of the architecture; the checkpoint's dtype still decides.
+    for keywords in ({}, {"dtype": "auto"}, {"torch_dtype": "auto"}, {"model": tiny_models.build("vit")}):
         loaded = ReplacementModel.from_pretrained(tmp_path, **keywords)
         assert {p.dtype for p in loaded.base_model.parameters()} == {dtype}
         assert {p.dtype for p in loaded.replacement_coefficients.parameters()} == {torch.float32}
