@@ -27,7 +27,9 @@ from .loading import (
     build_base_model,
     checkpoint_dtype,
     download_replacement_checkpoint,
+    generation_config_files,
     load_exact,
+    load_generation_config,
     refuse_weights_only_directory,
     resolve_dtype,
     single_device,
@@ -281,6 +283,7 @@ class ReplacementModel(nn.Module):
                 config.dtype = str(_base_model_dtype(self)).removeprefix("torch.")  # as Transformers v5 records it
                 files[BASE_CONFIG_NAME] = config.to_json_string()
                 files["config.json"] = _GUARD_CONFIG
+            files.update(generation_config_files(self.base_model))
             weights = without_tied_copies(self.state_dict() if state_dict is None else state_dict)[0]
             files.update(weight_files(weights, max_shard_size))
             write_checkpoint(save_directory, files)
@@ -402,6 +405,7 @@ class ReplacementModel(nn.Module):
             plans = select_blocks(replacement_model.get_blocks(), replacement_config)
             replacement_model._replace_planned(plans, initial)
         load_exact(replacement_model, state_dict, directory, ignore_mismatched_sizes)
+        load_generation_config(model, directory)
         if attn_implementation is not None:
             if not hasattr(model, "set_attn_implementation"):
                 raise TypeError(f"attn_implementation needs a Transformers base model, got {type(model).__name__}.")
