@@ -15,6 +15,7 @@ import datasets
 import pytest
 import torch
 import transformers
+from peft import LoraConfig, get_peft_model
 from transformers import (
     GenerationConfig,
     Seq2SeqTrainer,
@@ -29,6 +30,7 @@ from hf_replacement import (
     ReplacementSeq2SeqTrainer,
     ReplacementTrainer,
     get_replacement_model,
+    prepare_peft_config,
 )
 
 VOCAB = 40
@@ -206,6 +208,23 @@ def test_causal_lm_label_smoothing_shifts_the_labels(tmp_path):
     # LabelSmoother mixes the NLL and the uniform term by their means over the kept tokens, as cross_entropy
     # does: equal up to the float32 rounding of two sums over at most 4 * 9 tokens of log-probabilities < 10.
     torch.testing.assert_close(loss, expected, rtol=0, atol=36 * 10 * torch.finfo(torch.float32).eps)
+
+
+def test_causal_lm_label_smoothing_with_a_peft_model_on_top(tmp_path):
+    """LoRA on a RepL GPT-2 against LoRA on the merged GPT-2: the Trainer names a PEFT model by its base
+    model's class, here ReplacementModel. LoRA starts as an exact zero update, so the losses are equal."""
+    repl, merged = model_pair("gpt2")
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"])
+    models = {"repl": get_peft_model(repl, prepare_peft_config(repl, lora)), "plain": get_peft_model(merged, lora)}
+    losses = [
+        trainer_class(
+            model=models[name],
+            args=arguments(tmp_path / name, label_smoothing_factor=0.1),
+            eval_dataset=task_dataset("gpt2"),
+        ).evaluate()["eval_loss"]
+        for trainer_class, name in ((ReplacementTrainer, "repl"), (Trainer, "plain"))
+    ]
+    assert losses[0] == losses[1]
 
 
 def test_seq2seq_generation_in_evaluation(tmp_path):
