@@ -190,10 +190,12 @@ def build_base_model(directory: str) -> nn.Module:
     config_path = os.path.join(directory, BASE_CONFIG_NAME)
     if not os.path.isfile(config_path):  # checkpoints written before base_config.json held it in config.json
         config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
+    # Since base_config.json exists, config.json is a guard that only names `from_pretrained`: not the base config.
+    if not os.path.isfile(config_path) or _is_guard(config_path):
         raise FileNotFoundError(
-            f"{os.path.join(directory, BASE_CONFIG_NAME)} is missing: pass model=<a fresh instance of the base "
-            "architecture> to ReplacementModel.from_pretrained for a model that is not a Transformers model."
+            f"{os.path.join(directory, BASE_CONFIG_NAME)} is missing, and the checkpoint's model cannot be built "
+            "without it: restore it from the saved run, or pass model=<a fresh instance of the base architecture> "
+            "to ReplacementModel.from_pretrained for a model that is not a Transformers model."
         )
     try:
         with open(config_path, encoding="utf-8") as stream:

@@ -46,16 +46,35 @@ def _replacement_fields() -> list[dataclasses.Field]:
     return [spec for spec in dataclasses.fields(ReplacementConfig) if spec.metadata.get("cli")]
 
 
+_GIVEN = "_given_replacement_flags"
+
+
+def _recording(action: type[argparse.Action]) -> type[argparse.Action]:
+    """`action` that also notes its flag as given: argparse's own exclusivity check cannot see a value
+    equal to the default (`--replace-interval 4`), and `--baseline` must refuse any RepL flag given."""
+
+    class Recording(action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            getattr(namespace, _GIVEN).append(option_string)
+
+    return Recording
+
+
 def _add_replacement_arguments(parser: argparse.ArgumentParser, selection: argparse._MutuallyExclusiveGroup) -> None:
     """One flag per `ReplacementConfig` field marked for the CLI: help, choices and defaults come from the config."""
+    parser.set_defaults(**{_GIVEN: []})
     for spec in _replacement_fields():
         target = selection if spec.name in _SELECTION_FIELDS else parser
         flag = "--" + spec.name.replace("_", "-")
         if isinstance(spec.default, bool):
-            target.add_argument(flag, action="store_true", dest=spec.name, help=spec.metadata["help"])
+            target.add_argument(
+                flag, action=_recording(argparse._StoreTrueAction), dest=spec.name, help=spec.metadata["help"]
+            )
             continue
         target.add_argument(
             flag,
+            action=_recording(argparse._StoreAction),
             dest=spec.name,
             default=spec.default,
             type=_VALUE_PARSERS.get(spec.name, type(spec.default) if spec.default is not None else str),
@@ -119,10 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_replacement_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The RepL flags given must mean something: one selection flag, and none at all with --baseline."""
+    given = list(dict.fromkeys(getattr(args, _GIVEN, [])))
+    selection = [flag for flag in given if flag.lstrip("-").replace("-", "_") in _SELECTION_FIELDS]
+    if len(selection) > 1:
+        parser.error(f"argument {selection[1]}: not allowed with argument {selection[0]} (give one of the two)")
+    if args.baseline and given:
+        parser.error(
+            f"argument --baseline: not allowed with {', '.join(given)}: --baseline trains the unchanged model, so "
+            "these RepL flags would be ignored. Drop them, or drop --baseline."
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainingOptions, train
 
-    values = {key: value for key, value in vars(args).items() if key != "command"}
+    values = {key: value for key, value in vars(args).items() if key not in ("command", _GIVEN)}
     replacement = ReplacementConfig(**{spec.name: values.pop(spec.name) for spec in _replacement_fields()})
     options = TrainingOptions(replacement=replacement, **values)
     results = train(options)
@@ -146,8 +178,12 @@ def _report(results: dict, output_dir: str) -> None:
             lines.append(f"fitted initial coefficients, relative reconstruction error: {fits}")
     else:
         lines = [f"trainable params: {trainable:,d} (ordinary training)"]
+    if results["median_step_seconds"] is None:  # resumed from a checkpoint at (or past) the last update
+        timing = f"no update taken: the run had already reached its {results['updates']} updates"
+    else:
+        timing = f"median step: {results['median_step_seconds']:.4f} s"
     lines += [
-        f"median step: {results['median_step_seconds']:.4f} s; peak memory: {results['peak_memory_mb']:.0f} MB",
+        f"{timing}; peak memory: {results['peak_memory_mb']:.0f} MB",
         f"saved: {output_dir} (model, image processor, results.json)",
         f"accuracy: {results['accuracy']:.4f}",
     ]
@@ -179,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":
+        _check_replacement_flags(parser, args)
     handlers = {"train": _train, "evaluate": _evaluate, "merge": _merge}
     try:
         return handlers[args.command](args)
