@@ -118,8 +118,13 @@ def staged_directory(directory: str | os.PathLike) -> Iterator[str]:
         if os.path.exists(directory):
             retired = tempfile.mkdtemp(prefix=f".{name}.", suffix=".backup", dir=parent)
             os.replace(directory, os.path.join(retired, name))
-            os.replace(staging, directory)
-            shutil.rmtree(retired, ignore_errors=True)
+            try:
+                os.replace(staging, directory)
+            except BaseException:  # Ctrl-C or a failure between the two renames: the old one goes back
+                os.replace(os.path.join(retired, name), directory)
+                raise
+            finally:
+                shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, directory)
     finally:

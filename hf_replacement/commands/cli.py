@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from ..config import ReplacementConfig
 from ..hub import HubError
 from .argtypes import block_list, coefficient_init, non_negative_float, positive_float, positive_int
+from .save_guard import SaveError, SaveInterrupted, what_is_intact
 from .training_steps import NonFiniteLossError
 
 
@@ -222,6 +223,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, NonFiniteLossError, HubError) as error:
         parser.exit(2, f"hf-replacement {args.command}: error: {error}\n")
+    except SaveError as error:  # the machine's fault (disk, permissions), not the command line's
+        parser.exit(1, f"hf-replacement {args.command}: error: {error}\n")
+    except KeyboardInterrupt as interrupt:
+        parser.exit(130, f"hf-replacement {args.command}: {_interrupted(args, interrupt)}\n")
+
+
+def _interrupted(args: argparse.Namespace, interrupt: KeyboardInterrupt) -> str:
+    if isinstance(interrupt, SaveInterrupted):
+        return str(interrupt)
+    if args.command == "train":
+        return f"interrupted (Ctrl-C); {what_is_intact(args.output_dir)}."
+    return "interrupted (Ctrl-C); nothing was written." if args.command == "merge" else "interrupted (Ctrl-C)."
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ from .data import (
 )
 from .presets import PRESETS, build_preset_model
 from .processing import PROCESSOR_NAME, build_image_processor
+from .run_lock import output_dir_lock
+from .save_guard import guarded_save
 from .training_state import check_resumable, load_training_state, save_training_state
 from .training_steps import check_finite, evaluate_accuracy, make_optimizer, make_scheduler, train_step
 
@@ -130,7 +132,17 @@ def _image_geometry(options: TrainingOptions, model_config: Any | None, sample_i
 
 
 def train(options: TrainingOptions) -> dict[str, Any]:
-    """Train, evaluate, save and return the results (also written to `output_dir/results.json`)."""
+    """Train, evaluate, save and return the results (also written to `output_dir/results.json`).
+
+    The output directory is owned by this run while it lasts (`run_lock`): a second run into it is refused.
+    """
+    _check_output_dir(options.output_dir)
+    # Only rank 0 writes files (RANK is set by torchrun and accelerate launch before any process group exists).
+    with output_dir_lock(options.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _train_owned(options)
+
+
+def _train_owned(options: TrainingOptions) -> dict[str, Any]:
     replacement_config = None if options.baseline else options.replacement
     if options.mixed_precision == "fp16" and not torch.cuda.is_available():
         # Accelerate would train in fp32 and still record fp16.
@@ -139,7 +151,6 @@ def train(options: TrainingOptions) -> dict[str, Any]:
             "(CPU autocast) or no."
         )
     _check_sharding(options)
-    _check_output_dir(options.output_dir)
     _forget_previous_single_process_state()
     accelerator = Accelerator(
         mixed_precision=options.mixed_precision,
@@ -280,14 +291,8 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     weights = gather_state_dict(unwrapped)  # every process takes part when the model is sharded
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(options.output_dir, state_dict=weights)
-        write_checkpoint(
-            options.output_dir,
-            {
-                PROCESSOR_NAME: image_processor.to_json_string(),
-                RESULTS_NAME: json.dumps(results, indent=2, default=str, allow_nan=False),
-            },
-        )
+        with guarded_save("the final model", options.output_dir, kept=_FINAL_SAVE_KEPT):
+            _save_final(unwrapped, weights, image_processor, results, options.output_dir)
         logger.info(
             f"Saved the model, its image processor and {RESULTS_NAME} to {options.output_dir}", main_process_only=True
         )
@@ -295,6 +300,22 @@ def train(options: TrainingOptions) -> dict[str, Any]:
             _push(_saved_model(options) if options.fsdp else unwrapped, image_processor, options, results)
     accelerator.wait_for_everyone()
     return results
+
+
+# A RepL model's files and results.json are two atomic writes (a plain model's, Transformers' own writer):
+# the model and results in the directory cannot be trusted to be this run's; checkpoints are untouched.
+_FINAL_SAVE_KEPT = "the model and results.json there may be an earlier run's or incomplete, checkpoints are untouched"
+
+
+def _save_final(model: torch.nn.Module, weights: dict, image_processor: Any, results: dict, output_dir: str) -> None:
+    model.save_pretrained(output_dir, state_dict=weights)
+    write_checkpoint(
+        output_dir,
+        {
+            PROCESSOR_NAME: image_processor.to_json_string(),
+            RESULTS_NAME: json.dumps(results, indent=2, default=str, allow_nan=False),
+        },
+    )
 
 
 def _resumed_batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
@@ -417,7 +438,8 @@ def _save_checkpoint(
     weights = gather_state_dict(unwrapped)
     optimizer_state = gather_optimizer_state_dict(unwrapped, optimizer.optimizer)
     if accelerator.is_main_process:
-        with staged_directory(directory) as staging:  # a checkpoint appears whole, or not at all
+        # A checkpoint appears whole, or not at all; a full disk or Ctrl-C on the way is one line.
+        with guarded_save(f"checkpoint-{step}", options.output_dir), staged_directory(directory) as staging:
             unwrapped.save_pretrained(staging, state_dict=weights)
             image_processor.save_pretrained(staging)  # `merge` carries it over to the plain model
             progress = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
