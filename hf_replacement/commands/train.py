@@ -49,6 +49,7 @@ from .data import (
 )
 from .presets import PRESETS, build_preset_model
 from .processing import PROCESSOR_NAME, build_image_processor
+from .resume_check import apply_optimizer_changes, check_resume_settings, run_settings
 from .run_lock import output_dir_lock
 from .save_guard import guarded_save
 from .training_state import check_resumable, load_training_state, save_training_state
@@ -177,6 +178,8 @@ def _train_owned(options: TrainingOptions) -> dict[str, Any]:
     if options.model not in PRESETS and (os.path.isdir(options.model) or "/" in options.model):
         pretrained_config = load_pretrained_config(options.model)
     image_size, num_channels = _image_geometry(options, pretrained_config, sample_image)
+    options = dataclasses.replace(options, image_size=image_size)  # checkpoints record the size trained at
+    resume_changes = _check_resume(options, accelerator.num_processes) if options.resume_from else {}
     model, pretrained_processor = build_model(options, num_labels, id2label, image_size, num_channels)
     # What the model is trained and evaluated on, as a processor saved next to it (pipelines load it).
     image_processor = build_image_processor(image_size, num_channels, *normalisation(pretrained_processor))
@@ -211,11 +214,11 @@ def _train_owned(options: TrainingOptions) -> dict[str, Any]:
 
     step, start_epoch, skip_batches = 0, 0, 0
     if options.resume_from:
-        check_resumable(options.resume_from, _run_identity(options))
         unwrapped = accelerator.unwrap_model(model)
         load_full_state_dict(unwrapped, load_weights(options.resume_from))
         progress, optimizer_state = load_training_state(options.resume_from, scheduler.scheduler)
         load_full_optimizer_state_dict(unwrapped, optimizer.optimizer, optimizer_state)
+        apply_optimizer_changes(optimizer.optimizer, scheduler.scheduler, resume_changes)
         step, start_epoch, skip_batches = progress["step"], progress["epoch"], progress["batch_in_epoch"]
         logger.info(
             f"Resumed from {options.resume_from} at update {step} (epoch {start_epoch}).", main_process_only=True
@@ -443,8 +446,16 @@ def _save_checkpoint(
             unwrapped.save_pretrained(staging, state_dict=weights)
             image_processor.save_pretrained(staging)  # `merge` carries it over to the plain model
             progress = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-            save_training_state(staging, optimizer_state, scheduler.scheduler, progress, _run_identity(options))
+            run, settings = _run_identity(options), run_settings(options, accelerator.num_processes)
+            save_training_state(staging, optimizer_state, scheduler.scheduler, progress, run, settings)
     accelerator.wait_for_everyone()
+
+
+def _check_resume(options: TrainingOptions, num_processes: int) -> dict[str, Any]:
+    """Before the model is built: refuse a checkpoint of another run, or flags it cannot honour; return the
+    changes it applies (`resume_check`)."""
+    saved_settings = check_resumable(options.resume_from, _run_identity(options))
+    return check_resume_settings(options.resume_from, saved_settings, run_settings(options, num_processes))
 
 
 def _run_identity(options: TrainingOptions) -> dict[str, Any]:
