@@ -17,7 +17,7 @@ from ..config import ReplacementConfig
 from ..hub import HubError
 from .argtypes import block_list, coefficient_init, non_negative_float, positive_float, positive_int
 from .save_guard import SaveError, SaveInterrupted, what_is_intact
-from .training_steps import NonFiniteLossError
+from .training_steps import DivergenceError, NonFiniteLossError
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", default="outputs/repl", help="model, results.json and checkpoint-N/ go here")
     train.add_argument("--resume-from", help="a checkpoint-<step> directory written with --checkpointing-steps")
     train.add_argument("--checkpointing-steps", type=positive_int, help="write checkpoint-N/ every N updates")
+    train.add_argument(
+        "--stop-on-divergence",
+        action="store_true",
+        help="stop (exit 1) when the mean loss of 20 updates exceeds 3x the first update's; without it, a warning",
+    )
     train.add_argument("--report-to", nargs="*", default=[], help="trackers for Accelerate: tensorboard, wandb, ...")
     train.add_argument("--push-to-hub", action="store_true", help="push the model, results and a model card at the end")
     train.add_argument("--hub-model-id", help="user/name (default: the output directory's name)")
@@ -223,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, NonFiniteLossError, HubError) as error:
         parser.exit(2, f"hf-replacement {args.command}: error: {error}\n")
-    except SaveError as error:  # the machine's fault (disk, permissions), not the command line's
+    except (SaveError, DivergenceError) as error:  # the disk's or the run's fault, not the command line's
         parser.exit(1, f"hf-replacement {args.command}: error: {error}\n")
     except KeyboardInterrupt as interrupt:
         parser.exit(130, f"hf-replacement {args.command}: {_interrupted(args, interrupt)}\n")

@@ -53,7 +53,15 @@ from .resume_check import apply_optimizer_changes, check_resume_settings, run_se
 from .run_lock import output_dir_lock
 from .save_guard import guarded_save
 from .training_state import check_resumable, load_training_state, save_training_state
-from .training_steps import check_finite, evaluate_accuracy, make_optimizer, make_scheduler, train_step
+from .training_steps import (
+    DivergenceError,
+    DivergenceMonitor,
+    check_finite,
+    evaluate_accuracy,
+    make_optimizer,
+    make_scheduler,
+    train_step,
+)
 
 logger = get_logger(__name__)
 
@@ -84,6 +92,7 @@ class TrainingOptions:
     output_dir: str = "outputs/repl"
     resume_from: str | None = None
     checkpointing_steps: int | None = None
+    stop_on_divergence: bool = False
     report_to: list[str] = field(default_factory=list)
     push_to_hub: bool = False
     hub_model_id: str | None = None
@@ -227,6 +236,7 @@ def _train_owned(options: TrainingOptions) -> dict[str, Any]:
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step_times: list[float] = []
+    divergence = DivergenceMonitor()
     progress_bar = tqdm(total=total_updates, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     epoch = start_epoch
     finished = step >= total_updates
@@ -247,9 +257,7 @@ def _train_owned(options: TrainingOptions) -> dict[str, Any]:
             batch_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
-            # Once per update (a device sync); every process must see a divergence on any one, or the others
-            # would wait in the next collective.
-            check_finite(accelerator.reduce(loss, reduction="sum") if accelerator.num_processes > 1 else loss, step + 1)
+            _check_loss(accelerator, loss, step + 1, divergence, options.stop_on_divergence)
             step += 1
             step_times.append(time.perf_counter() - started)
             progress_bar.update(1)
@@ -319,6 +327,25 @@ def _save_final(model: torch.nn.Module, weights: dict, image_processor: Any, res
             RESULTS_NAME: json.dumps(results, indent=2, default=str, allow_nan=False),
         },
     )
+
+
+def _check_loss(
+    accelerator: Accelerator, loss: torch.Tensor, update: int, monitor: DivergenceMonitor, stop: bool
+) -> None:
+    """Stop at a NaN loss; report (or with `stop`, stop at) a loss diverging far above its start.
+
+    Once per update (a device sync), on the loss averaged over the processes: every process must decide
+    alike, or the others would wait in the next collective.
+    """
+    value = accelerator.reduce(loss, reduction="mean") if accelerator.num_processes > 1 else loss
+    check_finite(value, update)
+    message = monitor.observe(float(value), update)
+    if message and stop:
+        raise DivergenceError(
+            f"{message}. Stopped at update {update} (--stop-on-divergence); checkpoints written before it are kept."
+        )
+    if message:
+        logger.warning(f"{message}. Pass --stop-on-divergence to stop such a run.", main_process_only=True)
 
 
 def _resumed_batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
