@@ -89,15 +89,22 @@ def _replace_all(staged: list[tuple[str, str]]) -> None:
                     os.remove(backup)
 
 
+def leftover_files(directory: str | os.PathLike) -> list[str]:
+    """Temporary files or directories a writer left in `directory` (killed, or unable to remove them)."""
+    try:
+        return sorted(name for name in os.listdir(directory) if _LEFTOVER.match(name))
+    except OSError:
+        return []
+
+
 def _remove_leftovers(directory: str) -> None:
-    for name in os.listdir(directory):
+    for name in leftover_files(directory):
         path = os.path.join(directory, name)
-        if _LEFTOVER.match(name):
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.remove(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 @contextlib.contextmanager

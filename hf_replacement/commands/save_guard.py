@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from safetensors import SafetensorError
 
+from ..checkpoint import leftover_files
 from .training_state import STATE_JSON
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -72,6 +73,17 @@ def guarded_save(what: str, output_dir: str, kept: str = "nothing of it was kept
         ) from None
     except (OSError, SafetensorError) as error:
         raise SaveError(
-            f"could not save {what} to {output_dir} ({_reason(error)}): {kept}; {what_is_intact(output_dir)}. "
-            "Free space or fix the directory's permissions, then run again."
+            f"could not save {what} to {output_dir} ({_reason(error)}): {kept}; {what_is_intact(output_dir)}."
+            f"{_unremovable(output_dir)} Free space or fix the directory's permissions, then run again."
         ) from None
+
+
+def _unremovable(output_dir: str) -> str:
+    """The writers remove their temporary files on failure; name those a read-only directory kept."""
+    left = leftover_files(output_dir)
+    if not left:
+        return ""
+    return (
+        f" The directory could not be written, so {', '.join(left)} could not be removed: the next run into it "
+        "removes it."
+    )
