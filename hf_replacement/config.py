@@ -191,3 +191,15 @@ class ReplacementConfig:
                 "from the saved run (or add the keys with the values the model was trained with)."
             )
         return cls.from_dict(data)
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "DEFAULT_COEFFICIENT_INIT",
+    "FIT",
+    "FUSION_MODES",
+    "GRANULARITIES",
+    "SURROGATES",
+    "ReplacementConfig",
+    "ReplacementConfigError",
+]
