@@ -263,9 +263,7 @@ def _image_geometry_of(options: TrainingOptions, raw: Any) -> tuple[int, int]:
     return _image_geometry(options, pretrained_config, raw["train"][0]["image"])
 
 
-def _build_model_and_processor(
-    options: TrainingOptions, raw: Any, num_channels: int
-) -> tuple[torch.nn.Module, Any]:
+def _build_model_and_processor(options: TrainingOptions, raw: Any, num_channels: int) -> tuple[torch.nn.Module, Any]:
     """(model, image processor): the model to train (at `options.image_size`), and what it is trained and
     evaluated on as a processor saved next to it (pipelines load it)."""
     num_labels, id2label = dataset_info(raw)
@@ -306,39 +304,40 @@ def _train_loop(
     update's wall time."""
     step_times: list[float] = []
     divergence = DivergenceMonitor()
-    progress_bar = tqdm(
+    # A context: the bar ends its line even when a save error or Ctrl-C ends the loop, so the one-line
+    # message that follows starts a line of its own.
+    with tqdm(
         total=total_updates, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train"
-    )
-    while progress.step < total_updates:
-        model.train()
-        train_loader.set_epoch(progress.epoch)
-        loader = train_loader
-        if progress.batch_in_epoch:
-            loader = _resumed_batches(accelerator.skip_first_batches(train_loader, progress.batch_in_epoch))
-        started = time.perf_counter()
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = train_step(model, optimizer, batch, scheduler=scheduler, backward=accelerator.backward)
-            progress.batch_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-            _check_loss(accelerator, loss, progress.step + 1, divergence, options.stop_on_divergence)
-            progress.step += 1
-            step_times.append(time.perf_counter() - started)
-            progress_bar.update(1)
-            if options.report_to:
-                logs = {"train/loss": loss.item(), **coefficient_logs(accelerator.unwrap_model(model))}
-                accelerator.log(logs, step=progress.step)
-            if options.checkpointing_steps and progress.step % options.checkpointing_steps == 0:
-                _save_checkpoint(
-                    accelerator, model, optimizer, scheduler, image_processor, options, progress, len(train_loader)
-                )
+    ) as progress_bar:
+        while progress.step < total_updates:
+            model.train()
+            train_loader.set_epoch(progress.epoch)
+            loader = train_loader
+            if progress.batch_in_epoch:
+                loader = _resumed_batches(accelerator.skip_first_batches(train_loader, progress.batch_in_epoch))
             started = time.perf_counter()
-            if progress.step >= total_updates:
-                break
-        else:
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-    progress_bar.close()
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = train_step(model, optimizer, batch, scheduler=scheduler, backward=accelerator.backward)
+                progress.batch_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                _check_loss(accelerator, loss, progress.step + 1, divergence, options.stop_on_divergence)
+                progress.step += 1
+                step_times.append(time.perf_counter() - started)
+                progress_bar.update(1)
+                if options.report_to:
+                    logs = {"train/loss": loss.item(), **coefficient_logs(accelerator.unwrap_model(model))}
+                    accelerator.log(logs, step=progress.step)
+                if options.checkpointing_steps and progress.step % options.checkpointing_steps == 0:
+                    _save_checkpoint(
+                        accelerator, model, optimizer, scheduler, image_processor, options, progress, len(train_loader)
+                    )
+                started = time.perf_counter()
+                if progress.step >= total_updates:
+                    break
+            else:
+                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
     return step_times
 
 
