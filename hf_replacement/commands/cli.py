@@ -193,6 +193,8 @@ def _report(results: dict, output_dir: str) -> None:
         f"saved: {output_dir} (model, image processor, results.json)",
         f"accuracy: {results['accuracy']:.4f}",
     ]
+    if results.get("divergence"):
+        lines.append(f"warning: {results['divergence']}")
     print("\n".join(lines))
 
 

@@ -24,6 +24,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoint import load_weights, staged_directory, write_checkpoint
@@ -209,14 +210,16 @@ def _train_owned(options: TrainingOptions) -> dict[str, Any]:
         progress = _resume(options, accelerator, model, optimizer, scheduler, resume_changes)
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    divergence = DivergenceMonitor()
     step_times = _train_loop(
-        options, accelerator, model, optimizer, scheduler, train_loader, image_processor, progress, total_updates
-    )
+        options, accelerator, model, optimizer, scheduler, train_loader, image_processor, progress, total_updates,
+        divergence,
+    )  # fmt: skip
 
     accuracy = evaluate_loader(model, eval_loader, accelerator)
     results = _results(
         options, accelerator, accelerator.unwrap_model(model), accuracy, counts, progress.step, step_times
-    )
+    ) | {"divergence": divergence.message}  # said again in the summary: a warning mid-run scrolls away
     if options.report_to:
         accelerator.log({"eval/accuracy": accuracy}, step=progress.step)
         accelerator.end_training()
@@ -299,16 +302,16 @@ def _train_loop(
     image_processor: Any,
     progress: _Progress,
     total_updates: int,
+    divergence: DivergenceMonitor,
 ) -> list[float]:
-    """Train until `total_updates` (advancing `progress`); checkpoint and log on the way. Returns each
-    update's wall time."""
+    """Train until `total_updates` (advancing `progress`); checkpoint and log on the way, `divergence`
+    watching the loss. Returns each update's wall time."""
     step_times: list[float] = []
-    divergence = DivergenceMonitor()
     # A context: the bar ends its line even when a save error or Ctrl-C ends the loop, so the one-line
     # message that follows starts a line of its own.
     with tqdm(
         total=total_updates, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train"
-    ) as progress_bar:
+    ) as progress_bar, logging_redirect_tqdm():  # a warning mid-run gets a line of its own
         while progress.step < total_updates:
             model.train()
             train_loader.set_epoch(progress.epoch)

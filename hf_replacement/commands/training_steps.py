@@ -41,25 +41,25 @@ class DivergenceMonitor:
         self.factor, self.window, self.minimum_rise = factor, window, minimum_rise
         self.start: float | None = None
         self.recent: collections.deque[float] = collections.deque(maxlen=window)
-        self.reported = False
+        self.message: str | None = None  # what was reported, once
 
     def observe(self, loss: float, update: int) -> str | None:
         """Record the loss of `update` (1-based); the first time the run is diverging, say so with the numbers."""
         if self.start is None:
             self.start = loss
         self.recent.append(loss)
-        if self.reported or len(self.recent) < self.window:
+        if self.message is not None or len(self.recent) < self.window:
             return None
         mean = statistics.fmean(self.recent)
         threshold = max(self.factor * self.start, self.start + self.minimum_rise)
         if mean <= threshold:
             return None
-        self.reported = True
-        return (
+        self.message = (
             f"the training loss is diverging: its mean over updates {update - self.window + 1}-{update} is "
             f"{mean:.4g}, {mean / self.start:.1f}x its start ({self.start:.4g} at the first update; the alarm is "
             f"above {threshold:.4g}). Lower --lr (or the learning rate) or add warm-up"
         )
+        return self.message
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
