@@ -461,7 +461,12 @@ def _start(where: Where, flags: list[str]) -> subprocess.Popen:
     command = [sys.executable, "-m", "hf_replacement.commands.cli", "train", *flags,
                "--output-dir", str(where.case / "out")]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_environment())  # fmt: skip
+                            env=subprocess_environment(), preexec_fn=_ctrl_c_as_in_a_terminal)  # fmt: skip
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A study started in the background inherits an ignored SIGINT from the shell: the run must not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:

@@ -292,14 +292,27 @@ def test_ctrl_c_while_training_names_the_last_checkpoint(tmp_path, capsys, monke
     assert f"interrupted (Ctrl-C); the last complete checkpoint, {tmp_path / 'checkpoint-2'}, is intact" in error
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_a_read_only_directory_mid_save_is_one_line(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
-    real_save, calls = checkpoint_module.save_file, []
+@pytest.fixture
+def reachable_tmp():
+    """A temporary directory another user can reach (pytest's lies under a root-only directory)."""
+    import pathlib
+    import tempfile
+
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="hf-replacement-test-"))
+    os.chmod(directory, 0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_read_only_directory_mid_save_is_one_line(reachable_tmp, capsys, monkeypatch):
+    """The directory turns read-only while checkpoint-4's files are written: one line, naming what it kept."""
+    out = reachable_tmp / "run"
+    real_save, calls, dropped = checkpoint_module.save_file, [], []
 
     def save_then_lose_permission(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
+            dropped.append(_as_an_ordinary_user(out))
             os.chmod(out, 0o555)
         return real_save(*args, **kwargs)
 
@@ -307,9 +320,32 @@ def test_a_read_only_directory_mid_save_is_one_line(tmp_path, capsys, monkeypatc
     try:
         error = cli_error(["train", *RUN, "--output-dir", str(out)], capsys, code=1)
     finally:
+        if dropped and dropped[0]:
+            os.seteuid(0)
+            os.setegid(0)
         os.chmod(out, 0o755)
     assert "could not save checkpoint-4" in error and "Permission denied" in error
     assert f"{out / 'checkpoint-2'}, is intact" in error
+    left = [os.path.basename(path) for path in leftovers(out)]
+    assert len(left) == 1 and left[0].startswith(".checkpoint-4.")  # the staging directory: out is read-only
+    assert f"so {left[0]} could not be removed: the next run into it removes it" in error
+    assert main(["train", *RUN, "--output-dir", str(out)]) == 0  # ... and the next run does
+    assert leftovers(out) == []
+
+
+def _as_an_ordinary_user(directory) -> bool:
+    """Root writes into read-only directories: go on with the rights of `nobody`, the files theirs, as a user's
+    run would have written them. True if the rights were given up (the caller takes them back)."""
+    if os.geteuid() != 0:
+        return False
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    for path in [directory, *directory.rglob("*")]:
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    os.setegid(nobody.pw_gid)
+    os.seteuid(nobody.pw_uid)
+    return True
 
 
 @pytest.mark.slow
@@ -317,7 +353,9 @@ def test_a_real_ctrl_c_exits_130_with_one_line_and_a_resumable_checkpoint(tmp_pa
     out = tmp_path / "run"
     command = [sys.executable, "-m", "hf_replacement.commands.cli", "train", *TINY, "--max-train-samples", "64",
                "--epochs", "200", "--checkpointing-steps", "1", "--output-dir", str(out)]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, env=_environment())
+    # A suite started in the background inherits an ignored SIGINT from the shell: the run must not.
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, env=_environment(),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 120
     while not (out / "checkpoint-3").exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
@@ -385,8 +423,9 @@ def test_a_loss_far_above_its_start_is_reported_or_stops_the_run(tmp_path, capsy
     warning = re.search(r"loss is diverging: its mean over updates (\d+)-(\d+) is ([\d.e+]+), ", caplog.text)
     assert warning, caplog.text
     assert float(warning.group(3)) > 3 * 2.0  # an initial loss of ~ln(10) = 2.3
-    assert (tmp_path / "warned" / "results.json").exists()
-    capsys.readouterr()
+    recorded = json.loads((tmp_path / "warned" / "results.json").read_text())["divergence"]
+    assert recorded.startswith(f"the training loss is diverging: its mean over updates {warning.group(1)}-")
+    assert f"warning: {recorded}" in capsys.readouterr().out  # said again in the summary, where it is read
     error = cli_error(["train", *diverging, "--stop-on-divergence", "--output-dir", str(tmp_path / "stopped")],
                       capsys, code=1)  # fmt: skip
     assert f"is diverging: its mean over updates {warning.group(1)}-{warning.group(2)}" in error
