@@ -204,4 +204,4 @@ def atomic_write(path: str | os.PathLike, content: FileContent) -> None:
     write_checkpoint(directory or ".", {name: content})
 
 
-__all__ = ["WEIGHTS_NAME", "atomic_write", "load_weights", "staged_directory", "write_checkpoint"]
+__all__ = ["WEIGHTS_NAME", "atomic_write", "leftover_files", "load_weights", "staged_directory", "write_checkpoint"]

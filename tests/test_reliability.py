@@ -431,3 +431,21 @@ def test_a_loss_far_above_its_start_is_reported_or_stops_the_run(tmp_path, capsy
     assert f"is diverging: its mean over updates {warning.group(1)}-{warning.group(2)}" in error
     assert f"Stopped at update {warning.group(2)} (--stop-on-divergence)" in error
     assert not (tmp_path / "stopped" / "results.json").exists()
+
+
+# --- the fault study (docs/reliability.md) ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_fault_study_reproduces_from_the_checkout():
+    """`python scripts/fault_study.py` as docs/reliability.md runs it (two quick categories, nothing rewritten):
+    every input gets a clear outcome, and the table counts them."""
+    categories = "train: flags,evaluate/merge/resume: damaged checkpoints"
+    command = [sys.executable, "scripts/fault_study.py", "--categories", categories, "--no-write"]
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=_environment(), timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in finished.stdout.splitlines() if line.startswith("| ")}  # fmt: skip
+    # inputs tried, clear, silent, hang, traceback, other, temporary files left
+    assert rows["train: flags"][0] == rows["train: flags"][1] == "35"
+    assert rows["**all**"][2:] == ["0"] * 5 and int(rows["**all**"][0]) == int(rows["**all**"][1]) > 60

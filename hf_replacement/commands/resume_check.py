@@ -105,3 +105,6 @@ def apply_optimizer_changes(
     if "weight_decay" in changes:
         for group in optimizer.param_groups:
             group["weight_decay"] = float(changes["weight_decay"])
+
+
+__all__ = ["RESUME_RULES", "ResumeRule", "apply_optimizer_changes", "check_resume_settings", "run_settings"]

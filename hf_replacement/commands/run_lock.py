@@ -55,3 +55,6 @@ def output_dir_lock(directory: str, *, enabled: bool = True) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+__all__ = ["LOCK_NAME", "OutputDirInUseError", "output_dir_lock"]

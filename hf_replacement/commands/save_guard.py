@@ -87,3 +87,6 @@ def _unremovable(output_dir: str) -> str:
         f" The directory could not be written, so {', '.join(left)} could not be removed: the next run into it "
         "removes it."
     )
+
+
+__all__ = ["SaveError", "SaveInterrupted", "guarded_save", "last_complete_checkpoint", "what_is_intact"]
