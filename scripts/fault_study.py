@@ -164,7 +164,10 @@ def write_doc(records: list[dict], command: str, seconds: float) -> None:
         lines += ["Not clear yet:", ""] + [f"- {r['category']}: `{r['input']}`: {r['outcome']} ({r['detail']})"
                                             for r in problems]  # fmt: skip
     else:
-        lines.append("Every input tried got one clear line or the correct result, said; no temporary file the process could remove was left.")
+        lines.append(
+            "Every input tried got one clear line or the correct result, said; no temporary file the process could "
+            "remove was left."
+        )
     for r in unremovable:
         names = ", ".join(f"`{os.path.basename(path)}`" for path in r["temporary_files_left"])
         lines += ["", f"`{r['input']}` leaves {names}: the directory no longer lets the process remove it; the "
