@@ -371,16 +371,23 @@ def test_a_real_ctrl_c_exits_130_with_one_line_and_a_resumable_checkpoint(tmp_pa
 
 @pytest.mark.slow
 def test_two_concurrent_runs_into_one_directory(tmp_path):
-    command = [sys.executable, "-m", "hf_replacement.commands.cli", "train", *RUN, "--epochs", "20",
+    """`hf-replacement train` twice into one --output-dir: the second is refused while the first runs (a long
+    run, stopped with Ctrl-C once the second has answered, so the order cannot race), and the first goes on."""
+    command = [sys.executable, "-m", "hf_replacement.commands.cli", "train", *RUN, "--epochs", "2000",
                "--output-dir", str(tmp_path)]  # fmt: skip
-    first = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, env=_environment())
-    lock, deadline = tmp_path / LOCK_NAME, time.monotonic() + 120
-    while not (lock.exists() and lock.stat().st_size) and time.monotonic() < deadline:  # the first run owns it
-        time.sleep(0.05)
-    second = subprocess.run(command, cwd=REPO, stderr=subprocess.PIPE, text=True, env=_environment(), timeout=120)
-    first.communicate(timeout=300)
-    assert first.returncode == 0
+    first = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True, env=_environment(),
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        lock, deadline = tmp_path / LOCK_NAME, time.monotonic() + 120
+        while not (lock.exists() and lock.stat().st_size) and time.monotonic() < deadline:  # the first owns it
+            time.sleep(0.05)
+        second = subprocess.run(command, cwd=REPO, stderr=subprocess.PIPE, text=True, env=_environment(), timeout=300)
+        assert first.poll() is None, "the first run ended before the second answered: the test proves nothing"
+    finally:
+        first.send_signal(signal.SIGINT)
+        _, first_error = first.communicate(timeout=120)
     assert second.returncode == 2 and f"is in use by another hf-replacement train (pid {first.pid} on" in second.stderr
+    assert first.returncode == 130, first_error[-2000:]  # it went on training, untouched, until Ctrl-C
 
 
 def _environment() -> dict[str, str]:
