@@ -245,3 +245,6 @@ def load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str)
         )
     result = model.load_state_dict(state_dict, strict=False)
     assert set(result.missing_keys) == tied and not result.unexpected_keys, result
+
+
+__all__ = ["load_image_classifier", "load_pretrained_config"]

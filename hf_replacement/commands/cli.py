@@ -140,7 +140,7 @@ def _report(results: dict, output_dir: str) -> None:
         blocks = ", ".join(f"{index} ({name})" for index, name in results["replaced_blocks"].items())
         lines = [f"trainable params: {trainable:,d} {savings}", f"replaced blocks: {blocks}"]
         if results.get("coefficient_fit"):
-            from ..model import describe_fit_errors
+            from ..reporting import describe_fit_errors
 
             fits = describe_fit_errors(results["coefficient_fit"])
             lines.append(f"fitted initial coefficients, relative reconstruction error: {fits}")
@@ -165,7 +165,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .evaluation import merge_checkpoint
+    from .merge import merge_checkpoint
 
     merge_checkpoint(args.checkpoint, args.output_dir)
     print(
