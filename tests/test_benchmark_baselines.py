@@ -36,7 +36,7 @@ def _batch(size: int = 8) -> dict[str, torch.Tensor]:
 
 
 def _previous_neighbour_weights(model, index: int) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in find_blocks(model)[index - 1].module.named_parameters()}
+    return {name: p.detach().clone() for name, p in model.get_blocks()[index - 1].module.named_parameters()}
 
 
 @pytest.mark.parametrize("model_name", ["vit-mini", "convnext-mini"])

@@ -278,3 +278,56 @@ def measure_speed(
     for method, entry in time_inference(suite, deployed, batch["pixel_values"], device).items():
         results[method].update(entry)
     return results
+
+
+def _compiled_steps(
+    suite: SuiteSpec, model: nn.Module, batch: Batch, device: torch.device
+) -> tuple[float, list[float], int | None]:
+    """Compile `model` with the suite's backend, then (seconds of the first steps, which compile; timed steps;
+    CUDA peak bytes over the timed steps, None off CUDA)."""
+    compiled = torch.compile(model, backend=suite.compile_backend)
+    optimizer = make_optimizer(model, suite.lr, suite.weight_decay)
+
+    def step() -> None:
+        train_step(compiled, optimizer, batch, precision=autocast(device, suite.mixed_precision))
+        synchronize(device)
+
+    started = time.perf_counter()
+    for _ in range(max(1, suite.timing_warmup_steps)):
+        step()
+    compile_seconds = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(suite.timing_rounds * suite.timing_steps_per_round):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return compile_seconds, times, peak
+
+
+def measure_compiled(
+    suite: SuiteSpec, model_name: str, methods: Sequence[str], batch: Batch, num_labels: int, device: torch.device,
+) -> dict[str, dict[str, Any]]:
+    """Training steps under `torch.compile` for the suite's `compiled_methods`: median step, images/s and (CUDA)
+    peak memory. One method at a time, alone on the device, so each peak is that method's own (from the
+    allocation before its model was built); not interleaved, since compiling each takes far longer than its
+    timed steps."""
+    results: dict[str, dict[str, Any]] = {}
+    for method in (m for m in methods if m in suite.compiled_methods):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            baseline = torch.cuda.memory_allocated(device)
+        built = build_method_model(method, model_name, num_labels, suite.image_size, suite.num_channels, seed=0)
+        compile_seconds, times, peak = _compiled_steps(suite, built.model.to(device).train(), batch, device)
+        median_step = statistics.median(times)
+        results[method] = {
+            "compiled_median_step_s": median_step,
+            "compiled_train_images_per_s": len(batch["labels"]) / median_step,
+            "compile_seconds": compile_seconds,
+        }
+        if peak is not None:
+            results[method]["compiled_cuda_peak_bytes"] = peak - baseline
+        del built
+    return results

@@ -105,6 +105,9 @@ DEFAULT_METHODS = (
     "bp", "repl-k4", "repl-k4-mlp", "repl-k4-half", "repl-k3", "repl-k4-recompute", "drop-k4", "drop-k3", "freeze-k4",
     "lora",
 )
+# The equal-cost baselines RepL must beat besides dropping its blocks: plain tying, stochastic depth at drop-k4's
+# expected depth, a plain model narrowed to repl-k4's trainable parameters.
+BASELINE_METHODS = ("tie-k4", "sd", "narrow")
 # Fine-tuning a pretrained model (the transfer suite): RepL with and without fitted coefficients.
 TRANSFER_METHODS = ("bp", "repl-k4", "repl-k4-fit", "drop-k4", "lora", "lora-repl-k4-fit")
 
