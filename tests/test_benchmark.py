@@ -309,6 +309,9 @@ def test_transfer_run_pretrains_once_and_measures_each_conversion(tmp_path):
         methods["repl-k4-fit"]["source_accuracy_after_conversion"]
     )
     other = dataclasses.replace(suite, pretrain=dataclasses.replace(pretraining, max_train_samples=32), methods=("bp",))
+    with pytest.raises(BenchmarkError, match="other settings"):  # the finished runs of the first settings
+        run_benchmark(other, tmp_path)
+    shutil.rmtree(tmp_path / "runs")
     assert not run_benchmark(other, tmp_path)["models"]["vit-mini"]["pretrained"]["cached"]
 
 
@@ -364,6 +367,9 @@ def test_gpu_suite_runs_on_cuda(tmp_path):
     methods = results["models"]["vit-mini"]["methods"]
     assert methods["bp"]["cuda_peak_mb"] > 0
     assert methods["repl-k4-recompute"]["cuda_peak_mb"] <= methods["repl-k4"]["cuda_peak_mb"]
+    # torch.compile (inductor) for the suite's compiled methods, each alone: its own peak and throughput.
+    assert {m for m, e in methods.items() if "compiled_median_step_s" in e} == {"bp", "repl-k4", "drop-k4"}
+    assert all(methods[m]["compiled_cuda_peak_mb"] > 0 for m in ("bp", "repl-k4", "drop-k4"))
 
 
 @pytest.mark.parametrize(

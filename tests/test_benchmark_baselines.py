@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.harness import BenchmarkError, build_method_model
+from benchmarks.harness import BenchmarkError, build_method_model, get_suite
 from benchmarks.harness.baselines import (
     StochasticDepthMixin,
     apply_stochastic_depth,
@@ -147,3 +147,10 @@ def test_narrow_model_keeps_depth_and_trains():
     assert losses[-1] < losses[0]
     with pytest.raises(BenchmarkError, match="not a multiple of the 2 heads"):
         narrowed_config(plain.config, 63)
+
+
+def test_narrow_is_refused_where_models_are_fine_tuned():
+    with pytest.raises(BenchmarkError, match="narrow cannot fine-tune.*--methods without it"):
+        get_suite("transfer", methods=["bp", "narrow"])
+    with pytest.raises(BenchmarkError, match="no pretrained weights exist at its width"):
+        build_method_model("narrow", "vit-mini", 10, IMAGE_SIZE, 1, 0, pretrained="/nonexistent")

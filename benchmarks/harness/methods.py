@@ -249,6 +249,11 @@ def build_method_model(
     head for `num_labels` classes.
     """
     method = METHODS[method] if isinstance(method, str) else method
+    if pretrained is not None and method.kind == "narrow":
+        raise BenchmarkError(
+            f"{method.name} builds a new, narrower model: no pretrained weights exist at its width, so it cannot "
+            f"fine-tune from {pretrained}. Leave it out of a transfer suite (it is a from-scratch baseline)."
+        )
     torch.manual_seed(seed)
     model = build_preset_model(model_name, num_labels, image_size, num_channels, id2label)
     if pretrained is not None:

@@ -66,15 +66,20 @@ def measurement_settings(
     the measured methods (interleaved together: the set matters) and their definitions, the device type."""
     suite_settings = {k: v for k, v in dataclasses.asdict(suite).items() if k not in NOT_MEASUREMENT_SETTINGS}
     return {
-        **suite_settings, "model": model_name, "methods": [dataclasses.asdict(METHODS[m]) for m in methods],
-        "device": device.type,
+        **suite_settings, "model": model_name, "methods": list(methods),
+        "method_definitions": {m: dataclasses.asdict(METHODS[m]) for m in methods}, "device": device.type,
     }
+
+
+def _shown(value: Any, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     keys = sorted(set(recorded) | set(wanted))
     return [
-        f"{key}: {recorded.get(key, '<absent>')!r} on disk, {wanted.get(key, '<absent>')!r} now"
+        f"{key}: {_shown(recorded.get(key, '<absent>'))} on disk, {_shown(wanted.get(key, '<absent>'))} now"
         for key in keys
         if json.dumps(recorded.get(key), sort_keys=True, default=str)
         != json.dumps(wanted.get(key), sort_keys=True, default=str)

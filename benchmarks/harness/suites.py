@@ -9,7 +9,7 @@ from typing import Any
 from hf_replacement.commands.presets import PRESETS
 
 from .errors import BenchmarkError
-from .methods import BASELINE_METHODS, DEFAULT_METHODS, TRANSFER_METHODS, resolve_methods
+from .methods import BASELINE_METHODS, DEFAULT_METHODS, METHODS, TRANSFER_METHODS, resolve_methods
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,11 @@ class SuiteSpec:
 
 
 SUITES: dict[str, SuiteSpec] = {
-    # 2 CPU cores: 13 min with 8 methods; 25 min with the two surrogates added, partly alongside tests (results.md).
+    # 2 CPU cores: 13 min with 8 methods; 25 min with the two surrogates added, partly alongside tests (results.md);
+    # the three equal-cost baselines (tie-k4, sd, narrow) add about a quarter (estimated, not yet run).
     "quick": SuiteSpec(
         name="quick",
-        summary="digits, vit-mini + convnext-mini, 3 seeds: 15-25 min on 2 CPU cores",
+        summary="digits, vit-mini + convnext-mini, 3 seeds: 20-30 min on 2 CPU cores",
         models=("vit-mini", "convnext-mini"),
         dataset="digits",
         image_size=8,
@@ -93,7 +94,8 @@ SUITES: dict[str, SuiteSpec] = {
         # Steps of a few tens of ms on a shared 2-core VM: 60 interleaved steps per method keep the
         # step ratios within a few percent from run to run (20 did not).
         timing_rounds=12,
-        accuracy_methods=tuple(m for m in DEFAULT_METHODS if not m.endswith("-recompute")),
+        methods=DEFAULT_METHODS + BASELINE_METHODS,
+        accuracy_methods=tuple(m for m in DEFAULT_METHODS + BASELINE_METHODS if not m.endswith("-recompute")),
         notes=("digits: scikit-learn's 8x8 grayscale digits, 80/20 train/test split fixed (seed 0); "
                "seeds vary the initialisation and the data order.",
                "repl-k4-recompute does the same arithmetic as repl-k4 (identical losses, checked in "
@@ -248,5 +250,11 @@ def validate_suite(suite: SuiteSpec) -> None:
         raise BenchmarkError("A pretraining suite needs a data set to fine-tune on and at least one pretraining epoch.")
     if suite.compiled_methods:  # those also among `methods` are compiled
         resolve_methods(suite.compiled_methods)
+    narrow = [m for m in resolve_methods(suite.methods) if METHODS[m].kind == "narrow"]
+    if suite.pretrain is not None and narrow:
+        raise BenchmarkError(
+            f"{', '.join(narrow)} cannot fine-tune: it builds a new, narrower model, for which no pretrained weights "
+            f"exist. Leave it out of the pretraining suite {suite.name!r} (--methods without it)."
+        )
     if suite.mixed_precision not in (None, "bf16"):
         raise BenchmarkError(f"mixed_precision={suite.mixed_precision!r}: only None or 'bf16' are supported.")
