@@ -15,6 +15,7 @@ from benchmarks.harness.baselines import (
     narrowed_config,
     remove_stochastic_depth,
 )
+from benchmarks.harness.measure import measure_memory
 from benchmarks.harness.methods import inference_model, repl_trainable_params
 from hf_replacement import find_blocks
 from hf_replacement.commands.training_steps import make_optimizer, train_step
@@ -154,3 +155,12 @@ def test_narrow_is_refused_where_models_are_fine_tuned():
         get_suite("transfer", methods=["bp", "narrow"])
     with pytest.raises(BenchmarkError, match="no pretrained weights exist at its width"):
         build_method_model("narrow", "vit-mini", 10, IMAGE_SIZE, 1, 0, pretrained="/nonexistent")
+
+
+def test_stochastic_depth_memory_is_measured_at_full_depth():
+    # Memory must hold the step where no block is skipped: sd's state and saved activations are bp's, to the byte.
+    suite = get_suite("quick", seeds=1, epochs=1)
+    batch = _batch(16)
+    bp, sd = (measure_memory(suite, "vit-mini", m, batch, 10, torch.device("cpu")) for m in ("bp", "sd"))
+    assert sd["saved_activation_bytes"] == bp["saved_activation_bytes"] > 0
+    assert sd["state_memory_bytes"] == bp["state_memory_bytes"]

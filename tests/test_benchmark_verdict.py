@@ -71,6 +71,8 @@ def test_each_claim_is_decided_by_its_rule():
     }
     assert verdict["less training memory"]["bp"] == "win (-5.0%)"
     assert verdict["less training memory"]["tie-k4"] == "tie (+0.0%)"  # exact bytes: equal is a tie
+    methods["tie-k4"]["training_memory_mb"] = 95.0 - 48 / 2**20  # two coefficients' weight, gradient, AdamW state
+    assert model_verdict(methods)["less training memory"]["tie-k4"] == "lose (+48 bytes)"
     assert verdict["less time per step"]["bp"].startswith("tie") and verdict["less time per step"]["drop-k4"] == (
         "lose (+25.0%)")
     accuracy = verdict["equal or better accuracy (equal epochs)"]

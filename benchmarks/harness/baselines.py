@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -67,6 +69,21 @@ def remove_stochastic_depth(model: nn.Module) -> nn.Module:
             module.__class__ = _ORIGINAL_CLASSES[type(module)]
             del module.drop_probability
     return model
+
+
+@contextlib.contextmanager
+def full_depth(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every stochastic-depth block of `model` runs (p = 0): memory is measured at the depth a
+    run must provision for, the step where no block is skipped. A model without stochastic depth is unchanged."""
+    blocks = [module for module in model.modules() if isinstance(module, StochasticDepthMixin)]
+    probabilities = [block.drop_probability for block in blocks]
+    for block in blocks:
+        block.drop_probability = 0.0
+    try:
+        yield model
+    finally:
+        for block, probability in zip(blocks, probabilities):
+            block.drop_probability = probability
 
 
 def _width_fields(config: Any) -> tuple[str, list[int]]:

@@ -19,6 +19,7 @@ from hf_replacement.layer import is_replaced
 from hf_replacement.synthesis import synthesize
 from hf_replacement.utils import count_parameters
 
+from .baselines import full_depth
 from .device import autocast, synchronize
 from .meters import SavedTensorMeter, SynthesisCounter, forward_flops_per_image, parameter_state_bytes, state_memory
 from .methods import (
@@ -128,9 +129,17 @@ def measure_memory(
     """Parameters, state and activation memory, checkpoint size (and CUDA peak) of one method, alone."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        baseline = torch.cuda.memory_allocated(device)
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     built = build_method_model(method, model_name, num_labels, suite.image_size, suite.num_channels, seed=0)
     model = built.model.to(device).train()
+    with full_depth(model):  # stochastic depth: the step that runs every block, what memory must hold
+        return _measure_memory(suite, built, batch, device, baseline)
+
+
+def _measure_memory(
+    suite: SuiteSpec, built: MethodModel, batch: Batch, device: torch.device, cuda_baseline: int
+) -> dict[str, Any]:
+    model = built.model
     trainable, total = count_parameters(model)
     flops = block_flops(built, batch)
     optimizer = make_optimizer(model, suite.lr, suite.weight_decay)
@@ -167,7 +176,7 @@ def measure_memory(
         torch.cuda.reset_peak_memory_stats(device)
         train_step(model, optimizer, batch, precision=autocast(device, suite.mixed_precision))
         torch.cuda.synchronize(device)
-        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - baseline
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - cuda_baseline
     result["checkpoint"] = checkpoint_size(built)
     return result
 

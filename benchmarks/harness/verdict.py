@@ -59,25 +59,25 @@ def _relative(subject: float, baseline: float) -> str:
     return f"{100 * (subject / baseline - 1):+.1f}%"
 
 
-def _by_size(subject: float, baseline: float, tolerance: float) -> str:
-    """win when smaller, lose when larger, tie within `tolerance` (relative); with the relative difference."""
+def _by_size(subject: float, baseline: float, tolerance: float, tiny: Callable[[float], str] | None = None) -> str:
+    """win when smaller, lose when larger, tie within `tolerance` (relative); with the relative difference, or
+    `tiny(difference)` where that rounds to 0.0% (RepL's coefficients against tying or dropping)."""
     ratio = subject / baseline
     word = "tie" if abs(ratio - 1) <= tolerance else "win" if ratio < 1 else "lose"
+    if tiny is not None and subject != baseline and abs(ratio - 1) < 5e-4:
+        return f"{word} ({tiny(subject - baseline)})"
     return f"{word} ({_relative(subject, baseline)})"
 
 
 def _parameters(subject: Entry, baseline: Entry) -> str:
-    cell = _by_size(subject["trainable_params"], baseline["trainable_params"], 0.0)
-    difference = subject["trainable_params"] - baseline["trainable_params"]
-    if difference and abs(difference) < 1e-3 * baseline["trainable_params"]:  # RepL's coefficients against drop
-        cell = cell.split(" ")[0] + f" ({difference:+d} parameters)"
-    return cell
+    return _by_size(subject["trainable_params"], baseline["trainable_params"], 0.0, lambda d: f"{d:+d} parameters")
 
 
 def _memory(subject: Entry, baseline: Entry) -> str:
     if "cuda_peak_mb" in subject and "cuda_peak_mb" in baseline:
         return _by_size(subject["cuda_peak_mb"], baseline["cuda_peak_mb"], CUDA_PEAK_TOLERANCE)
-    return _by_size(subject["training_memory_mb"], baseline["training_memory_mb"], 0.0)
+    return _by_size(subject["training_memory_mb"], baseline["training_memory_mb"], 0.0,
+                    lambda d: f"{round(d * 2**20):+d} bytes")
 
 
 def _time(subject: Entry, baseline: Entry) -> str:
