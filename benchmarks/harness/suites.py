@@ -164,19 +164,21 @@ SUITES: dict[str, SuiteSpec] = {
             "(weight values do not change them).",
         ),
     ),
-    # Resumable over several sittings (runs/ beside results.json): 36 runs of 10 full epochs. Estimated on 2 idle
-    # CPU cores from a 60k epoch of vit-mini in 39 s (DESIGN.md §5): 5-7 h in all; rerun the same command after
-    # an interruption and it continues.
+    # Resumable over several sittings (runs/ beside results.json). Planned from the committed transfer suite's step
+    # times at batch 64 (vit-mini 207 ms, convnext-mini 141 ms on 2 cores): a 60k epoch takes ~195 s and ~130 s,
+    # so 36 runs of 5 epochs take about 8 h (drop-k4, sd, repl-k4-half a little less). 5 epochs: the transfer
+    # suite's pretraining reached 81% (vit-mini) and 88% (convnext-mini) after 2; the number was fixed before
+    # any run of this suite. Rerun the same command after an interruption and it continues.
     "fashion-mnist-full": SuiteSpec(
         name="fashion-mnist-full",
-        summary="all of Fashion-MNIST (60k/10k), vit-mini + convnext-mini at 28 px, 10 epochs, RepL against "
-                "tying, stochastic depth and dropping, 3 seeds: 5-7 h on 2 CPU cores, resumable",
+        summary="all of Fashion-MNIST (60k/10k), vit-mini + convnext-mini at 28 px, 5 epochs, RepL against "
+                "tying, stochastic depth and dropping, 3 seeds: about 8 h on 2 CPU cores, resumable",
         models=("vit-mini", "convnext-mini"),
         dataset="fashion-mnist",
         image_size=28,
         methods=("bp", "repl-k4", "repl-k4-half", "drop-k4") + BASELINE_METHODS,
         accuracy_methods=("bp", "repl-k4", "repl-k4-half", "drop-k4", "tie-k4", "sd"),
-        epochs=10,
+        epochs=5,
         notes=("All 60 000 Fashion-MNIST training images and the 10 000 test images, at 28 px; the training "
                "settings are the harness defaults (AdamW 2e-3, batch 64, 5% warm-up, cosine), fixed before any "
                "run, never tuned on the test set.",
