@@ -102,6 +102,8 @@ def train_model(
         trace["steps"].append(step)
 
     record_coefficients()
+    elapsed: list[float] = []  # training seconds at the end of each epoch, evaluation excluded (equal wall-clock)
+    evaluating = 0.0
     for _ in range(suite.epochs):
         order = torch.randperm(count, generator=generator)
         epoch_loss = 0.0
@@ -120,15 +122,19 @@ def train_model(
             if replacement_of(model) is not None and (step % record_every == 0 or step == total_steps):
                 record_coefficients()
         losses.append(epoch_loss / count)
+        evaluation_started = time.perf_counter()
+        elapsed.append(evaluation_started - started - evaluating)
         curve.append(
             evaluate_accuracy(model, eval_batches(data, device), precision=autocast(device, suite.mixed_precision))
         )
+        evaluating += time.perf_counter() - evaluation_started
     result = {
         "seed": seed,
         "accuracy": curve[-1] if curve else None,
         "accuracy_per_epoch": curve,
         "train_loss_per_epoch": losses,
         "train_seconds": time.perf_counter() - started,
+        "train_seconds_at_epoch": elapsed,
         "steps": step,
         "divergence": diverged,
     }
