@@ -180,7 +180,7 @@ FAMILIES = {
             decoder_start_token_id=0,
         )),  # fmt: skip
         lambda batch: {**_tokens(batch), "decoder_input_ids": torch.randint(0, 64, (batch, 5))},
-        _token_labels, {"encoder.block": 4, "decoder.block": 4}, [2, 6],
+        lambda batch: {"labels": torch.randint(0, 64, (batch, 5))}, {"encoder.block": 4, "decoder.block": 4}, [2, 6],
     ),
     "resnet-50-layout": Family(
         lambda: tf.ResNetForImageClassification(tf.ResNetConfig(
