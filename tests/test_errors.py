@@ -142,7 +142,8 @@ def test_interval_blocks_of_another_kind_move_to_a_neighbour():
 
 def test_interval_blocks_with_no_replaceable_neighbour_are_skipped_with_warning(caplog):
     model = nn.Module()
-    model.blocks = nn.ModuleList([nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4)] + [nn.Linear(4, 4) for _ in range(4)])
+    kinds = [nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4)] + [nn.Linear(4, 4) for _ in range(4)]
+    model.blocks = nn.ModuleList(kinds)
     with caplog.at_level("WARNING"):
         replaced = get_replacement_model(model, ReplacementConfig(block_path="blocks", replace_interval=2))
     assert replaced.replaced_blocks == {4: "blocks.4"}
