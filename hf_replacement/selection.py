@@ -56,8 +56,8 @@ def select_blocks(chains: list[Chain], config: ReplacementConfig, *, legacy: boo
         lengths = {chain.name: len(chain.blocks) for chain in chains}
         reasons = "; skipped: " + "; ".join(skipped) if skipped else ""
         raise ReplacementConfigError(
-            f"replace_interval={config.replace_interval} selects no block of this model (chains and their "
-            f"lengths: {lengths}; a chain needs at least 3 blocks{reasons}). "
+            f"replace_interval={config.replace_interval} selects no block of this {count}-block model (chains and "
+            f"their lengths: {lengths}; a chain needs at least max(3, k/2) blocks{reasons}). "
             "Use a smaller interval or replaced_blocks=[...]."
         )
     return plans
