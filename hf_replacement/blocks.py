@@ -81,7 +81,10 @@ def find_chains(
             for key, child in model.get_submodule(path).named_children():
                 blocks.append(Block(index, f"{path}.{key}", child, number))
                 index += 1
-        result.append(Chain(_chain_name(paths), paths, tuple(blocks)))
+        name = _chain_name(paths)
+        if any(chain.name == name for chain in result):  # two chains of one stage pattern, given in block_path
+            name = "+".join(paths)
+        result.append(Chain(name, paths, tuple(blocks)))
     return result
 
 

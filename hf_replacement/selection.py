@@ -56,8 +56,8 @@ def select_blocks(chains: list[Chain], config: ReplacementConfig, *, legacy: boo
         lengths = {chain.name: len(chain.blocks) for chain in chains}
         reasons = "; skipped: " + "; ".join(skipped) if skipped else ""
         raise ReplacementConfigError(
-            f"replace_interval={config.replace_interval} selects no block of this model (chains and their "
-            f"lengths: {lengths}; a chain needs at least 3 blocks{reasons}). "
+            f"replace_interval={config.replace_interval} selects no block of this {count}-block model (chains and "
+            f"their lengths: {lengths}; a chain needs at least max(3, k/2) blocks{reasons}). "
             "Use a smaller interval or replaced_blocks=[...]."
         )
     return plans
@@ -81,13 +81,16 @@ def _targeted_chains(chains: list[Chain], config: ReplacementConfig) -> list[Cha
 
 def _chain_interval_plans(blocks: tuple[Block, ...], config: ReplacementConfig) -> tuple[list[BlockPlan], list[str]]:
     """One chain: each target, or when it cannot be replaced (a ResNet stage's first block has a
-    shortcut its neighbours lack) the nearest block within (k-1)//2 that can and is not next to one chosen."""
+    shortcut its neighbours lack) the nearest block within max(1, (k-1)//2) that can and is not next to one
+    chosen."""
     plans: list[BlockPlan] = []
     skipped = []
-    reach = (config.replace_interval - 1) // 2
+    reach = max(1, (config.replace_interval - 1) // 2)
     for target in chain_targets(len(blocks), config.replace_interval):
-        nearest = sorted(range(max(1, target - reach), min(len(blocks) - 2, target + reach) + 1),
-                         key=lambda position: (abs(position - target), position))
+        nearest = sorted(
+            range(max(1, target - reach), min(len(blocks) - 2, target + reach) + 1),
+            key=lambda position: (abs(position - target), position),
+        )
         errors = []
         for position in nearest:
             if any(abs(position - plan.block.index + blocks[0].index) <= 1 for plan in plans):
