@@ -47,6 +47,11 @@ def _is_block_path(value: Any) -> bool:
     )
 
 
+def _added_after(version: Any) -> set[str]:
+    """The fields a file of format `version` cannot hold: added in a later version (they take their defaults)."""
+    return {"target_chains"} if version == LEGACY_FORMAT_VERSION else set()
+
+
 class ReplacementConfigError(ValueError):
     """A `ReplacementConfig` field, or a saved `replacement_config.json`, is invalid."""
 
@@ -230,7 +235,8 @@ class ReplacementConfig:
         if not isinstance(data, dict):
             raise ReplacementConfigError(f"{path} must hold a JSON object, found {type(data).__name__}.")
         # `save_pretrained` writes every field: a missing one would silently take its default (another model).
-        missing = sorted({f.name for f in dataclasses.fields(cls)} - set(data))
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(known - set(data) - _added_after(data.get("format_version")))
         if missing and set(data) <= {f.name for f in dataclasses.fields(cls)}:
             raise ReplacementConfigError(
                 f"{path} lacks the key(s) {missing}, which format_version {FORMAT_VERSION} writes every time: "

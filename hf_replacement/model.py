@@ -577,12 +577,25 @@ def _sub_model_class_names() -> set[str]:
     return names
 
 
-def _owned_by_replacement_model(modules: dict[str, Any]) -> bool:
-    """Whether `modules` is a `ReplacementModel`'s `_modules` (a merged model its former wrapper still holds)."""
-    # The owner refers to its `_modules` directly, or through its instance `__dict__`.
-    referrers = gc.get_referrers(modules)
-    owners = referrers + [owner for r in referrers if isinstance(r, dict) for owner in gc.get_referrers(r)]
-    return any(isinstance(owner, ReplacementModel) and owner._modules is modules for owner in owners)
+def _parent(module: nn.Module) -> tuple[nn.Module, str] | None:
+    """The module holding `module` as a submodule, and under which name; None for a top-level module.
+
+    Walks the garbage collector's referrers: an owner refers to its `_modules` dict directly, or through
+    its instance `__dict__`. A `ReplacementModel` wrapping `module` (a merged model its former wrapper
+    still holds) does not count.
+    """
+    for referrer in gc.get_referrers(module):
+        if not isinstance(referrer, dict):
+            continue
+        attribute = next((key for key, value in referrer.items() if value is module), None)
+        if attribute is None:
+            continue
+        candidates = gc.get_referrers(referrer)
+        candidates += [owner for holder in candidates if isinstance(holder, dict) for owner in gc.get_referrers(holder)]
+        for owner in candidates:
+            if isinstance(owner, nn.Module) and owner._modules is referrer and not isinstance(owner, ReplacementModel):
+                return owner, attribute
+    return None
 
 
 def refuse_submodule(model: nn.Module) -> None:
@@ -590,26 +603,26 @@ def refuse_submodule(model: nn.Module) -> None:
     (`upernet.backbone`): the coefficients would live outside the outer model, which would neither
     train nor save them, and its `save_pretrained` would write no replaced block.
 
-    Only those classes are checked: finding a module's owners walks the garbage collector's objects
+    Only those classes are checked: finding a module's owner walks the garbage collector's objects
     (a fraction of a second), too slow to pay on every conversion.
     """
     if type(model).__name__ not in _sub_model_class_names():
         return
-    for referrer in gc.get_referrers(model):
-        # An nn.Module's `_modules`: a dict of modules (or None) naming this one.
-        if not isinstance(referrer, dict) or not all(v is None or isinstance(v, nn.Module) for v in referrer.values()):
-            continue
-        attribute = next((key for key, value in referrer.items() if value is model), None)
-        if attribute is None or _owned_by_replacement_model(referrer):
-            continue
-        raise ValueError(
-            f"This {type(model).__name__} is the submodule {attribute!r} of another model: converted alone, its RepL "
-            "coefficients would not be among the outer model's parameters (an optimizer over them never trains "
-            "them) and the outer model's save_pretrained would write neither them nor the replaced blocks. Convert "
-            "the whole model instead: get_replacement_model(outer_model, ReplacementConfig("
-            f"target_chains=[{attribute!r}])) replaces blocks only in the chains under {attribute!r} "
-            "(ReplacementModel.chains lists them), and trains, saves and merges the whole task model."
-        )
+    names, outer = [], model
+    while (found := _parent(outer)) is not None:
+        outer, name = found
+        names.insert(0, name)
+    if not names:
+        return
+    path = ".".join(names)
+    raise ValueError(
+        f"This {type(model).__name__} is the submodule {path!r} of a {type(outer).__name__}: converted alone, its "
+        f"RepL coefficients would not be among the {type(outer).__name__}'s parameters (an optimizer over them never "
+        "trains them) and its save_pretrained would write neither them nor the replaced blocks. Convert the whole "
+        f"model instead: get_replacement_model(outer_model, ReplacementConfig(target_chains=[{path!r}])) replaces "
+        f"blocks only in the chains under {path!r} (ReplacementModel.chains lists them), and trains, saves and "
+        "merges the whole task model."
+    )
 
 
 def get_replacement_model(model: nn.Module, config: ReplacementConfig | None = None) -> ReplacementModel:

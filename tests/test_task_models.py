@@ -350,11 +350,20 @@ def test_block_path_takes_a_list_of_chains():
 
 def test_converting_a_backbone_in_place_is_refused_with_the_fix():
     upernet = build("upernet-convnext")
-    with pytest.raises(ValueError, match=r"submodule 'backbone' of another model.*target_chains=\['backbone'\]"):
+    with pytest.raises(ValueError, match=r"submodule 'backbone' of a UperNetFor.*target_chains=\['backbone'\]"):
         get_replacement_model(upernet.backbone, ReplacementConfig())
+    detr = build("detr-resnet")
+    with pytest.raises(ValueError, match=r"submodule 'model.backbone.model' of a DetrForObjectDetection"):
+        get_replacement_model(detr.model.backbone.model, ReplacementConfig())
+    # The whole model converted with that advice replaces the backbone's blocks only.
+    converted = get_replacement_model(detr, ReplacementConfig(target_chains=["model.backbone.model"]))
+    assert sorted(converted.replaced_blocks) == [3]
     assert not any(key.startswith("replacement") for key in upernet.state_dict())
-    # A standalone backbone (not inside another model) converts.
-    assert get_replacement_model(build("vitdet"), ReplacementConfig()).replaced_blocks
+    # A standalone backbone (not inside another model) converts, also when a plain dict holds it, and so
+    # does a merged one that its former ReplacementModel still holds.
+    held = {"backbone": build("vitdet")}
+    merged = get_replacement_model(held["backbone"], ReplacementConfig()).merge_and_unload()
+    assert get_replacement_model(merged, ReplacementConfig()).replaced_blocks == {2: "encoder.layer.2"}
 
 
 def test_the_checkpoint_records_its_chains_and_blocks(tmp_path):
