@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import gc
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,7 +17,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from .blocks import Block, find_blocks
+from .blocks import Block, Chain, find_chains
 from .checkpoint import (
     WEIGHTS_NAME,
     load_weights,
@@ -23,7 +26,7 @@ from .checkpoint import (
     weight_files,
     write_checkpoint,
 )
-from .config import CONFIG_NAME, FIT, ReplacementConfig
+from .config import CONFIG_NAME, FIT, FORMAT_VERSION, LEGACY_FORMAT_VERSION, ReplacementConfig
 from .fitting import CoefficientFit
 from .hub import CardFacts, push_to_hub
 from .layer import ReplacementCoefficients, apply_plan, is_replaced, materialize
@@ -31,13 +34,15 @@ from .loading import (
     BASE_CONFIG_NAME,
     GUARD_MODEL_TYPE,
     build_base_model,
+    checkpoint_dtype,
     download_replacement_checkpoint,
     generation_config_files,
     load_exact,
     load_generation_config,
-    refuse_unsupported_keywords,
+    refuse_weights_only_directory,
     resolve_dtype,
     single_device,
+    split_config_overrides,
     without_tied_copies,
 )
 from .planning import BlockPlan
@@ -76,12 +81,20 @@ class ReplacementModel(nn.Module):
         _refuse_peft_modules(base_model)
         if isinstance(base_model, ReplacementModel) or any(is_replaced(m) for m in base_model.modules()):
             raise ValueError("This model already has replaced blocks; call get_replacement_model on a plain model.")
-        blocks = find_blocks(base_model, replacement_config.block_path)
-        plans = select_blocks(blocks, replacement_config)
+        refuse_submodule(base_model)
+        # A checkpoint of format_version 1 was built before chains: it is found and selected as it was then.
+        self._legacy = replacement_config.format_version == LEGACY_FORMAT_VERSION
+        chains = find_chains(base_model, replacement_config.block_path, legacy=self._legacy)
+        plans = select_blocks(chains, replacement_config, legacy=self._legacy)
+        # Registered before base_model: PEFT's unload visits modules in this order (see PeftMergeHook).
+        self.peft_merge_hook = PeftMergeHook(self)
         self.base_model = base_model
         self.replacement_config = replacement_config
         self.replacement_coefficients = ReplacementCoefficients()
-        self._blocks = blocks
+        self._chains = chains
+        self._blocks = [block for chain in chains for block in chain.blocks]
+        # What a checkpoint records: these blocks, also while the replacement is deferred.
+        self._selected = sorted(plan.block.index for plan in plans)
         self._num_unreplaced_parameters = sum(p.numel() for p in base_model.parameters())
         self._coefficient_fits: dict[int, CoefficientFit] = {}
         # `defer_replacement`: the config is validated now, the blocks are replaced by `replace_blocks()`
@@ -96,6 +109,8 @@ class ReplacementModel(nn.Module):
         # without it, evaluation computes no loss and returns no label_ids.
         if labels is not None:
             kwargs["labels"] = labels
+        if self.replaced_blocks:
+            _refuse_merged_adapters(self)
         return self.base_model(*args, **kwargs)
 
     def replace_blocks(self) -> dict[int, str]:
@@ -114,7 +129,7 @@ class ReplacementModel(nn.Module):
                 "them before sharding (replace_blocks(), then hf_replacement.shard_model)."
             )
         # Planned again here, not at construction: the model may have moved device or dtype since.
-        self._replace_planned(select_blocks(self._blocks, self.replacement_config))
+        self._replace_planned(select_blocks(self._chains, self.replacement_config, legacy=self._legacy))
         return self.replaced_blocks
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -161,6 +176,15 @@ class ReplacementModel(nn.Module):
         return getattr(self.base_model, "config", None)
 
     @property
+    def generation_config(self) -> Any:
+        """The base model's generation config: the one its `generate` reads, set here too (Seq2SeqTrainer sets it)."""
+        return getattr(self.base_model, "generation_config", None)
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        self.base_model.generation_config = value
+
+    @property
     def replaced_blocks(self) -> dict[int, str]:
         """Replaced block index (forward order) -> module name in the base model."""
         return {block.index: block.name for block in self._blocks if is_replaced(block.module)}
@@ -168,6 +192,27 @@ class ReplacementModel(nn.Module):
     @property
     def num_blocks(self) -> int:
         return len(self._blocks)
+
+    @property
+    def chains(self) -> dict[str, list[int]]:
+        """Chain name (its list's path, `*` for a stage number) -> its block indices, in forward order.
+        A replaced block's neighbours are the blocks before and after it in its chain."""
+        return {chain.name: [block.index for block in chain.blocks] for chain in self._chains}
+
+    def get_chains(self) -> list[Chain]:
+        """The base model's chains of blocks (`blocks.find_chains`' result)."""
+        return list(self._chains)
+
+    def recorded_config(self) -> ReplacementConfig:
+        """The config a checkpoint saves: this one with the chains (`block_path`) and the selected blocks
+        (`replaced_blocks`) written out, so the checkpoint loads with the same blocks whatever later
+        versions of the discovery and of `replace_interval` would choose."""
+        return dataclasses.replace(
+            self.replacement_config,
+            block_path=[list(chain.paths) for chain in self._chains],
+            replaced_blocks=list(self._selected),
+            format_version=FORMAT_VERSION,
+        )
 
     def get_blocks(self) -> list[Block]:
         """Every block of the base model in forward order, replaced or not (`find_blocks`' result)."""
@@ -238,6 +283,7 @@ class ReplacementModel(nn.Module):
         safe_serialization: bool = True,
         max_shard_size: int | str | None = None,
         push_to_hub: bool = False,
+        save_function: Callable[..., Any] | None = None,
         **push_kwargs: Any,
     ) -> None:
         """Write `replacement_config.json`, the base config (`base_config.json`, with a guard `config.json`
@@ -247,8 +293,11 @@ class ReplacementModel(nn.Module):
         `model.safetensors.index.json`, as Transformers writes them. All files are written to temporary
         names first and renamed into place only once every file is complete, so a failed save leaves an
         earlier checkpoint in the directory intact. `push_to_hub=True` then pushes the checkpoint
-        (`repo_id=`, default the directory's name, and `push_to_hub`'s other keywords).
+        (`repo_id=`, default the directory's name, and `push_to_hub`'s other keywords). Only the main process
+        (`is_main_process=True`) writes. `save_function` (`accelerator.save` in Transformers' no-trainer
+        scripts) is accepted and not called, as by Transformers' safetensors save: safetensors writes the weights.
         """
+        del save_function  # see the docstring: Transformers v5 does not call it either
         if not safe_serialization:
             raise ValueError(
                 "safe_serialization=False would write a pickle (pytorch_model.bin): hf_replacement saves "
@@ -272,10 +321,11 @@ class ReplacementModel(nn.Module):
                 "model.save_pretrained(directory, state_dict=..., is_main_process=<rank 0>)."
             )
         if is_main_process:
-            files: dict[str, Any] = {CONFIG_NAME: self.replacement_config.to_json_string()}
+            files: dict[str, Any] = {CONFIG_NAME: self.recorded_config().to_json_string()}
             if self.config is not None and hasattr(self.config, "to_json_string"):
                 config = copy.deepcopy(self.config)  # the architecture to rebuild, without touching the live config
                 config.architectures = [type(self.base_model).__name__]
+                config.dtype = str(_base_model_dtype(self)).removeprefix("torch.")  # as Transformers v5 records it
                 files[BASE_CONFIG_NAME] = config.to_json_string()
                 files["config.json"] = _GUARD_CONFIG
             files.update(generation_config_files(self.base_model))
@@ -350,19 +400,27 @@ class ReplacementModel(nn.Module):
         dtype: torch.dtype | str | None = None,
         torch_dtype: torch.dtype | str | None = None,
         device_map: str | int | torch.device | dict[str, Any] | None = None,
-        **unsupported: Any,
+        attn_implementation: str | None = None,
+        low_cpu_mem_usage: bool | None = None,
+        ignore_mismatched_sizes: bool = False,
+        replacement_config: ReplacementConfig | None = None,
+        **config_overrides: Any,
     ) -> ReplacementModel:
         """Load a RepL checkpoint written by `save_pretrained`, from a directory or a Hub repo id.
 
         `model` is a fresh instance of the base architecture; when omitted it is built from the
-        checkpoint's `base_config.json` (a Transformers model). A `pretrained_path` that is no local
-        directory but looks like "user/repo" is downloaded (JSON, safetensors and the card only) at
-        `revision`, with `token`, into `cache_dir` (or only from the cache: `local_files_only`).
-        `subfolder`: the checkpoint's folder inside the directory or repo. `dtype` (`torch_dtype`,
-        its older name): the base model's dtype, "auto" for the config's; the coefficients stay fp32.
-        `device_map`: one device for the whole model. Other keywords are refused.
+        checkpoint's `base_config.json` (a Transformers model), with any `config_overrides` set on its
+        config (`num_labels=5, id2label=..., label2id=...`; with `ignore_mismatched_sizes=True` the weights
+        that no longer fit, the classifier, are initialised anew, as in Transformers). A `pretrained_path`
+        that is no local directory but looks like "user/repo" is downloaded (JSON, safetensors and the card
+        only) at `revision`, with `token`, into `cache_dir` (or only from the cache: `local_files_only`).
+        `subfolder`: the checkpoint's folder. `dtype` (`torch_dtype`, its older name; default "auto", as in
+        Transformers v5): the base model's dtype, "auto" for the one it was saved in; the coefficients stay
+        fp32. `device_map`: one device for the whole model. `attn_implementation`: "eager", "sdpa", ...
+        `low_cpu_mem_usage` is accepted: the weights are always built uninitialised and loaded once.
+        `replacement_config` loads a directory of weights only (a plain Trainer's or `accelerator.save_model`'s).
         """
-        refuse_unsupported_keywords(unsupported)
+        del low_cpu_mem_usage  # always the case here
         dtype = resolve_dtype(dtype, torch_dtype)
         device = single_device(device_map)
         directory = os.path.join(os.fspath(pretrained_path), subfolder) if subfolder else os.fspath(pretrained_path)
@@ -374,9 +432,12 @@ class ReplacementModel(nn.Module):
             raise FileNotFoundError(
                 f"{directory} is not a directory holding a RepL checkpoint ({CONFIG_NAME}, {WEIGHTS_NAME})."
             )
-        replacement_config = ReplacementConfig.from_json_file(os.path.join(directory, CONFIG_NAME))
+        config_overrides = split_config_overrides(config_overrides, directory, model)
+        if replacement_config is None:
+            refuse_weights_only_directory(directory)
+            replacement_config = ReplacementConfig.from_json_file(os.path.join(directory, CONFIG_NAME))
         if model is None:
-            model = build_base_model(directory)
+            model = build_base_model(directory, config_overrides)
         state_dict = load_weights(directory)
         # A checkpoint saved before a deferred replacement (`replacement_start_step`) has no
         # coefficients yet: it loads as a model whose replacement is still deferred.
@@ -387,15 +448,56 @@ class ReplacementModel(nn.Module):
             # deferred checkpoint keeps "fit", which `replace_blocks()` applies to the weights it has then.
             prefix = "replacement_coefficients."
             initial = {int(key[len(prefix) :]): value for key, value in state_dict.items() if key.startswith(prefix)}
-            plans = select_blocks(replacement_model.get_blocks(), replacement_config)
+            plans = select_blocks(replacement_model.get_chains(), replacement_config, legacy=replacement_model._legacy)
             replacement_model._replace_planned(plans, initial)
-        load_exact(replacement_model, state_dict, directory)
+        load_exact(replacement_model, state_dict, directory, ignore_mismatched_sizes)
         load_generation_config(model, directory)
-        if dtype == "auto":
-            dtype = getattr(getattr(model, "config", None), "dtype", None) or torch.float32
-        if dtype is not None or device is not None:
-            replacement_model.to(device=device, dtype=dtype)
+        if attn_implementation is not None:
+            if not hasattr(model, "set_attn_implementation"):
+                raise TypeError(f"attn_implementation needs a Transformers base model, got {type(model).__name__}.")
+            model.set_attn_implementation(attn_implementation)
+        if dtype in (None, "auto"):
+            dtype = checkpoint_dtype(state_dict)
+        replacement_model.to(device=device, dtype=dtype)  # the coefficients stay fp32
         return replacement_model.eval()  # like Transformers' from_pretrained; call .train() to train
+
+
+def _base_model_dtype(model: ReplacementModel) -> torch.dtype:
+    """The dtype of the base model's floating-point weights (the kept ones: the coefficients are fp32)."""
+    for parameter in model.base_model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+class PeftMergeHook(nn.Module):
+    """Makes `peft_model.merge_and_unload()` on a RepL model keep its outputs.
+
+    PEFT's unload visits the model's modules in order and lets any module that has
+    `unload_and_optionally_merge_module` unload itself; this one comes before the base model, so it runs
+    before any adapter is merged into a replaced block's neighbours. It materializes the replaced blocks
+    from the neighbours as they are (without the adapter), as `merge_peft_and_replacement` does; the
+    adapter is merged after. It holds no weights; PEFT puts it back in its place.
+    """
+
+    weight = None  # PEFT's generic `_replace_module` copies `weight` from the module it puts back
+
+    def __init__(self, model: ReplacementModel) -> None:
+        super().__init__()
+        self.__dict__["_model"] = model  # not a submodule: the model holds this hook
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> PeftMergeHook:
+        model = self.__dict__["_model"]
+        if merge and model.replaced_blocks:
+            logger.info(
+                "PEFT merge on a RepL model: the replaced blocks %s are materialized first, from their neighbours "
+                "without the adapter (as hf_replacement.merge_peft_and_replacement does).",
+                sorted(model.replaced_blocks),
+            )
+            model.merge_and_unload()
+        return self
 
 
 def _refuse_sharded(model: ReplacementModel, action: str) -> None:
@@ -414,7 +516,9 @@ def _log_fit_errors(errors: dict[int, dict[str, float]]) -> None:
         logger.warning(
             "coefficient_init=%r: the neighbours explain little of block(s) %s (relative error above %s): these "
             "replaced blocks start far from the weights they had, whatever the coefficients.",
-            FIT, poor, POOR_FIT_RELATIVE_ERROR,
+            FIT,
+            poor,
+            POOR_FIT_RELATIVE_ERROR,
         )
 
 
@@ -449,6 +553,19 @@ def _holds_peft_modules(model: nn.Module) -> bool:
     return any(type(module).__module__.startswith("peft.") for module in model.modules())
 
 
+def _refuse_merged_adapters(model: ReplacementModel) -> None:
+    """PEFT's `merge_adapter()` adds the adapter into the weights the replaced blocks are synthesized from,
+    which changes those blocks without a word: stop the forward instead. (A scan of the modules, a few
+    microseconds; PEFT's tuner layers list their merged adapters in `merged_adapters`.)"""
+    if any(getattr(module, "merged_adapters", None) for module in model.base_model.modules()):
+        raise ValueError(
+            "An adapter is merged into this RepL model's weights (peft_model.merge_adapter()): the replaced blocks "
+            f"{sorted(model.replaced_blocks)} would be synthesized from the merged neighbours, which changes their "
+            "outputs. Call peft_model.unmerge_adapter() and run unmerged, or merge for good with "
+            "peft_model.merge_and_unload() or hf_replacement.merge_peft_and_replacement(peft_model)."
+        )
+
+
 def _refuse_peft_modules(model: nn.Module) -> None:
     if _holds_peft_modules(model):
         raise ValueError(
@@ -456,6 +573,64 @@ def _refuse_peft_modules(model: nn.Module) -> None:
             "the replaced blocks' base and adapter weights. Apply RepL to the plain model first, then PEFT on top: "
             "get_peft_model(repl_model, hf_replacement.prepare_peft_config(repl_model, peft_config))."
         )
+
+
+def _sub_model_class_names() -> set[str]:
+    """Transformers' base models and backbones: the classes that also live inside task models."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in (*MODEL_MAPPING_NAMES.values(), *MODEL_FOR_BACKBONE_MAPPING_NAMES.values()):
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+def _parent(module: nn.Module) -> tuple[nn.Module, str] | None:
+    """The module holding `module` as a submodule, and under which name; None for a top-level module.
+
+    Walks the garbage collector's referrers: an owner refers to its `_modules` dict directly, or through
+    its instance `__dict__`. A `ReplacementModel` wrapping `module` (a merged model its former wrapper
+    still holds) does not count.
+    """
+    for referrer in gc.get_referrers(module):
+        if not isinstance(referrer, dict):
+            continue
+        attribute = next((key for key, value in referrer.items() if value is module), None)
+        if attribute is None:
+            continue
+        candidates = gc.get_referrers(referrer)
+        candidates += [owner for holder in candidates if isinstance(holder, dict) for owner in gc.get_referrers(holder)]
+        for owner in candidates:
+            if isinstance(owner, nn.Module) and owner._modules is referrer and not isinstance(owner, ReplacementModel):
+                return owner, attribute
+    return None
+
+
+def refuse_submodule(model: nn.Module) -> None:
+    """Refuse to convert a Transformers base model or backbone that is a submodule of another model
+    (`upernet.backbone`): the coefficients would live outside the outer model, which would neither
+    train nor save them, and its `save_pretrained` would write no replaced block.
+
+    Only those classes are checked: finding a module's owner walks the garbage collector's objects
+    (a fraction of a second), too slow to pay on every conversion.
+    """
+    if type(model).__name__ not in _sub_model_class_names():
+        return
+    names, outer = [], model
+    while (found := _parent(outer)) is not None:
+        outer, name = found
+        names.insert(0, name)
+    if not names:
+        return
+    path = ".".join(names)
+    raise ValueError(
+        f"This {type(model).__name__} is the submodule {path!r} of a {type(outer).__name__}: converted alone, its "
+        f"RepL coefficients would not be among the {type(outer).__name__}'s parameters (an optimizer over them never "
+        "trains them) and its save_pretrained would write neither them nor the replaced blocks. Convert the whole "
+        f"model instead: get_replacement_model(outer_model, ReplacementConfig(target_chains=[{path!r}])) replaces "
+        f"blocks only in the chains under {path!r} (ReplacementModel.chains lists them), and trains, saves and "
+        "merges the whole task model."
+    )
 
 
 def get_replacement_model(model: nn.Module, config: ReplacementConfig | None = None) -> ReplacementModel:

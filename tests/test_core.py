@@ -21,7 +21,13 @@ from safetensors import safe_open
 from tolerances import assert_fp32_close, assert_gradients_close, reduction_length
 from torch.func import functional_call
 
-from hf_replacement import ReplacementConfig, ReplacementModel, find_blocks, get_replacement_model, resampling
+from hf_replacement import (
+    ReplacementConfig,
+    ReplacementModel,
+    find_chains,
+    get_replacement_model,
+    resampling,
+)
 from hf_replacement.layer import ReplacementCoefficients, apply_plan, is_replaced
 from hf_replacement.reference import reference_synthesize
 from hf_replacement.resampling import DimResample, resample_matrix, resample_plan
@@ -605,7 +611,7 @@ def test_num_parameters_counts_the_coefficients():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16", "auto"])
 def test_from_pretrained_dtype_device_and_subfolder(tmp_path, dtype):
     model, _ = make("vit")
-    model.base_model.config.dtype = torch.bfloat16  # what "auto" reads
+    model.to(torch.bfloat16)  # saved as bf16: base_config.json records it, and "auto" reads it
     model.save_pretrained(tmp_path / "sub")
     loaded = ReplacementModel.from_pretrained(tmp_path, subfolder="sub", dtype=dtype, device_map="cpu")
     assert {p.dtype for p in loaded.base_model.parameters()} == {torch.bfloat16}
@@ -658,7 +664,7 @@ def test_a_plan_is_carried_out_without_the_config():
     )
     reference = get_replacement_model(tiny_models.build("vit"), config)
     base = tiny_models.build("vit")
-    plans = select_blocks(find_blocks(base), config)
+    plans = select_blocks(find_chains(base), config)
     for plan in plans:  # everything the config said that matters after planning
         assert (plan.granularity, plan.coefficient_init, plan.detach_neighbors, plan.recompute) == (
             "channel", (0.3, 0.6), True, True,

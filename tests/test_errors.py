@@ -19,6 +19,7 @@ from hf_replacement import (
     ReplacementModel,
     get_replacement_model,
 )
+from hf_replacement.loading import GUARD_MESSAGE
 
 BAD_CONFIGS = [
     (dict(replace_interval=1), "replace_interval=1 is invalid"),
@@ -40,7 +41,7 @@ BAD_CONFIGS = [
     (dict(detach_neighbors="yes"), "detach_neighbors='yes' is invalid"),
     (dict(recompute_replaced=1), "recompute_replaced=1 is invalid"),
     (dict(block_path=""), "block_path='' is invalid"),
-    (dict(format_version=2), "format_version=2 is not supported"),
+    (dict(format_version=3), "format_version=3 is not supported"),
 ]
 
 
@@ -55,7 +56,7 @@ BAD_SELECTIONS = [
     (dict(replaced_blocks=[5]), r"\[5\] outside the valid range 1..4"),
     (dict(replaced_blocks=[-1]), r"\[-1\] outside the valid range"),
     (dict(replaced_blocks=[2, 3]), r"adjacent blocks \[\(2, 3\)\]"),
-    (dict(replace_interval=7), "replace_interval=7 selects no block of this 6-block model"),
+    (dict(replace_interval=13), r"replace_interval=13 selects no block .* lengths: \{'vit.layers': 6\}"),
     (dict(block_path="vit.nothing"), "block_path='vit.nothing' does not exist"),
     (dict(block_path="classifier"), "points at a Linear, not an nn.ModuleList"),
 ]
@@ -133,13 +134,22 @@ def test_neighbours_of_another_kind_raise_when_explicit(neighbour, message):
         get_replacement_model(model, ReplacementConfig(block_path="blocks", replaced_blocks=[1]))
 
 
-def test_neighbours_of_another_kind_are_skipped_with_warning_when_by_interval(caplog):
+def test_interval_blocks_of_another_kind_move_to_a_neighbour():
     model = nn.Module()
     model.blocks = nn.ModuleList([nn.LayerNorm(4)] + [nn.Linear(4, 4) for _ in range(5)])
+    replaced = get_replacement_model(model, ReplacementConfig(block_path="blocks", replace_interval=2))
+    # Block 1 (aimed at) has a LayerNorm neighbour: block 2 is replaced instead, then 4 (3 is next to 2).
+    assert replaced.replaced_blocks == {2: "blocks.2", 4: "blocks.4"}
+
+
+def test_interval_blocks_with_no_replaceable_neighbour_are_skipped_with_warning(caplog):
+    model = nn.Module()
+    kinds = [nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4)] + [nn.Linear(4, 4) for _ in range(4)]
+    model.blocks = nn.ModuleList(kinds)
     with caplog.at_level("WARNING"):
         replaced = get_replacement_model(model, ReplacementConfig(block_path="blocks", replace_interval=2))
-    assert replaced.replaced_blocks == {3: "blocks.3"}
-    assert "Not replaced" in caplog.text and "1 (" in caplog.text
+    assert replaced.replaced_blocks == {4: "blocks.4"}
+    assert "Not replaced" in caplog.text and "1 (blocks.1 and its neighbour blocks.0 are different kinds" in caplog.text
 
 
 def test_nearest_with_no_matching_neighbour():
@@ -269,8 +279,9 @@ def test_tied_weights_are_saved_once_and_tied_again_on_load(tmp_path):
 @pytest.mark.parametrize(
     "keywords, message",
     [
-        (dict(num_labels=3), "num_labels: unknown, or a config override"),
-        (dict(tpyo_kwarg=1), "tpyo_kwarg: unknown"),
+        (dict(num_labels=5), "ignore_mismatched_sizes=True with the new num_labels"),
+        (dict(tpyo_kwarg=1), "tpyo_kwarg \\(unknown keyword, and is no attribute of the checkpoint's base config"),
+        (dict(model=tiny_models.build("vit"), num_labels=5), "num_labels .*but model= was given"),
         (dict(use_safetensors=False), "use_safetensors \\(only safetensors are ever loaded\\)"),
         (dict(dtype=torch.bfloat16, torch_dtype=torch.float16), "give dtype or torch_dtype"),
         (dict(dtype="int8"), "dtype='int8' is not a floating-point torch dtype"),
@@ -302,8 +313,10 @@ def test_transformers_loaders_refuse_a_repl_checkpoint_naming_ours(saved):
         lambda: AutoConfig.from_pretrained(saved),
         lambda: pipeline("image-classification", model=str(saved)),
     ):
-        with pytest.raises(ValueError, match="load it with hf_replacement.ReplacementModel.from_pretrained"):
+        with pytest.raises(ValueError) as error:
             load()
+        # hf_replacement's message alone: not Transformers' advice to update Transformers (issue 25).
+        assert str(error.value) == GUARD_MESSAGE
     assert ReplacementModel.from_pretrained(saved).replaced_blocks == {3: "vit.layers.3"}
 
 

@@ -16,7 +16,15 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from ..config import ReplacementConfig
-from .argtypes import block_list, coefficient_init, fraction, non_negative_float, positive_float, positive_int
+from .argtypes import (
+    block_list,
+    chain_names,
+    coefficient_init,
+    fraction,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 
 # Parsing imports no torch, Transformers or Accelerate (`hf-replacement --help` answers at once): the package's
 # names load lazily, and each command imports what it runs inside its handler.
@@ -70,25 +78,53 @@ def _add_data_arguments(group: argparse._ArgumentGroup) -> None:
 
 # Which blocks to replace: one way at a time (or --baseline, none).
 _SELECTION_FIELDS = ("replace_interval", "replaced_blocks")
-_VALUE_PARSERS = {"replaced_blocks": block_list, "coefficient_init": coefficient_init}
-_METAVARS = {"replace_interval": "K", "replaced_blocks": "I,J,...", "coefficient_init": "A,B|fit"}
+_VALUE_PARSERS = {
+    "replaced_blocks": block_list,
+    "coefficient_init": coefficient_init,
+    "target_chains": chain_names,
+}
+_METAVARS = {
+    "replace_interval": "K",
+    "replaced_blocks": "I,J,...",
+    "coefficient_init": "A,B|fit",
+    "target_chains": "NAME,...",
+}
 
 
 def _replacement_fields() -> list[dataclasses.Field]:
     return [spec for spec in dataclasses.fields(ReplacementConfig) if spec.metadata.get("cli")]
 
 
+_GIVEN = "_given_replacement_flags"
+
+
+def _recording(action: type[argparse.Action]) -> type[argparse.Action]:
+    """`action` that also notes its flag as given: argparse's own exclusivity check cannot see a value
+    equal to the default (`--replace-interval 4`), and `--baseline` must refuse any RepL flag given."""
+
+    class Recording(action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            getattr(namespace, _GIVEN).append(option_string)
+
+    return Recording
+
+
 def _add_replacement_arguments(group: argparse._ArgumentGroup) -> None:
     """One flag per `ReplacementConfig` field marked for the CLI: help, choices and defaults come from the config."""
+    group.set_defaults(**{_GIVEN: []})
     selection = group.add_mutually_exclusive_group()
     for spec in _replacement_fields():
         target = selection if spec.name in _SELECTION_FIELDS else group
         flag = "--" + spec.name.replace("_", "-")
         if isinstance(spec.default, bool):
-            target.add_argument(flag, action="store_true", dest=spec.name, help=spec.metadata["help"])
+            target.add_argument(
+                flag, action=_recording(argparse._StoreTrueAction), dest=spec.name, help=spec.metadata["help"]
+            )
             continue
         target.add_argument(
             flag,
+            action=_recording(argparse._StoreAction),
             dest=spec.name,
             default=spec.default,
             type=_VALUE_PARSERS.get(spec.name, type(spec.default) if spec.default is not None else str),
@@ -127,6 +163,11 @@ def _add_training_arguments(train: argparse.ArgumentParser) -> None:
         default=1,
         metavar="N",
         help="batches whose gradients are summed into one update",
+    )
+    optimisation.add_argument(
+        "--stop-on-divergence",
+        action="store_true",
+        help="stop (exit 1) when the mean loss of 20 updates exceeds 3x the first update's; without it, a warning",
     )
 
     processes = train.add_argument_group("precision and processes")
@@ -237,10 +278,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_replacement_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The RepL flags given must mean something: one selection flag, and none at all with --baseline."""
+    given = list(dict.fromkeys(getattr(args, _GIVEN, [])))
+    selection = [flag for flag in given if flag.lstrip("-").replace("-", "_") in _SELECTION_FIELDS]
+    if len(selection) > 1:
+        parser.error(f"argument {selection[1]}: not allowed with argument {selection[0]} (give one of the two)")
+    if args.baseline and given:
+        parser.error(
+            f"argument --baseline: not allowed with {', '.join(given)}: --baseline trains the unchanged model, so "
+            "these RepL flags would be ignored. Drop them, or drop --baseline."
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainingOptions, train
 
-    values = {key: value for key, value in vars(args).items() if key != "command"}
+    values = {key: value for key, value in vars(args).items() if key not in ("command", _GIVEN)}
     replacement = ReplacementConfig(**{spec.name: values.pop(spec.name) for spec in _replacement_fields()})
     options = TrainingOptions(replacement=replacement, **values)
     with _process_group_released():
@@ -286,11 +340,17 @@ def _report(results: dict, output_dir: str) -> None:
             lines.append(f"fitted initial coefficients, relative reconstruction error: {fits}")
     else:
         lines = [f"trainable params: {trainable:,d} (ordinary training)"]
+    if results["median_step_seconds"] is None:  # resumed from a checkpoint at (or past) the last update
+        timing = f"no update taken: the run had already reached its {results['updates']} updates"
+    else:
+        timing = f"median step: {results['median_step_seconds']:.4f} s"
     lines += [
-        f"median step: {results['median_step_seconds']:.4f} s; peak memory: {results['peak_memory_mb']:.0f} MB",
+        f"{timing}; peak memory: {results['peak_memory_mb']:.0f} MB",
         f"saved: {output_dir} (model, image processor, results.json)",
         f"accuracy: {results['accuracy']:.4f}",
     ]
+    if results.get("divergence"):
+        lines.append(f"warning: {results['divergence']}")
     print("\n".join(lines))
 
 
@@ -318,22 +378,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":
+        _check_replacement_flags(parser, args)
     handlers = {"train": _train, "evaluate": _evaluate, "merge": _merge}
     try:
         return handlers[args.command](args)
+    except KeyboardInterrupt as interrupt:
+        parser.exit(130, f"hf-replacement {args.command}: {_interrupted(args, interrupt)}\n")
     except Exception as error:
-        if not isinstance(error, _input_errors()):
+        status = _exit_status(error)
+        if status is None:  # a bug: its traceback
             raise
-        parser.exit(2, f"hf-replacement {args.command}: error: {error}\n")
+        parser.exit(status, f"hf-replacement {args.command}: error: {error}\n")
 
 
-def _input_errors() -> tuple[type[Exception], ...]:
-    """The errors that mean bad input or a failed run, reported in one line; anything else is a bug and shows
-    its traceback. Imported when a command failed, not before parsing (they import torch)."""
+def _interrupted(args: argparse.Namespace, interrupt: KeyboardInterrupt) -> str:
+    from .save_guard import SaveInterrupted, what_is_intact
+
+    if isinstance(interrupt, SaveInterrupted):
+        return str(interrupt)
+    if args.command == "train":
+        return f"interrupted (Ctrl-C); {what_is_intact(args.output_dir)}."
+    return "interrupted (Ctrl-C); nothing was written." if args.command == "merge" else "interrupted (Ctrl-C)."
+
+
+def _exit_status(error: Exception) -> int | None:
+    """2 for bad input, 1 for the disk's or the run's fault (reported in one line); None for anything else, a bug
+    that shows its traceback. The error types are imported when a command failed, not before parsing (torch)."""
     from ..hub import HubError
-    from .training_steps import NonFiniteLossError
+    from .save_guard import SaveError
+    from .training_steps import DivergenceError, NonFiniteLossError
 
-    return (ValueError, FileNotFoundError, NonFiniteLossError, HubError)
+    if isinstance(error, (ValueError, FileNotFoundError, NonFiniteLossError, HubError)):
+        return 2
+    if isinstance(error, (SaveError, DivergenceError)):
+        return 1
+    return None
 
 
 if __name__ == "__main__":
