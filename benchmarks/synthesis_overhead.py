@@ -6,7 +6,8 @@ Writes `synthesis_overhead.{json,md}` to `benchmarks/` (or `--output-dir`); `pyt
 then shows the table in `benchmarks/README.md`.
 
 On the RepL k=4 model of each preset (default config: one (a, b) per block, fusion="resample"), with
-the two public implementations of `hf_replacement.synthesis`, which give the same weights:
+the two public implementations (`hf_replacement.synthesis`, `hf_replacement.reference`), which give
+the same weights:
 - `fused` is `synthesize`, what every forward of a replaced block runs: one autograd node per
   replaced block, `torch._foreach_*` kernels over the block's tensors, and neighbours of another
   shape resampled inside the node from the matrix's structure;
@@ -50,7 +51,8 @@ from benchmarks.harness.paths import BENCHMARKS_DIR, SYNTHESIS_OVERHEAD_NAME
 from benchmarks.harness.suites import SuiteSpec
 from hf_replacement import ReplacementConfig, get_replacement_model
 from hf_replacement.commands.presets import build_preset_model
-from hf_replacement.synthesis import reference_synthesize, synthesize
+from hf_replacement.reference import reference_synthesize
+from hf_replacement.synthesis import synthesize
 
 logger = logging.getLogger("benchmarks.synthesis_overhead")
 

@@ -4,11 +4,16 @@ from .blocks import Block, BlockDiscoveryError, find_blocks
 from .config import CONFIG_NAME, ReplacementConfig, ReplacementConfigError
 from .integrations.fsdp import gather_state_dict, shard_model, sharding_units
 from .integrations.peft import merge_peft_and_replacement, prepare_peft_config
+from .integrations.pipelines import allow_replacement_models_in_pipelines
 from .integrations.trainer import ReplacementCallback, ReplacementTrainer
 from .model import ReplacementModel, get_replacement_model
 from .resampling import FusionError
 
 __version__ = "0.1.0"
+
+# Pipelines log a false "not supported" error for any class they do not know: the integration filters
+# that one record. Installed here, with the other integrations, rather than by the core model.
+allow_replacement_models_in_pipelines()
 
 __all__ = [
     "Block",

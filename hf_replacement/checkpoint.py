@@ -190,3 +190,6 @@ def atomic_write(path: str | os.PathLike, content: FileContent) -> None:
     """Write one file atomically (see `write_checkpoint`): readers never see it half-written."""
     directory, name = os.path.split(os.fspath(path))
     write_checkpoint(directory or ".", {name: content})
+
+
+__all__ = ["WEIGHTS_NAME", "atomic_write", "load_weights", "staged_directory", "write_checkpoint"]

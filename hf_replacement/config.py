@@ -183,3 +183,15 @@ class ReplacementConfig:
         if not isinstance(data, dict):
             raise ReplacementConfigError(f"{path} must hold a JSON object, found {type(data).__name__}.")
         return cls.from_dict(data)
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "DEFAULT_COEFFICIENT_INIT",
+    "FIT",
+    "FUSION_MODES",
+    "GRANULARITIES",
+    "SURROGATES",
+    "ReplacementConfig",
+    "ReplacementConfigError",
+]

@@ -5,7 +5,18 @@ Transformers' gradient checkpointing, attention masks, drop-path and buffers beh
 its buffers, but its parameters are deleted. The synthesis runs inside the block's `forward`, so a
 gradient-checkpointing recompute rebuilds the weights from the coefficients and the neighbours
 instead of reusing stale ones. Nor does autograd keep them for backward: it keeps a recipe, and
-backward synthesizes them again (`saved_weights.py`).
+backward synthesizes them again (`saved_tensor_hooks.py`).
+
+Why a class swap and instance-dict writes rather than composition (a wrapper module holding the
+block): the block must stay the same object at the same path, of a subclass of its own class, so
+that Transformers' code that walks or type-checks the model (gradient checkpointing's
+`GradientCheckpointingLayer`, attention-mask and output handling, `_no_split_modules`, PEFT's target
+matching, FSDP's unit boundaries) and every state-dict key stay as they are; a wrapper would rename
+the keys and hide the class. The synthesized weights are written into the owners' `__dict__`,
+where `Module.__setattr__` would put a plain tensor anyway, so that the block's own forward reads
+`self.weight` unchanged (and skipping `__setattr__`'s checks saves ~1 µs a tensor). This module is the
+only one that swaps classes or writes a module's `__dict__`; others read a block's state through
+`synthesis.replacement_state`.
 """
 
 from __future__ import annotations
@@ -18,13 +29,21 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import FIT, ReplacementConfig
+from .config import FIT
 from .fitting import CoefficientFit, fit_coefficients
 from .planning import BlockPlan, coefficient_width
 from .resampling import DimResample
 from .saved_tensor_hooks import saved_weight_hooks
-from .surrogates import describe, merged_value, skipped_value, surrogate_family
-from .synthesis import ReplacementState, SynthesizedTensor, Term, compile_program, synthesize
+from .surrogates import merged_value, skipped_value
+from .synthesis import (
+    Program,
+    ReplacementState,
+    SynthesizedTensor,
+    Term,
+    compile_program,
+    replacement_state,
+    synthesize,
+)
 
 RESAMPLE_BUFFER_PREFIX = "replacement_resample_"
 
@@ -52,28 +71,69 @@ class ReplacementCoefficients(nn.Module):
 
 
 def apply_plan(
-    plan: BlockPlan, coefficients: ReplacementCoefficients, config: ReplacementConfig
+    plan: BlockPlan, coefficients: ReplacementCoefficients, initial: torch.Tensor | None = None
 ) -> CoefficientFit | None:
     """Free the block's parameters and make it synthesize them from its neighbours.
 
-    With `coefficient_init="fit"` the coefficients are fitted to the block's weights first, and the
+    The coefficients start from `initial` when given (a checkpoint's, shape (2, plan.num_columns)),
+    else from `plan.coefficient_init`; with "fit" they are fitted to the block's weights first, and the
     fit is returned (else None).
     """
     module = plan.block.module
-    device = next(module.parameters()).device
     fit = None
-    if config.coefficient_init == FIT:
-        fit = fit_coefficients(plan, config.coefficient_granularity)
+    if initial is not None:
+        initial = _checked_initial(plan, initial)
+    elif plan.coefficient_init == FIT:
+        fit = fit_coefficients(plan, plan.granularity)
         initial = fit.coefficients
     else:
-        pair = torch.tensor(config.coefficient_init, dtype=torch.float32, device=device)
+        device = next(module.parameters()).device
+        pair = torch.tensor(plan.coefficient_init, dtype=torch.float32, device=device)
         initial = pair[:, None].repeat(1, plan.num_columns)
     coefficients.register_parameter(str(plan.block.index), nn.Parameter(initial))
-    tensors, terms, widths, shapes, neighbours, table_names = [], [], [], [], [], []
-    for output, tensor in enumerate(plan.tensors):
-        owner_name, _, attr = tensor.name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        tensors.append(SynthesizedTensor(tensor.name, owner, attr, owner._parameters[attr].requires_grad))
+    tensors = tuple(_tensor_of(module, tensor.name) for tensor in plan.tensors)
+    program, neighbours, table_names = _compile(plan, tensors)
+    # A surrogate's unused tensors (its token mixer) go as well: neither kept nor synthesized.
+    unused = tuple(_tensor_of(module, name) for name, _ in plan.unused)
+    for tensor in tensors + unused:
+        del tensor.owner._parameters[tensor.attr]
+        _explain_freed_parameter(tensor.owner, tensor.attr, plan, f"{plan.block.name}.{tensor.name}")
+    module._replacement = ReplacementState(
+        plan=plan,
+        granularity=plan.granularity,
+        coefficients=coefficients,
+        tensors=tensors,
+        program=program,
+        neighbours=neighbours,
+        table_names=table_names,
+        detach_neighbors=plan.detach_neighbors,
+        recompute=plan.recompute,
+        surrogate=plan.surrogate.forward if plan.surrogate is not None else None,
+        unused=unused,
+    )
+    module.__class__ = _swapped_class(ReplacedBlockMixin, type(module))
+    return fit
+
+
+def _checked_initial(plan: BlockPlan, initial: torch.Tensor) -> torch.Tensor:
+    if tuple(initial.shape) != (2, plan.num_columns):
+        raise ValueError(
+            f"The coefficients given for block {plan.block.index} ({plan.block.name}) have shape "
+            f"{tuple(initial.shape)}; its plan needs (2, {plan.num_columns}) (coefficient_granularity="
+            f"{plan.granularity!r}). Were they saved from another model or replacement config?"
+        )
+    device = next(plan.block.module.parameters()).device
+    return initial.detach().to(device=device, dtype=torch.float32).clone()
+
+
+def _compile(
+    plan: BlockPlan, tensors: tuple[SynthesizedTensor, ...]
+) -> tuple[Program, tuple[tuple[nn.Module, str], ...], tuple[str, ...]]:
+    """The block's synthesis program, each term's neighbour tensor (owner, attribute) and the names of the
+    resampling tables it registers as buffers of the block."""
+    module = plan.block.module
+    terms, widths, shapes, neighbours, table_names = [], [], [], [], []
+    for output, (tensor, synthesized) in enumerate(zip(plan.tensors, tensors)):
         for row, (neighbour, steps) in enumerate(
             ((plan.previous.module, tensor.previous), (plan.next.module, tensor.next))
         ):
@@ -82,34 +142,16 @@ def apply_plan(
             source = neighbour.get_parameter(tensor.name)
             resample = tuple((step, _register_tables(module, step, source, table_names)) for step in steps)
             terms.append(Term(row, output, resample, shrinks=source.numel() > math.prod(tensor.shape)))
-            neighbours.append((neighbour.get_submodule(owner_name), attr))
-        width = coefficient_width(config.coefficient_granularity, tensor.shape)
+            owner_name = tensor.name.rpartition(".")[0]
+            neighbours.append((neighbour.get_submodule(owner_name), synthesized.attr))
+        width = coefficient_width(plan.granularity, tensor.shape)
         widths.append(max(width, 1))
         # "channel": one coefficient per output channel, broadcast over the other dimensions; a 0-dim
         # tensor has one coefficient and keeps its shape.
-        per_channel = config.coefficient_granularity == "channel" and len(tensor.shape) > 0
+        per_channel = plan.granularity == "channel" and len(tensor.shape) > 0
         shapes.append((width,) + (1,) * (len(tensor.shape) - 1) if per_channel else ())
-    # A surrogate's unused tensors (its token mixer) go as well: neither kept nor synthesized.
-    unused = tuple(_tensor_of(module, name) for name, _ in plan.unused)
-    for tensor in tensors + list(unused):
-        del tensor.owner._parameters[tensor.attr]
-        _explain_freed_parameter(tensor.owner, tensor.attr, plan, f"{plan.block.name}.{tensor.name}")
-    family = surrogate_family(module, plan.surrogate, plan.block.name)
-    module._replacement = ReplacementState(
-        plan=plan,
-        granularity=config.coefficient_granularity,
-        coefficients=coefficients,
-        tensors=tuple(tensors),
-        program=compile_program(terms, widths, shapes, shared_coefficients=config.coefficient_granularity == "block"),
-        neighbours=tuple(neighbours),
-        table_names=tuple(table_names),
-        detach_neighbors=config.detach_neighbors,
-        recompute=config.recompute_replaced,
-        surrogate=family.forward if family is not None else None,
-        unused=unused,
-    )
-    module.__class__ = _swapped_class(ReplacedBlockMixin, type(module))
-    return fit
+    program = compile_program(terms, widths, shapes, shared_coefficients=plan.granularity == "block")
+    return program, tuple(neighbours), tuple(table_names)
 
 
 def _tensor_of(module: nn.Module, name: str) -> SynthesizedTensor:
@@ -188,7 +230,7 @@ class ReplacedBlockMixin(FreedParametersMixin):
 
     def extra_repr(self) -> str:
         state = self._replacement
-        computes = describe(surrogate_family(self, state.plan.surrogate, state.plan.block.name), state.plan.surrogate)
+        computes = state.plan.surrogate.describe() if state.plan.surrogate is not None else "the whole block"
         return (
             f"replaced: weights = a·block {state.plan.previous.index} + b·block {state.plan.next.index}; "
             f"computes {computes}"
@@ -255,7 +297,9 @@ def is_replaced(module: nn.Module) -> bool:
 @torch.no_grad()
 def materialize(module: nn.Module) -> None:
     """Turn a replaced block back into an ordinary block holding its synthesized weights."""
-    state: ReplacementState = module._replacement
+    state = replacement_state(module)
+    if state is None:
+        raise ValueError(f"{type(module).__name__} is not a replaced block: there is nothing to materialize.")
     values = [
         merged_value(value.detach(), plan.block_shape) for plan, value in zip(state.plan.tensors, synthesize(module))
     ]
@@ -271,3 +315,6 @@ def materialize(module: nn.Module) -> None:
         del module._buffers[name]
     module.__class__ = type(module).__bases__[1]
     del module._replacement
+
+
+__all__ = ["ReplacementCoefficients", "apply_plan", "is_replaced", "materialize"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import json
 import logging
@@ -15,27 +14,29 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from .blocks import find_blocks
+from .blocks import Block, find_blocks
 from .checkpoint import WEIGHTS_NAME, load_weights, remove_other_weight_files, weight_files, write_checkpoint
-from .config import CONFIG_NAME, DEFAULT_COEFFICIENT_INIT, FIT, ReplacementConfig
+from .config import CONFIG_NAME, FIT, ReplacementConfig
 from .fitting import CoefficientFit
 from .hub import CardFacts, push_to_hub
-from .integrations.pipelines import allow_replacement_models_in_pipelines
 from .layer import ReplacementCoefficients, apply_plan, is_replaced, materialize
 from .loading import (
     BASE_CONFIG_NAME,
     GUARD_MODEL_TYPE,
     build_base_model,
     download_replacement_checkpoint,
+    generation_config_files,
     load_exact,
+    load_generation_config,
     refuse_unsupported_keywords,
     resolve_dtype,
     single_device,
     without_tied_copies,
 )
 from .planning import BlockPlan
+from .reporting import POOR_FIT_RELATIVE_ERROR, describe_fit_errors, describe_parameters
 from .selection import select_blocks
-from .synthesis import synthesize
+from .synthesis import replacement_state, synthesize
 from .utils import count_parameters, is_sharded
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,6 @@ class ReplacementModel(nn.Module):
             self._replace_planned(plans)
         # Trainer keeps the dataset columns named in forward's signature: show it the base model's.
         self.forward = functools.wraps(base_model.forward)(functools.partial(ReplacementModel.forward, self))
-        allow_replacement_models_in_pipelines()
 
     def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
         # `labels` is named because Trainer finds the label names in the *class*'s forward signature;
@@ -116,13 +116,15 @@ class ReplacementModel(nn.Module):
             # PEFT's modules_to_save puts a wrapper holding a trainable copy here (and the copy on unload):
             # the replaced blocks read their coefficients through whatever module holds this name.
             for block in self._blocks:
-                if is_replaced(block.module):
-                    block.module._replacement.coefficients = value
+                state = replacement_state(block.module)
+                if state is not None:
+                    state.coefficients = value
 
-    def _replace_planned(self, plans: list[BlockPlan]) -> None:
+    def _replace_planned(self, plans: list[BlockPlan], initial: dict[int, torch.Tensor] | None = None) -> None:
+        """Carry the plans out; `initial`: coefficients by block index to start from (a checkpoint's), not fitted."""
         self._coefficient_fits = {}
         for plan in plans:
-            fit = apply_plan(plan, self.replacement_coefficients, self.replacement_config)
+            fit = apply_plan(plan, self.replacement_coefficients, (initial or {}).get(plan.block.index))
             if fit is not None:
                 self._coefficient_fits[plan.block.index] = fit
         if self._coefficient_fits:
@@ -160,13 +162,17 @@ class ReplacementModel(nn.Module):
     def num_blocks(self) -> int:
         return len(self._blocks)
 
+    def get_blocks(self) -> list[Block]:
+        """Every block of the base model in forward order, replaced or not (`find_blocks`' result)."""
+        return list(self._blocks)
+
     def get_coefficients(self) -> dict[str, dict[str, torch.Tensor]]:
         """Block name -> {"a": ..., "b": ...}; scalars for "block" granularity, else one entry per column."""
         names = self.replaced_blocks
         result = {}
         for key, parameter in self.replacement_coefficients().named_parameters():
             a, b = parameter.detach().clone()
-            if self.replacement_config.coefficient_granularity == "block":
+            if replacement_state(self._blocks[int(key)].module).granularity == "block":
                 a, b = a[0], b[0]
             result[names[int(key)]] = {"a": a, "b": b}
         return result
@@ -178,7 +184,7 @@ class ReplacementModel(nn.Module):
             raise ValueError(f"block {block_index} ({block.name}) is not replaced; replaced: {self.replaced_blocks}")
         with torch.no_grad():
             values = synthesize(block.module)
-        return {tensor.name: value for tensor, value in zip(block.module._replacement.tensors, values)}
+        return {tensor.name: value for tensor, value in zip(replacement_state(block.module).tensors, values)}
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Transformers' `num_parameters`, the coefficients included (as `get_nb_trainable_parameters` counts them)."""
@@ -192,16 +198,16 @@ class ReplacementModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        replaced = ", ".join(str(i) for i in self.replaced_blocks)
-        saved = 1 - total / self._num_unreplaced_parameters
-        fits = ""
-        if self._coefficient_fits:
-            fits = f" || fitted init, relative error: {describe_fit_errors(self.coefficient_fit_errors())}"
         # A user-facing report, like PEFT's print_trainable_parameters.
         print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / total:.4f} || replaced blocks: {replaced} (of {self.num_blocks}) || "
-            f"unreplaced model: {self._num_unreplaced_parameters:,d} params ({100 * saved:.2f}% fewer now){fits}"
+            describe_parameters(
+                trainable,
+                total,
+                list(self.replaced_blocks),
+                self.num_blocks,
+                self._num_unreplaced_parameters,
+                self.coefficient_fit_errors(),
+            )
         )
 
     def merge_and_unload(self) -> nn.Module:
@@ -265,6 +271,7 @@ class ReplacementModel(nn.Module):
                 config.architectures = [type(self.base_model).__name__]
                 files[BASE_CONFIG_NAME] = config.to_json_string()
                 files["config.json"] = _GUARD_CONFIG
+            files.update(generation_config_files(self.base_model))
             weights = without_tied_copies(self.state_dict() if state_dict is None else state_dict)[0]
             files.update(weight_files(weights, max_shard_size))
             write_checkpoint(save_directory, files)
@@ -366,12 +373,16 @@ class ReplacementModel(nn.Module):
         # A checkpoint saved before a deferred replacement (`replacement_start_step`) has no
         # coefficients yet: it loads as a model whose replacement is still deferred.
         deferred = not any(key.startswith("replacement_coefficients.") for key in state_dict)
-        # The coefficients come from the checkpoint: no fit to the freshly built model's weights first.
-        # A deferred checkpoint keeps "fit", which `replace_blocks()` applies to the weights it has then.
-        unfitted = dataclasses.replace(replacement_config, coefficient_init=DEFAULT_COEFFICIENT_INIT)
-        replacement_model = cls(model, replacement_config if deferred else unfitted, defer_replacement=deferred)
-        replacement_model.replacement_config = replacement_config
+        replacement_model = cls(model, replacement_config, defer_replacement=True)
+        if not deferred:
+            # The coefficients start from the checkpoint's (no fit to the freshly built model's weights). A
+            # deferred checkpoint keeps "fit", which `replace_blocks()` applies to the weights it has then.
+            prefix = "replacement_coefficients."
+            initial = {int(key[len(prefix) :]): value for key, value in state_dict.items() if key.startswith(prefix)}
+            plans = select_blocks(replacement_model.get_blocks(), replacement_config)
+            replacement_model._replace_planned(plans, initial)
         load_exact(replacement_model, state_dict, directory)
+        load_generation_config(model, directory)
         if dtype == "auto":
             dtype = getattr(getattr(model, "config", None), "dtype", None) or torch.float32
         if dtype is not None or device is not None:
@@ -386,19 +397,6 @@ def _refuse_sharded(model: ReplacementModel, action: str) -> None:
             "process, save_pretrained(directory, state_dict=...) on the main one) and "
             f"{action} ReplacementModel.from_pretrained(directory)."
         )
-
-
-# A block whose fitted coefficients leave more than this share of its weights' norm unexplained is warned
-# about: converting it loses most of what it held.
-POOR_FIT_RELATIVE_ERROR = 0.9
-
-
-def describe_fit_errors(errors: dict[Any, dict[str, float]]) -> str:
-    """`coefficient_fit_errors()` (or its JSON form) in one line: "block 3: 0.412 (a=b=0.5: 0.951), ..."."""
-    return ", ".join(
-        f"block {index}: {error['relative_error']:.3f} (a=b=0.5: {error['default_relative_error']:.3f})"
-        for index, error in errors.items()
-    )
 
 
 def _log_fit_errors(errors: dict[int, dict[str, float]]) -> None:
@@ -459,4 +457,4 @@ def get_replacement_model(model: nn.Module, config: ReplacementConfig | None = N
     return ReplacementModel(model, config if config is not None else ReplacementConfig())
 
 
-__all__ = ["ReplacementModel", "get_replacement_model"]
+__all__ = ["LOG_PREFIX", "ReplacementModel", "coefficient_logs", "get_replacement_model"]

@@ -1,8 +1,11 @@
 """Planning a replacement: which neighbour tensors build each parameter of a block, and how.
 
 `plan_block` checks that a block can be synthesized from its neighbours and records, per
-parameter tensor, the resampling steps each neighbour's same-named tensor needs. Nothing is
-changed here: `layer.apply_plan` carries a plan out.
+parameter tensor, the resampling steps each neighbour's same-named tensor needs, together with every
+choice of the `ReplacementConfig` that matters after planning (granularity, initial coefficients,
+detach, recompute, the surrogate). Planning is the last step that reads the config: the forward,
+the fit, the merge and sharding read the plan. Nothing is changed here: `layer.apply_plan` carries
+a plan out.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 from .blocks import Block
 from .config import ReplacementConfig
 from .resampling import DimNarrow, FusionError, Step, fan_in_dims, resample_plan
-from .surrogates import Family, surrogate_family
+from .surrogates import Surrogate, surrogate_for
 
 # The steps mapping a neighbour's tensor to the replaced block's shape (narrowing for a surrogate,
 # then resampling): () when the shapes match, None when that neighbour is not used (fusion="nearest"
@@ -34,14 +37,20 @@ class TensorPlan:
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """A validated plan to replace one block; nothing is changed until `apply_plan`."""
+    """A validated plan to replace one block, self-contained: everything `apply_plan`, the forward,
+    the fit, the merge and sharding need. Nothing is changed until `apply_plan`."""
 
     block: Block
     previous: Block
     next: Block
     tensors: tuple[TensorPlan, ...]
     num_columns: int
-    surrogate: str = "block"  # `ReplacementConfig.surrogate`
+    granularity: str  # `ReplacementConfig.coefficient_granularity`
+    # `ReplacementConfig.coefficient_init`: (a, b), or "fit" (`fitting.py`) when the block is replaced.
+    coefficient_init: tuple[float, float] | str
+    detach_neighbors: bool
+    recompute: bool  # `ReplacementConfig.recompute_replaced`
+    surrogate: Surrogate | None = None  # what the block computes instead of its own forward; None: all of it
     # The block's parameters the surrogate does not use (name, shape): freed, never synthesized.
     unused: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
@@ -49,19 +58,20 @@ class BlockPlan:
 def plan_block(block: Block, previous: Block, next_block: Block, config: ReplacementConfig) -> BlockPlan:
     """Check that `block` can be synthesized from its neighbours; raise `FusionError` if not (and
     `ReplacementConfigError` if its family has no such `config.surrogate`)."""
-    family = surrogate_family(block.module, config.surrogate, block.name)
+    surrogate = surrogate_for(block.module, config.surrogate, block.name)
     tensors, unused = [], []
     num_columns = 0
     for name, parameter in block.module.named_parameters():
         block_shape = tuple(parameter.shape)
-        if family is not None and not family.uses(name):
+        if surrogate is not None and not surrogate.uses(name):
             unused.append((name, block_shape))
             continue
-        shape = family.shape(config.surrogate, name, block_shape) if family is not None else block_shape
+        shape = surrogate.shape(name, block_shape) if surrogate is not None else block_shape
         owner_name, _, attr = name.rpartition(".")
         fan_in = fan_in_dims(block.module.get_submodule(owner_name), attr, parameter.ndim)
         sources = [
-            _plan_source(block, neighbour, name, shape, fan_in, config, family) for neighbour in (previous, next_block)
+            _plan_source(block, neighbour, name, shape, fan_in, config.fusion, surrogate)
+            for neighbour in (previous, next_block)
         ]
         if sources == [None, None]:
             raise FusionError(
@@ -73,7 +83,17 @@ def plan_block(block: Block, previous: Block, next_block: Block, config: Replace
     if not tensors:
         raise FusionError(f"{block.name} has no parameters: there is nothing to replace.")
     return BlockPlan(
-        block, previous, next_block, tuple(tensors), max(num_columns, 1), config.surrogate, tuple(unused)
+        block,
+        previous,
+        next_block,
+        tuple(tensors),
+        max(num_columns, 1),
+        granularity=config.coefficient_granularity,
+        coefficient_init=config.coefficient_init,
+        detach_neighbors=config.detach_neighbors,
+        recompute=config.recompute_replaced,
+        surrogate=surrogate,
+        unused=tuple(unused),
     )
 
 
@@ -92,8 +112,8 @@ def _plan_source(
     name: str,
     shape: tuple[int, ...],
     fan_in: set[int],
-    config: ReplacementConfig,
-    family: Family | None,
+    fusion: str,
+    surrogate: Surrogate | None,
 ) -> SourcePlan:
     try:
         source = neighbour.module.get_parameter(name)
@@ -108,15 +128,15 @@ def _plan_source(
             f"{name} has shape {tuple(shape)} here and {tuple(source.shape)} there."
         )
     # A surrogate takes the neighbour's own leading hidden units (half of *its* width), then resamples.
-    narrowed = family.shape(config.surrogate, name, tuple(source.shape)) if family is not None else source.shape
+    narrowed = surrogate.shape(name, tuple(source.shape)) if surrogate is not None else source.shape
     steps = tuple(
         DimNarrow(dim, full, kept) for dim, (full, kept) in enumerate(zip(source.shape, narrowed)) if full != kept
     )
     if tuple(narrowed) == tuple(shape):
         return steps
-    if config.fusion == "nearest":
+    if fusion == "nearest":
         return None
-    if config.fusion == "error":
+    if fusion == "error":
         raise FusionError(
             f"{block.name}.{name} has shape {tuple(shape)} but {neighbour.name}.{name} has "
             f"{tuple(narrowed)} (fusion='error'); use fusion='resample' or 'nearest'."

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .synthesis import ReplacementState, synthesize
+from .synthesis import replacement_state, synthesize
 
 
 class _WeightView:
@@ -95,7 +95,7 @@ class SavedWeightHooks:
 
     @property
     def _index(self) -> int:
-        return self.module._replacement.index
+        return replacement_state(self.module).index
 
     def pack(self, tensor: torch.Tensor) -> Any:
         if type(tensor) is torch.Tensor and tensor.layout == torch.strided:
@@ -146,7 +146,7 @@ class SavedWeightHooks:
 
 def _synthesis_inputs(module: nn.Module) -> list[torch.Tensor]:
     """What a replaced block's synthesis reads: its coefficients and each term's neighbour tensor."""
-    state: ReplacementState = module._replacement
+    state = replacement_state(module)
     return [
         state.coefficient_rows(),
         *(owner._parameters[attr] for owner, attr in state.neighbours),
@@ -157,7 +157,7 @@ def saved_weight_hooks(module: nn.Module, weights: Sequence[torch.Tensor]) -> Sa
     """Hooks for the forward of the replaced block `module` with its synthesized `weights`: installed,
     autograd saves recipes for them instead of the tensors (see the module docstring). None where
     that does not apply."""
-    if not module._replacement.rebuild_saved_weights or not _hooks_apply():
+    if not replacement_state(module).rebuild_saved_weights or not _hooks_apply():
         return None
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if outer is not None and getattr(outer[0], "__module__", None) == "torch.utils.checkpoint":

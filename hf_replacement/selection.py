@@ -56,3 +56,6 @@ def select_blocks(blocks: list[Block], config: ReplacementConfig) -> list[BlockP
             "Use a smaller interval or replaced_blocks=[...]."
         )
     return plans
+
+
+__all__ = ["interval_indices", "select_blocks"]

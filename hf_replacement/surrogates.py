@@ -202,8 +202,38 @@ def family_of(module: nn.Module) -> Family | None:
     return None
 
 
-def surrogate_family(module: nn.Module, surrogate: str, block_name: str) -> Family | None:
-    """The family whose `surrogate` the block `block_name` computes; None for "block" (its own forward).
+@dataclass(frozen=True)
+class Surrogate:
+    """A lighter surrogate chosen for one block: `name` ("mlp" or "half") of the block's `family`.
+
+    The plan carries it (`planning.BlockPlan.surrogate`; None for "block", the block's own forward), so
+    the replaced block, the merge and the repr use the family looked up once, at planning.
+    """
+
+    name: str
+    family: Family
+
+    def uses(self, parameter: str) -> bool:
+        """Whether the surrogate computes with this parameter of the block (else it is freed, never synthesized)."""
+        return self.family.uses(parameter)
+
+    def shape(self, parameter: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The part of the parameter the surrogate uses: its leading hidden units for "half"."""
+        return self.family.shape(self.name, parameter, shape)
+
+    def forward(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.family.forward(block, *args, **kwargs)
+
+    def describe(self) -> str:
+        """One line for a replaced block's repr."""
+        family = self.family
+        mixer = f"{', '.join(family.mixer)} skipped" if family.mixer else "nothing skipped"
+        width = "half of the hidden units" if self.name == "half" else "all hidden units"
+        return f"surrogate {self.name!r} ({mixer}; {width})"
+
+
+def surrogate_for(module: nn.Module, surrogate: str, block_name: str) -> Surrogate | None:
+    """The lighter surrogate `surrogate` of the block `block_name`; None for "block" (its own forward).
 
     Raises `ReplacementConfigError` naming the families that have `surrogate` when this block's has not.
     """
@@ -220,7 +250,7 @@ def surrogate_family(module: nn.Module, surrogate: str, block_name: str) -> Fami
             f"{supporting}. Use surrogate='block' (the whole block with synthesized weights), or another "
             f"surrogate this family has: {('block',) + (family.surrogates if family else ())}."
         )
-    return family
+    return Surrogate(surrogate, family)
 
 
 def merged_value(value: torch.Tensor, block_shape: tuple[int, ...] | None) -> torch.Tensor:
@@ -245,12 +275,3 @@ def skipped_value(module: nn.Module, name: str, shape: tuple[int, ...], like: to
     if isinstance(owner, nn.Conv2d) and attr == "weight" and owner.groups == owner.out_channels == owner.in_channels:
         value[(slice(None), 0, *(size // 2 for size in shape[2:]))] = 1
     return value
-
-
-def describe(family: Family | None, surrogate: str) -> str:
-    """One line for a replaced block's repr."""
-    if family is None:
-        return "the whole block"
-    mixer = f"{', '.join(family.mixer)} skipped" if family.mixer else "nothing skipped"
-    width = "half of the hidden units" if surrogate == "half" else "all hidden units"
-    return f"surrogate {surrogate!r} ({mixer}; {width})"

@@ -1,19 +1,14 @@
 """Synthesis: a replaced block's parameter tensors built from its neighbours, `a·p(prev) + b·p(next)`.
 
-Two implementations with the same values:
-
-- `synthesize`, the fast path every forward uses: all of a block's tensors in one autograd node
-  (`_Synthesis`) driven by a static `Program` compiled once per block;
-- `reference_synthesize`, a few lines of plain autograd written as the paper's formula, with
-  dense resampling matrices; the tests hold the fast path to it (values and gradients).
-
-`register_synthesis_hook` lets a caller observe every synthesis (the benchmark counts them).
+`synthesize` is the fast path every forward uses: all of a block's tensors in one autograd node
+(`_Synthesis`) driven by a static `Program` compiled once per block. `reference.py` holds the same
+values written as the paper's formula in plain autograd, the reference the tests hold this to;
+`synthesis_hooks.py` lets a caller observe every synthesis (the benchmark counts them).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.utils.hooks import RemovableHandle
 
-from .planning import BlockPlan, coefficient_width
+from .planning import BlockPlan
 from .resampling import Step
+from .synthesis_hooks import call_synthesis_hooks
 
 
 @dataclass(frozen=True)
@@ -143,29 +138,26 @@ class ReplacementState:
         return rows
 
 
-# An OrderedDict, as torch's own hook registries: RemovableHandle keeps a weak reference to it.
-_SYNTHESIS_HOOKS: OrderedDict[int, Callable[[nn.Module], None]] = OrderedDict()
+def replacement_state(module: nn.Module) -> ReplacementState | None:
+    """The state `layer.apply_plan` attached to a replaced block; None for any other module.
 
-
-def register_synthesis_hook(hook: Callable[[nn.Module], None]) -> RemovableHandle:
-    """Call `hook(block)` at every synthesis of a replaced block's weights; `handle.remove()` stops it.
-
-    A training step synthesizes once per replaced block in forward, and once more in backward: to
-    rebuild the weights its layers saved (`saved_weights.py`), or, instead, when the block is
-    recomputed (`recompute_replaced=True` or gradient checkpointing).
+    The one way to read a replaced block's plan, coefficients and program from outside `layer.py`.
     """
-    handle = RemovableHandle(_SYNTHESIS_HOOKS)
-    _SYNTHESIS_HOOKS[handle.id] = hook
-    return handle
+    return vars(module).get("_replacement")
+
+
+def _state_of(module: nn.Module) -> ReplacementState:
+    state = replacement_state(module)
+    if state is None:
+        raise ValueError(f"{type(module).__name__} is not a replaced block: it has no weights to synthesize.")
+    return state
 
 
 def synthesize(module: nn.Module) -> list[torch.Tensor]:
     """The replaced block `module`'s parameter tensors, `a·p(prev) + b·p(next)`, in `state.tensors`
     order, with autograd into the coefficients and (unless detached) both neighbours."""
-    if _SYNTHESIS_HOOKS:  # every forward of a replaced block comes here: nothing to do without hooks
-        for hook in tuple(_SYNTHESIS_HOOKS.values()):
-            hook(module)
-    state: ReplacementState = module._replacement
+    call_synthesis_hooks(module)
+    state = _state_of(module)
     coefficients = state.coefficient_rows()
     sources = [owner._parameters[attr] for owner, attr in state.neighbours]
     if state.detach_neighbors:
@@ -311,44 +303,9 @@ def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def reference_synthesize(module: nn.Module) -> list[torch.Tensor]:
-    """`synthesize` written as the formula, in plain autograd: the reference the fast path is held to.
-
-    For each parameter tensor: `a·R(p_prev) + b·R(p_next)`, where `R` resamples a neighbour of
-    another shape with the dense matrix of each dimension, and `a`, `b` are the block's pair, the
-    tensor's pair or one pair per output channel (granularity).
-    """
-    state: ReplacementState = module._replacement
-    rows = state.coefficient_rows()
-    plan = state.plan
-    weights, column = [], 0
-    with _autocast_disabled(rows.device.type):
-        for tensor in plan.tensors:
-            width = coefficient_width(state.granularity, tensor.shape)
-            pair = rows[:, column : column + max(width, 1)]
-            column += width
-            per_channel = state.granularity == "channel" and len(tensor.shape) > 0
-            shape = (2, width, *(1,) * (len(tensor.shape) - 1)) if per_channel else (2,)
-            a, b = pair.reshape(shape)
-            value = None
-            for coefficient, neighbour, steps in ((a, plan.previous, tensor.previous), (b, plan.next, tensor.next)):
-                if steps is None:
-                    continue
-                source = neighbour.module.get_parameter(tensor.name)
-                if state.detach_neighbors:
-                    source = source.detach()
-                for step in steps:
-                    source = _dense_resample(source, step)
-                term = coefficient.to(source.dtype) * source
-                value = term if value is None else value + term
-            weights.append(value)
-    return weights
-
-
-def _dense_resample(tensor: torch.Tensor, step: Step) -> torch.Tensor:
-    matrix = step.matrix().to(tensor)
-    moved = torch.tensordot(matrix, tensor.movedim(step.dim, 0), dims=1)
-    return moved.movedim(0, step.dim)
-
-
-__all__ = ["ReplacementState", "SynthesizedTensor", "reference_synthesize", "register_synthesis_hook", "synthesize"]
+__all__ = [
+    "ReplacementState",
+    "SynthesizedTensor",
+    "replacement_state",
+    "synthesize",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import pathlib
 import subprocess
 import sys
@@ -43,6 +44,76 @@ def _package_imports(path: pathlib.Path) -> set[str]:
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "hf_replacement"}
     return found - {module}
+
+
+def _imported_names(path: pathlib.Path) -> list[tuple[str, str]]:
+    """(module, name) for each `from hf_replacement... import name` in `path` (relative imports resolved);
+    (module, "*") for a plain `import hf_replacement...`."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.split(".")[0] == "hf_replacement":
+                found += [(base, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(a.name, "*") for a in node.names if a.name.split(".")[0] == "hf_replacement"]
+    return found
+
+
+_APPLICATIONS = [
+    path
+    for folder in (PACKAGE / "commands", ROOT / "benchmarks")
+    for path in sorted(folder.rglob("*.py"))
+]
+
+
+@pytest.mark.parametrize("path", _APPLICATIONS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_launcher_and_the_benchmarks_import_only_exported_names(path):
+    """commands/ and benchmarks/ are applications of the library: they use what its modules export
+    (`__all__`), so what they rely on is a deliberate API (the launcher's own modules excepted, for itself)."""
+    importer = _module_name(path)
+    private = []
+    for module_name, name in _imported_names(path):
+        if importer.startswith("hf_replacement.commands") and module_name.startswith("hf_replacement.commands"):
+            continue  # the launcher's own modules
+        if name == "*" and module_name == "hf_replacement":
+            continue
+        module = importlib.import_module(module_name)
+        if name == "*" or name not in getattr(module, "__all__", ()):
+            private.append(f"{module_name}.{name}")
+    assert not private, f"{importer} imports names its modules do not export (add them to __all__, or stop): {private}"
+
+
+def test_the_library_never_imports_the_launcher():
+    library = [p for p in PACKAGE.rglob("*.py") if "commands" not in p.relative_to(PACKAGE).parts]
+    offending = {
+        _module_name(p): sorted(i for i in _package_imports(p) if i.startswith("hf_replacement.commands"))
+        for p in library
+    }
+    assert not {module: imports for module, imports in offending.items() if imports}
+    code = "import sys, hf_replacement; print(sorted(m for m in sys.modules if 'hf_replacement.commands' in m))"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout
+    assert output.strip() == "[]"
+
+
+# Longer functions are split (the launcher's loop reads top to bottom; each part has one job).
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
 def test_package_has_no_import_cycle():

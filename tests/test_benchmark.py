@@ -43,7 +43,8 @@ from benchmarks.harness.paths import BENCHMARKS_DIR
 from benchmarks.harness.suites import PretrainSpec
 from hf_replacement import find_blocks
 from hf_replacement.loading import load_image_classifier
-from hf_replacement.synthesis import reference_synthesize, synthesize
+from hf_replacement.reference import reference_synthesize
+from hf_replacement.synthesis import synthesize
 
 IMAGE_SIZE = 8
 

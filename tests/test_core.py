@@ -20,9 +20,12 @@ import torch
 from safetensors import safe_open
 from torch.func import functional_call
 
-from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model, resampling
+from hf_replacement import ReplacementConfig, ReplacementModel, find_blocks, get_replacement_model, resampling
+from hf_replacement.layer import ReplacementCoefficients, apply_plan, is_replaced
+from hf_replacement.reference import reference_synthesize
 from hf_replacement.resampling import DimResample, resample_matrix, resample_plan
-from hf_replacement.synthesis import _Synthesis, reference_synthesize, synthesize
+from hf_replacement.selection import select_blocks
+from hf_replacement.synthesis import _Synthesis, replacement_state, synthesize
 
 ARCHITECTURES = list(tiny_models.ARCHITECTURES)
 GRANULARITIES = ["block", "tensor", "channel"]
@@ -101,7 +104,7 @@ def reference_weights(
     """
     granularity = model.replacement_config.coefficient_granularity
     weights = dict(model.base_model.named_parameters())
-    names = {block.index: block.name for block in model._blocks}
+    names = {block.index: block.name for block in model.get_blocks()}
     for index, block_name in model.replaced_blocks.items():
         coefficients = model.replacement_coefficients.get_parameter(str(index))
         block = reference.get_submodule(block_name)
@@ -155,7 +158,8 @@ def assert_matches_reference(
         torch.testing.assert_close(replacement_grads[name], reference_grads[name], rtol=1e-5, atol=grad_atol, msg=name)
     coefficient_names = {f"replacement_coefficients.{i}" for i in model.replaced_blocks}
     assert coefficient_names <= reference_grads.keys()
-    neighbour_prefixes = {f"base_model.{model._blocks[i + d].name}." for i in model.replaced_blocks for d in (-1, 1)}
+    blocks = model.get_blocks()
+    neighbour_prefixes = {f"base_model.{blocks[i + d].name}." for i in model.replaced_blocks for d in (-1, 1)}
     neighbour_grads = [name for name in reference_grads if any(name.startswith(p) for p in neighbour_prefixes)]
     assert bool(neighbour_grads)  # the downstream loss always reaches the neighbours' own use
 
@@ -178,9 +182,9 @@ def test_structured_resampling_matches_reference(arch, granularity, monkeypatch)
     model, reference = make(arch, granularity)
     steps = [
         step
-        for block in model._blocks
-        if hasattr(block.module, "_replacement")
-        for term in block.module._replacement.program.terms
+        for block in model.get_blocks()
+        if replacement_state(block.module) is not None
+        for term in replacement_state(block.module).program.terms
         for step, _ in term.resample
     ]
     assert steps and not any(step.dense for step in steps)
@@ -251,7 +255,7 @@ def test_fused_synthesis_equals_reference(case):
 
 def test_synthesis_hook_sees_every_synthesis():
     """One call per replaced block in forward; a recompute in backward synthesizes again."""
-    from hf_replacement.synthesis import register_synthesis_hook
+    from hf_replacement.synthesis_hooks import register_synthesis_hook
 
     model, _ = make("vit", recompute_replaced=True)
     seen: list[torch.nn.Module] = []
@@ -375,9 +379,9 @@ def test_recomputation_gives_same_gradients(setting):
         assert model.base_model.is_gradient_checkpointing
     else:
         model.replacement_config.recompute_replaced = True
-        for block in model._blocks:
-            if hasattr(block.module, "_replacement"):
-                block.module._replacement.recompute = True
+        for block in model.get_blocks():
+            if replacement_state(block.module) is not None:
+                replacement_state(block.module).recompute = True
     loss_of(model(pixel_values=x).logits).backward()
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-6, atol=1e-7, msg=name)
@@ -505,7 +509,7 @@ def test_synthesis_gradcheck(granularity, fusion_mode, form, monkeypatch):
     )
     for index in (1, 3):
         module = model.base_model.blocks[index]
-        state = module._replacement
+        state = replacement_state(module)
         coefficients = torch.rand(state.coefficients.get_parameter(str(index)).shape, dtype=torch.float64) + 0.25
         sources = [owner._parameters[attr].detach().double() for owner, attr in state.neighbours]
         tables = [
@@ -611,3 +615,49 @@ def test_sharded_save_round_trip_and_back_to_one_file(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
     model.save_pretrained(tmp_path)  # one file again: the shards and their index go
     assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+
+
+# ---- the plan and the state: one way in -----------------------------------------------------------
+
+
+def test_replacement_state_is_there_exactly_for_the_replaced_blocks():
+    model = get_replacement_model(tiny_models.build("vit"), ReplacementConfig(replace_interval=2))
+    assert sorted(model.replaced_blocks) == [1, 3]
+    for block in model.get_blocks():
+        state = replacement_state(block.module)
+        assert (state is not None) == is_replaced(block.module) == (block.index in model.replaced_blocks)
+        if state is not None:
+            assert (state.plan.previous.index, state.plan.block.index, state.plan.next.index) == (
+                block.index - 1, block.index, block.index + 1,
+            )  # fmt: skip
+    model.merge_and_unload()
+    assert [replacement_state(block.module) for block in model.get_blocks()] == [None] * 6
+    with pytest.raises(ValueError, match="is not a replaced block"):
+        synthesize(model.get_blocks()[1].module)
+
+
+def test_a_plan_is_carried_out_without_the_config():
+    config = ReplacementConfig(
+        replace_interval=3,
+        coefficient_granularity="channel",
+        coefficient_init=(0.3, 0.6),
+        surrogate="mlp",
+        detach_neighbors=True,
+        recompute_replaced=True,
+    )
+    reference = get_replacement_model(tiny_models.build("vit"), config)
+    base = tiny_models.build("vit")
+    plans = select_blocks(find_blocks(base), config)
+    for plan in plans:  # everything the config said that matters after planning
+        assert (plan.granularity, plan.coefficient_init, plan.detach_neighbors, plan.recompute) == (
+            "channel", (0.3, 0.6), True, True,
+        )  # fmt: skip
+        assert (plan.surrogate.name, plan.surrogate.family.name) == ("mlp", "ViT/DeiT")
+    coefficients = ReplacementCoefficients()
+    for plan in plans:
+        apply_plan(plan, coefficients)
+    pixels = tiny_models.inputs()
+    # The same operations on the same numbers: equal to the bit.
+    expected = tiny_models.logits(reference(pixel_values=pixels))
+    assert torch.equal(tiny_models.logits(base(pixel_values=pixels)), expected)
+    assert coefficients.state_dict().keys() == reference.replacement_coefficients.state_dict().keys()

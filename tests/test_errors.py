@@ -203,6 +203,16 @@ def test_weights_from_another_model(saved, tmp_path):
         ReplacementModel.from_pretrained(saved)
 
 
+def test_coefficients_of_another_granularity_name_both_shapes(tmp_path):
+    model = get_replacement_model(tiny_models.build("vit"), ReplacementConfig(coefficient_granularity="tensor"))
+    model.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "replacement_config.json").read_text())
+    data["coefficient_granularity"] = "block"
+    (tmp_path / "replacement_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"block 3 .* have shape \(2, 16\); its plan needs \(2, 1\) "):
+        ReplacementModel.from_pretrained(tmp_path)
+
+
 def test_missing_base_config_for_custom_model(tmp_path):
     model = get_replacement_model(tiny_models.CustomModel(), ReplacementConfig(block_path="trunk.blocks"))
     model.save_pretrained(tmp_path)

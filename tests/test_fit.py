@@ -19,7 +19,8 @@ from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_
 from hf_replacement.commands.cli import build_parser, main
 from hf_replacement.config import ReplacementConfigError
 from hf_replacement.planning import coefficient_width
-from hf_replacement.synthesis import reference_synthesize
+from hf_replacement.reference import reference_synthesize
+from hf_replacement.synthesis import replacement_state
 
 GRANULARITIES = ["block", "tensor", "channel"]
 PRIOR = torch.tensor([0.5, 0.5], dtype=torch.float64)
@@ -51,10 +52,10 @@ def design(arch: str, base: torch.nn.Module, granularity: str, fusion: str = "re
                 coefficients.zero_()
                 coefficients[row] = 1.0
                 sides.append([w.double() for w in reference_synthesize(block)])
-        shapes = [t.shape for t in block._replacement.plan.tensors]
+        shapes = [t.shape for t in replacement_state(block).plan.tensors]
         targets = [
             original.get_submodule(block_name).get_parameter(t.name).detach().double()[tuple(map(slice, shape))]
-            for t, shape in zip(block._replacement.tensors, shapes)
+            for t, shape in zip(replacement_state(block).tensors, shapes)
         ]
         designs[index] = (targets, sides[0], sides[1], shapes)
     return designs
@@ -121,7 +122,7 @@ def test_fit_equals_least_squares_reference(arch, fusion, granularity):
         assert errors[index]["default_relative_error"] == pytest.approx(default, rel=1e-6)
         assert errors[index]["relative_error"] <= errors[index]["default_relative_error"]
     if arch == "convnext":  # the case this test is for: a neighbour of another shape
-        plans = [m._replacement.plan for m in model.base_model.modules() if hasattr(m, "_replacement")]
+        plans = [replacement_state(m).plan for m in model.base_model.modules() if replacement_state(m) is not None]
         assert any(steps != () for plan in plans for t in plan.tensors for steps in (t.previous, t.next))
 
 
@@ -145,7 +146,7 @@ def test_a_lighter_surrogate_fits_the_part_of_the_block_it_synthesizes(arch, sur
         assert errors[index]["relative_error"] == pytest.approx(expected_error, rel=1e-5)
     if surrogate == "half":  # the case this test is for: a target narrower than the block's own tensor
         block = model.base_model.get_submodule(model.replaced_blocks[min(designs)])
-        assert any(plan.block_shape is not None for plan in block._replacement.plan.tensors)
+        assert any(plan.block_shape is not None for plan in replacement_state(block).plan.tensors)
 
 
 def test_full_rank_fit_is_plain_least_squares():
@@ -168,7 +169,7 @@ def make_exact_combination(arch: str, a: float = 0.3, b: float = 0.7) -> torch.n
     for index, (_, previous, following, _) in design(arch, base, "block").items():
         name = replaced.replaced_blocks[index]
         block = base.get_submodule(name)
-        names = [t.name for t in replaced.base_model.get_submodule(name)._replacement.tensors]
+        names = [t.name for t in replacement_state(replaced.base_model.get_submodule(name)).tensors]
         with torch.no_grad():
             for tensor_name, p, q in zip(names, previous, following):
                 block.get_parameter(tensor_name).copy_(a * p + b * q)
@@ -189,7 +190,7 @@ def test_exact_combination_is_recovered_and_outputs_are_unchanged(arch, granular
         # line nearest (0.5, 0.5), not by (0.3, 0.7); the Linear/conv weights' columns have full rank.
         block = model.base_model.get_submodule(model.replaced_blocks[index])
         offset = 0
-        for tensor in block._replacement.plan.tensors:
+        for tensor in replacement_state(block).plan.tensors:
             width = max(coefficient_width(granularity, tensor.shape), 1)
             if granularity != "channel" or len(tensor.shape) >= 2:
                 part = coefficients[:, offset:offset + width]
@@ -250,12 +251,17 @@ def test_deferred_replacement_fits_the_weights_it_has_then():
     assert model.coefficient_fit_errors()[3]["relative_error"] < 1e-6
 
 
-def test_a_fitted_model_saves_and_loads_its_coefficients_not_a_new_fit(tmp_path):
+def test_a_fitted_model_saves_and_loads_its_coefficients_not_a_new_fit(tmp_path, monkeypatch):
     model = get_replacement_model(tiny_models.build("vit"), config(coefficient_granularity="tensor"))
     with torch.no_grad():  # "trained": the checkpoint's coefficients differ from any fit
         model.replacement_coefficients.get_parameter("3").add_(1.0)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "replacement_config.json").read_text())["coefficient_init"] == "fit"
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("from_pretrained fitted coefficients the checkpoint holds")
+
+    monkeypatch.setattr("hf_replacement.layer.fit_coefficients", no_fit)
     loaded = ReplacementModel.from_pretrained(tmp_path)
     assert loaded.replacement_config.coefficient_init == "fit"
     assert loaded.coefficient_fit_errors() == {}

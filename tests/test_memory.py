@@ -10,7 +10,8 @@ from torch import nn
 
 from hf_replacement import ReplacementConfig, get_replacement_model, layer
 from hf_replacement.layer import is_replaced
-from hf_replacement.synthesis import register_synthesis_hook
+from hf_replacement.synthesis import replacement_state
+from hf_replacement.synthesis_hooks import register_synthesis_hook
 
 # Dropout / drop-path on, so that a rebuild that drew random numbers would show.
 DROPOUT = {
@@ -30,7 +31,7 @@ def make(arch: str, **config) -> nn.Module:
 def set_rebuild(model: nn.Module, rebuild: bool) -> None:
     for module in model.modules():
         if is_replaced(module):
-            module._replacement.rebuild_saved_weights = rebuild
+            replacement_state(module).rebuild_saved_weights = rebuild
 
 
 def step(model: nn.Module, autocast: bool = False, backwards: int = 1) -> dict[str, torch.Tensor]:
@@ -118,8 +119,8 @@ def saved_by_one_forward(model: nn.Module, monkeypatch) -> tuple[SavedStorages, 
 
     def recording(module: nn.Module) -> list[torch.Tensor]:
         values = synthesize(module)
-        for tensor, value in zip(module._replacement.tensors, values):
-            weights[f"{module._replacement.index}.{tensor.name}"] = (tensor, value)
+        for tensor, value in zip(replacement_state(module).tensors, values):
+            weights[f"{replacement_state(module).index}.{tensor.name}"] = (tensor, value)
         return values
 
     monkeypatch.setattr(layer, "synthesize", recording)

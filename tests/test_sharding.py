@@ -60,7 +60,7 @@ def test_a_plain_model_has_a_unit_per_block():
 def test_a_replaced_block_alone_in_its_unit_fails(process_group):
     """The premise: what `shard_model` groups, a unit per block cannot train (the neighbours stay sharded)."""
     model = replacement_model("vit", replace_interval=4)
-    for block in model._blocks:
+    for block in model.get_blocks():
         fully_shard(block.module)
     fully_shard(model)
     with pytest.raises(Exception, match="mixed torch.Tensor and DTensor"):

@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from hf_replacement import ReplacementConfig, ReplacementModel, get_replacement_model
 from hf_replacement.config import ReplacementConfigError
+from hf_replacement.synthesis import replacement_state
 
 TRANSFORMERS = ["vit", "deit", "deit-teacher", "beit", "dinov2", "dinov2-swiglu", "swin"]
 CONVNEXTS = ["convnext", "convnextv2"]
@@ -121,7 +122,7 @@ def kept(shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[slice, ...]:
 def surrogate_weights(model, reference, arch: str, surrogate: str, index: int, fusion: str, detach: bool) -> dict:
     """The replaced block's used tensors by the formula, from the RepL model's leaves."""
     granularity = model.replacement_config.coefficient_granularity
-    names = {block.index: block.name for block in model._blocks}
+    names = {block.index: block.name for block in model.get_blocks()}
     block = reference.get_submodule(names[index])
     coefficients = model.replacement_coefficients.get_parameter(str(index))
     weights, column = {}, 0
@@ -393,7 +394,7 @@ def test_recompute_checkpointing_and_compile_give_the_same_gradients(setting):
     if setting == "gradient_checkpointing":
         model.activation_checkpointing_enable({"use_reentrant": False})
     elif setting == "recompute_replaced":
-        model.base_model.vit.layers[3]._replacement.recompute = True
+        replacement_state(model.base_model.vit.layers[3]).recompute = True
     else:
         run = torch.compile(model, backend="aot_eager")
     loss_of(run(pixel_values=x).logits).backward()
@@ -469,7 +470,7 @@ def test_fsdp2_trains_like_one_process_without_sharding():
     model.zero_grad(set_to_none=True)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        blocks = model._blocks
+        blocks = model.get_blocks()
         grouped = {i + d for i in model.replaced_blocks for d in (-1, 0, 1)}
         for index in model.replaced_blocks:
             fully_shard([blocks[index + d].module for d in (-1, 0, 1)])

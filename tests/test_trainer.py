@@ -525,6 +525,7 @@ def test_prepared_datasets_train_with_the_default_remove_unused_columns(tmp_path
     data = prepare_dataset(subsample(load_image_dataset("digits"), 16, 8, seed=0), image_size=8, num_channels=1)
     args = training_args(tmp_path, max_steps=2, remove_unused_columns=True, eval_strategy="no")
     trainer = ReplacementTrainer(repl_vit(), args, train_dataset=data["train"], data_collator=collate_fn)
+    assert trainer.args.remove_unused_columns is False  # as Transformers' image-classification example sets it
     trainer.train()
     assert trainer.state.global_step == 2 and "eval_loss" in trainer.evaluate(data["test"])
 

@@ -1,7 +1,7 @@
 """Instruments that count what a training step holds and does: state bytes, saved activations, synthesis calls.
 
 They observe through PyTorch's and the library's public hooks only (saved-tensor hooks,
-`hf_replacement.synthesis.register_synthesis_hook`), never by patching the library.
+`hf_replacement.synthesis_hooks.register_synthesis_hook`), never by patching the library.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_replacement.synthesis import register_synthesis_hook
+from hf_replacement.synthesis_hooks import register_synthesis_hook
 
 
 def _tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:

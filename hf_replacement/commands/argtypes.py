@@ -49,3 +49,6 @@ def coefficient_init(text: str) -> tuple[float, float] | str:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"{text!r} is neither 'fit' nor two numbers a,b, e.g. 0.5,0.5")
+
+
+__all__ = ["block_list", "coefficient_init", "non_negative_float", "positive_float", "positive_int"]

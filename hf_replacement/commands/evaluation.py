@@ -1,11 +1,8 @@
-"""Load a saved checkpoint (RepL or plain), measure its accuracy, or merge it into a plain model."""
+"""Load a saved checkpoint (RepL or plain) and measure its accuracy: `hf-replacement evaluate`."""
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import torch
@@ -14,9 +11,8 @@ from torch import nn
 from ..config import CONFIG_NAME
 from ..loading import load_image_classifier
 from ..model import ReplacementModel
-from .processing import PROCESSOR_NAME, load_saved_image_processor, square_size
-
-logger = logging.getLogger(__name__)
+from .processing import load_saved_image_processor, square_size
+from .tasks import refuse_unevaluated_task
 
 
 def load_checkpoint(directory: str) -> nn.Module:
@@ -40,6 +36,9 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Accuracy of the checkpoint on the data set's test split (one process).
 
+    An image classifier only: a checkpoint of another task is refused before anything is loaded, with a message
+    naming what evaluates it (`tasks.refuse_unevaluated_task`).
+
     The images are prepared as in training: at the size and with the normalisation of the image processor
     saved with the checkpoint, else at the config's image size with mean 0.5 / std 0.5.
     """
@@ -49,6 +48,7 @@ def evaluate_checkpoint(
     from .data import collate_fn, load_image_dataset, prepare_dataset, subsample
     from .train import evaluate_loader
 
+    refuse_unevaluated_task(directory)
     model = load_checkpoint(directory)
     config = model.config
     image_processor = load_saved_image_processor(directory)
@@ -59,34 +59,3 @@ def evaluate_checkpoint(
     model, loader = accelerator.prepare(model, DataLoader(data["test"], batch_size=batch_size, collate_fn=collate_fn))
     accuracy = evaluate_loader(model, loader, accelerator)
     return {"checkpoint": directory, "dataset": dataset, "accuracy": accuracy, "samples": len(data["test"])}
-
-
-def merge_checkpoint(directory: str, output_dir: str) -> None:
-    """Write a RepL checkpoint as a plain Transformers model (loads without hf_replacement), with the
-    checkpoint's image processor (`preprocessor_config.json`, which pipelines load) when it has one."""
-    if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise ValueError(f"{output_dir} exists and is not empty; choose a new output directory.")
-    model = load_checkpoint(directory)
-    if not isinstance(model, ReplacementModel):
-        raise ValueError(f"{directory} is already a plain model (no {CONFIG_NAME}); nothing to merge.")
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".merge-", dir=parent)
-    try:  # a failed save must not leave a half-written model under the final name
-        model.merge_and_unload().save_pretrained(staging)
-        processor_file = os.path.join(directory, PROCESSOR_NAME)
-        if os.path.isfile(processor_file):
-            shutil.copyfile(processor_file, os.path.join(staging, PROCESSOR_NAME))
-        else:
-            logger.warning(
-                "%s has no %s (saved before hf-replacement wrote image processors): give pipelines an "
-                "image_processor yourself.",
-                directory,
-                PROCESSOR_NAME,
-            )
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -107,3 +107,6 @@ def build_preset_model(
         label2id={label: i for i, label in id2label.items()},
     )
     return getattr(transformers, architecture)(config)
+
+
+__all__ = ["PRESETS", "UnknownPresetError", "build_preset_model"]

@@ -24,6 +24,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoint import load_weights, staged_directory, write_checkpoint
 from ..config import ReplacementConfig
@@ -129,50 +130,30 @@ def _image_geometry(options: TrainingOptions, model_config: Any | None, sample_i
     return int(options.image_size or max(sample_image.size)), 3
 
 
+@dataclass
+class _Progress:
+    """Where training stands: optimizer updates done, the epoch, and batches of that epoch already seen."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
 def train(options: TrainingOptions) -> dict[str, Any]:
     """Train, evaluate, save and return the results (also written to `output_dir/results.json`)."""
-    replacement_config = None if options.baseline else options.replacement
-    if options.mixed_precision == "fp16" and not torch.cuda.is_available():
-        # Accelerate would train in fp32 and still record fp16.
-        raise ValueError(
-            "--mixed-precision fp16 needs a CUDA GPU, and none is available: use --mixed-precision bf16 "
-            "(CPU autocast) or no."
-        )
-    _check_sharding(options)
-    _check_output_dir(options.output_dir)
+    _check_options(options)
     _forget_previous_single_process_state()
-    accelerator = Accelerator(
-        mixed_precision=options.mixed_precision,
-        gradient_accumulation_steps=options.gradient_accumulation_steps,
-        # Without a GPU a plain Accelerator under a multi-process launch trains N unsynchronised
-        # copies: CPU mode makes it real DDP over gloo.
-        cpu=not torch.cuda.is_available(),
-        log_with=options.report_to or None,
-        project_dir=options.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=options.seed),
-    )
-    if options.fsdp and not torch.distributed.is_initialized():
-        raise ValueError(
-            "--fsdp shards the model across the processes of a distributed launch, and this is one process: "
-            "run it under torchrun --nproc_per_node N or accelerate launch --multi_gpu --num_processes N."
-        )
+    accelerator = _build_accelerator(options)
     set_seed(options.seed)
+
     raw = load_image_dataset(options.dataset, data_dir=options.data_dir, seed=options.seed)
     raw = subsample(raw, options.max_train_samples, options.max_eval_samples, seed=options.seed)
     _check_training_batches(len(raw["train"]), options.batch_size, accelerator.num_processes)
-    num_labels, id2label = dataset_info(raw)
-    sample_image = raw["train"][0]["image"]
-    pretrained_config = None
-    if options.model not in PRESETS and (os.path.isdir(options.model) or "/" in options.model):
-        pretrained_config = load_pretrained_config(options.model)
-    image_size, num_channels = _image_geometry(options, pretrained_config, sample_image)
-    model, pretrained_processor = build_model(options, num_labels, id2label, image_size, num_channels)
-    # What the model is trained and evaluated on, as a processor saved next to it (pipelines load it).
-    image_processor = build_image_processor(image_size, num_channels, *normalisation(pretrained_processor))
-    unreplaced_total = count_parameters(model)[1]
-    if replacement_config is not None:
-        model = get_replacement_model(model, replacement_config)
-    trainable, total = count_parameters(model)
+    model, image_processor, image_size, num_channels = _build_model_and_processor(options, raw)
+    counts = {"total_params_unreplaced": count_parameters(model)[1]}
+    if not options.baseline:
+        model = get_replacement_model(model, options.replacement)
+    counts["trainable_params"], counts["total_params"] = count_parameters(model)
     if options.fsdp:
         # Sharded before the optimizer is built: it must hold the sharded parameters.
         model = shard_model(model, **_fsdp_settings(options, accelerator))
@@ -198,68 +179,151 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     if options.report_to:
         accelerator.init_trackers("hf-replacement", config=_flat_config(options))
 
-    step, start_epoch, skip_batches = 0, 0, 0
-    if options.resume_from:
-        check_resumable(options.resume_from, _run_identity(options))
-        unwrapped = accelerator.unwrap_model(model)
-        load_full_state_dict(unwrapped, load_weights(options.resume_from))
-        progress, optimizer_state = load_training_state(options.resume_from, scheduler.scheduler)
-        load_full_optimizer_state_dict(unwrapped, optimizer.optimizer, optimizer_state)
-        step, start_epoch, skip_batches = progress["step"], progress["epoch"], progress["batch_in_epoch"]
-        logger.info(
-            f"Resumed from {options.resume_from} at update {step} (epoch {start_epoch}).", main_process_only=True
-        )
-
+    progress = _resume(options, accelerator, model, optimizer, scheduler) if options.resume_from else _Progress()
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step_times: list[float] = []
-    progress_bar = tqdm(total=total_updates, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    epoch = start_epoch
-    finished = step >= total_updates
-    while not finished:
-        model.train()
-        train_loader.set_epoch(epoch)
-        loader = (
-            _resumed_batches(accelerator.skip_first_batches(train_loader, skip_batches))
-            if skip_batches
-            else train_loader
+    step_times = _train_loop(
+        options, accelerator, model, optimizer, scheduler, train_loader, image_processor, progress, total_updates
+    )
+
+    accuracy = evaluate_loader(model, eval_loader, accelerator)
+    results = _results(
+        options, accelerator, accelerator.unwrap_model(model), accuracy, counts, progress.step, step_times
+    )
+    if options.report_to:
+        accelerator.log({"eval/accuracy": accuracy}, step=progress.step)
+        accelerator.end_training()
+    _save_outputs(options, accelerator, model, image_processor, results)
+    return results
+
+
+def _check_options(options: TrainingOptions) -> None:
+    """Refuse, before anything starts, what the run could not do or save."""
+    if options.mixed_precision == "fp16" and not torch.cuda.is_available():
+        # Accelerate would train in fp32 and still record fp16.
+        raise ValueError(
+            "--mixed-precision fp16 needs a CUDA GPU, and none is available: use --mixed-precision bf16 "
+            "(CPU autocast) or no."
         )
-        batch_in_epoch = skip_batches
-        skip_batches = 0
+    _check_sharding(options)
+    _check_output_dir(options.output_dir)
+
+
+def _build_accelerator(options: TrainingOptions) -> Accelerator:
+    accelerator = Accelerator(
+        mixed_precision=options.mixed_precision,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        # Without a GPU a plain Accelerator under a multi-process launch trains N unsynchronised
+        # copies: CPU mode makes it real DDP over gloo.
+        cpu=not torch.cuda.is_available(),
+        log_with=options.report_to or None,
+        project_dir=options.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=options.seed),
+    )
+    if options.fsdp and not torch.distributed.is_initialized():
+        raise ValueError(
+            "--fsdp shards the model across the processes of a distributed launch, and this is one process: "
+            "run it under torchrun --nproc_per_node N or accelerate launch --multi_gpu --num_processes N."
+        )
+    return accelerator
+
+
+def _build_model_and_processor(options: TrainingOptions, raw: Any) -> tuple[torch.nn.Module, Any, int, int]:
+    """(model, image processor, image size, channels): the model to train, and what it is trained and
+    evaluated on as a processor saved next to it (pipelines load it)."""
+    num_labels, id2label = dataset_info(raw)
+    pretrained_config = None
+    if options.model not in PRESETS and (os.path.isdir(options.model) or "/" in options.model):
+        pretrained_config = load_pretrained_config(options.model)
+    image_size, num_channels = _image_geometry(options, pretrained_config, raw["train"][0]["image"])
+    model, pretrained_processor = build_model(options, num_labels, id2label, image_size, num_channels)
+    image_processor = build_image_processor(image_size, num_channels, *normalisation(pretrained_processor))
+    return model, image_processor, image_size, num_channels
+
+
+def _resume(options: TrainingOptions, accelerator: Accelerator, model, optimizer, scheduler) -> _Progress:
+    """Load the weights, optimizer, scheduler and RNG state of `--resume-from`; return where it stood."""
+    check_resumable(options.resume_from, _run_identity(options))
+    unwrapped = accelerator.unwrap_model(model)
+    load_full_state_dict(unwrapped, load_weights(options.resume_from))
+    saved, optimizer_state = load_training_state(options.resume_from, scheduler.scheduler)
+    load_full_optimizer_state_dict(unwrapped, optimizer.optimizer, optimizer_state)
+    logger.info(
+        f"Resumed from {options.resume_from} at update {saved['step']} (epoch {saved['epoch']}).",
+        main_process_only=True,
+    )
+    return _Progress(saved["step"], saved["epoch"], saved["batch_in_epoch"])
+
+
+def _train_loop(
+    options: TrainingOptions,
+    accelerator: Accelerator,
+    model,
+    optimizer,
+    scheduler,
+    train_loader: DataLoader,
+    image_processor: Any,
+    progress: _Progress,
+    total_updates: int,
+) -> list[float]:
+    """Train until `total_updates` (advancing `progress`); checkpoint and log on the way. Returns each
+    update's wall time."""
+    step_times: list[float] = []
+    progress_bar = tqdm(
+        total=total_updates, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train"
+    )
+    while progress.step < total_updates:
+        model.train()
+        train_loader.set_epoch(progress.epoch)
+        loader = train_loader
+        if progress.batch_in_epoch:
+            loader = _resumed_batches(accelerator.skip_first_batches(train_loader, progress.batch_in_epoch))
         started = time.perf_counter()
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = train_step(model, optimizer, batch, scheduler=scheduler, backward=accelerator.backward)
-            batch_in_epoch += 1
+            progress.batch_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
             # Once per update (a device sync); every process must see a divergence on any one, or the others
             # would wait in the next collective.
-            check_finite(accelerator.reduce(loss, reduction="sum") if accelerator.num_processes > 1 else loss, step + 1)
-            step += 1
+            reduced = accelerator.reduce(loss, reduction="sum") if accelerator.num_processes > 1 else loss
+            check_finite(reduced, progress.step + 1)
+            progress.step += 1
             step_times.append(time.perf_counter() - started)
             progress_bar.update(1)
             if options.report_to:
-                accelerator.log(
-                    {"train/loss": loss.item(), **coefficient_logs(accelerator.unwrap_model(model))}, step=step
+                logs = {"train/loss": loss.item(), **coefficient_logs(accelerator.unwrap_model(model))}
+                accelerator.log(logs, step=progress.step)
+            if options.checkpointing_steps and progress.step % options.checkpointing_steps == 0:
+                _save_checkpoint(
+                    accelerator, model, optimizer, scheduler, image_processor, options, progress, len(train_loader)
                 )
-            if options.checkpointing_steps and step % options.checkpointing_steps == 0:
-                progress = (step, epoch, batch_in_epoch, len(train_loader))
-                _save_checkpoint(accelerator, model, optimizer, scheduler, image_processor, options, *progress)
             started = time.perf_counter()
-            if step >= total_updates:
-                finished = True
+            if progress.step >= total_updates:
                 break
-        epoch += 1
+        else:
+            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
     progress_bar.close()
+    return step_times
 
-    accuracy = evaluate_loader(model, eval_loader, accelerator)
-    unwrapped = accelerator.unwrap_model(model)
-    results = {
+
+def _results(
+    options: TrainingOptions,
+    accelerator: Accelerator,
+    unwrapped: torch.nn.Module,
+    accuracy: float,
+    counts: dict[str, int],
+    updates: int,
+    step_times: list[float],
+) -> dict[str, Any]:
+    """What `results.json` records."""
+    replacement_config = None if options.baseline else options.replacement
+    return {
         "accuracy": accuracy,
-        "trainable_params": trainable,
-        "total_params": total,
-        "total_params_unreplaced": unreplaced_total,
+        "trainable_params": counts["trainable_params"],
+        "total_params": counts["total_params"],
+        "total_params_unreplaced": counts["total_params_unreplaced"],
         "method": "baseline" if options.baseline else "replacement",
         "replaced_blocks": getattr(unwrapped, "replaced_blocks", {}),
         "coefficients": coefficient_logs(unwrapped),
@@ -267,17 +331,21 @@ def train(options: TrainingOptions) -> dict[str, Any]:
         "coefficient_fit": unwrapped.coefficient_fit_errors() if replacement_config is not None else {},
         "peak_memory_mb": _peak_memory_mb(accelerator),
         "median_step_seconds": statistics.median(step_times) if step_times else None,
-        "updates": step,
+        "updates": updates,
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "device": accelerator.device.type,
         "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "replacement"} | {"hub_token": None},
         "replacement_config": replacement_config.to_dict() if replacement_config else None,
     }
-    if options.report_to:
-        accelerator.log({"eval/accuracy": accuracy}, step=step)
-        accelerator.end_training()
+
+
+def _save_outputs(
+    options: TrainingOptions, accelerator: Accelerator, model, image_processor: Any, results: dict[str, Any]
+) -> None:
+    """Save the model, its image processor and the results to `output_dir` (and push them, if asked)."""
     accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
     weights = gather_state_dict(unwrapped)  # every process takes part when the model is sharded
     if accelerator.is_main_process:
         unwrapped.save_pretrained(options.output_dir, state_dict=weights)
@@ -294,7 +362,6 @@ def train(options: TrainingOptions) -> dict[str, Any]:
         if options.push_to_hub:
             _push(_saved_model(options) if options.fsdp else unwrapped, image_processor, options, results)
     accelerator.wait_for_everyone()
-    return results
 
 
 def _resumed_batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
@@ -406,11 +473,12 @@ def _flat_config(options: TrainingOptions) -> dict[str, Any]:
 
 
 def _save_checkpoint(
-    accelerator, model, optimizer, scheduler, image_processor, options, step, epoch, batch_in_epoch, batches_per_epoch
+    accelerator, model, optimizer, scheduler, image_processor, options, progress: _Progress, batches_per_epoch: int
 ) -> None:
+    step, epoch, batch_in_epoch = progress.step, progress.epoch, progress.batch_in_epoch
     if batch_in_epoch >= batches_per_epoch:
         epoch, batch_in_epoch = epoch + 1, 0
-    directory = os.path.join(options.output_dir, f"checkpoint-{step}")
+    directory = os.path.join(options.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     # Whole tensors, as an unsharded run saves them (every process takes part when the model is sharded).

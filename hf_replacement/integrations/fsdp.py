@@ -30,6 +30,7 @@ from torch.distributed.fsdp import fully_shard
 
 from ..blocks import Block, find_blocks
 from ..model import ReplacementModel
+from ..synthesis import replacement_state
 from ..utils import is_sharded
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,11 @@ def sharding_units(model: nn.Module, block_path: str | None = None) -> list[list
     A replaced block forms one unit with its neighbours; units that share a block are merged (with
     `replace_interval=2` a chain of blocks becomes one unit). Every other block is a unit of its own.
     """
-    blocks = model._blocks if isinstance(model, ReplacementModel) else find_blocks(model, block_path)
+    blocks = model.get_blocks() if isinstance(model, ReplacementModel) else find_blocks(model, block_path)
     spans = sorted(
         (state.plan.previous.index, state.plan.next.index)
         for block in blocks
-        if (state := getattr(block.module, "_replacement", None)) is not None
+        if (state := replacement_state(block.module)) is not None
     )
     unit_of = list(range(len(blocks)))  # each block's unit, named by its first block
     for previous, following in spans:

@@ -71,6 +71,17 @@ class ReplacementCallback(TrainerCallback):
         self.coefficient_logging_steps = coefficient_logging_steps
         self._trainer: ReplacementTrainer | None = None
 
+    @property
+    def trainer(self) -> ReplacementTrainer | None:
+        """The `ReplacementTrainer` that owns this callback (None until one is built with it)."""
+        return self._trainer
+
+    def bind(self, trainer: ReplacementTrainer) -> None:
+        """Called by the `ReplacementTrainer` built with this callback; a callback serves one trainer."""
+        if self._trainer is not None and self._trainer is not trainer:
+            raise ValueError("This ReplacementCallback belongs to another ReplacementTrainer: create one per trainer.")
+        self._trainer = trainer
+
     def _bound_trainer(self) -> ReplacementTrainer:
         if self._trainer is None:
             raise TypeError(f"ReplacementCallback only works inside the ReplacementTrainer that owns it: {_MIGRATION}")
@@ -120,8 +131,7 @@ class ReplacementCallback(TrainerCallback):
         # `push_to_hub()` after training saves and writes the card itself.
         trainer = self._bound_trainer()
         if trainer.is_in_train and state.is_world_process_zero:
-            trainer._save(args.output_dir)
-            trainer.create_model_card()
+            trainer.save_checkpoint_for_push()
 
 
 class ReplacementTrainer(Trainer):
@@ -165,16 +175,7 @@ class ReplacementTrainer(Trainer):
                 coefficient_logging_steps=coefficient_logging_steps,
             ),
         )
-        if callback.start_step is not None and optimizers[0] is not None:
-            raise ValueError(
-                "replacement_start_step regroups the optimizer the Trainer builds when the blocks are replaced: "
-                "pass optimizer_cls_and_kwargs=(cls, kwargs) instead of optimizers=(optimizer, scheduler)."
-            )
-        if callback.start_step is not None and model_init is not None:
-            # train() would build a new model, without the hook that resumes across the switch.
-            raise ValueError("replacement_start_step needs model=..., not model_init.")
-        if model is not None:  # before the Trainer's own work (device placement, Hub repo creation)
-            _check_model(model, callback.start_step)
+        _check_arguments(callback.start_step, model, model_init, optimizers[0])
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")  # the Trainer's default
         deepspeed = getattr(args, "deepspeed_plugin", None)  # set by TrainingArguments(deepspeed=...) or the launcher
         check_deepspeed_stage(deepspeed.zero_stage if deepspeed is not None else None)
@@ -182,7 +183,12 @@ class ReplacementTrainer(Trainer):
             # Every parameter of a RepL model takes part in every forward (the replaced blocks' own are
             # freed): the Trainer's default for a non-PreTrainedModel, True, only costs an extra pass.
             args.ddp_find_unused_parameters = False
-        callback._trainer = self
+        if args.remove_unused_columns and any(_has_lazy_transform(d) for d in (train_dataset, eval_dataset)):
+            # The transform reads columns the model's forward does not take (`image`): the Trainer would
+            # remove them. Transformers' own image-classification example asks for this setting.
+            logger.info("RepL: a data set has a lazy transform (with_transform): remove_unused_columns=False.")
+            args.remove_unused_columns = False
+        callback.bind(self)
         self.replacement_callback = callback
         self.merged_dir: str | None = None
         self._coefficients_logged_at = -1
@@ -217,13 +223,6 @@ class ReplacementTrainer(Trainer):
                 "RepL: TrainingArguments.hub_token is pickled into training_args.bin, which the Trainer uploads "
                 "to the Hub with every push: log in with `hf auth login` or set HF_TOKEN instead."
             )
-
-    def _remove_unused_columns(self, dataset: Any, description: str | None = None) -> Any:
-        """`Trainer`'s, except for a data set with a lazy transform (`prepare_dataset`'s `with_transform`):
-        the transform reads columns the model's forward does not take (`image`), so none is removed."""
-        if getattr(dataset, "format", {}).get("type") == "custom":
-            return dataset
-        return super()._remove_unused_columns(dataset, description)
 
     @property
     def replacement_model(self) -> ReplacementModel:
@@ -319,6 +318,12 @@ class ReplacementTrainer(Trainer):
             logger.info("RepL: merged plain %s saved to %s", type(model.base_model).__name__, directory)
         self.merged_dir = directory
         return directory
+
+    def save_checkpoint_for_push(self) -> None:
+        """Write the whole RepL checkpoint and hf_replacement's card to `output_dir` before a checkpoint push
+        (the Trainer copies only a checkpoint's `config.json` and weights there, then uploads the folder)."""
+        self._save(self.args.output_dir)
+        self.create_model_card()
 
     # ---- logging ----------------------------------------------------------------------------------
 
@@ -424,9 +429,28 @@ def _own_callback(
             "ReplacementCallback(...) in callbacks."
         )
     callback = given[0]() if given[0] is ReplacementCallback else given[0]
-    if callback._trainer is not None:
+    if callback.trainer is not None:
         raise ValueError("This ReplacementCallback belongs to another ReplacementTrainer: create one per trainer.")
     return others, callback
+
+
+def _check_arguments(
+    start_step: int | None,
+    model: nn.Module | None,
+    model_init: Callable[..., nn.Module] | None,
+    optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """Refuse, before the Trainer's own work (device placement, Hub repo creation), what cannot train."""
+    if start_step is not None and optimizer is not None:
+        raise ValueError(
+            "replacement_start_step regroups the optimizer the Trainer builds when the blocks are replaced: "
+            "pass optimizer_cls_and_kwargs=(cls, kwargs) instead of optimizers=(optimizer, scheduler)."
+        )
+    if start_step is not None and model_init is not None:
+        # train() would build a new model, without the hook that resumes across the switch.
+        raise ValueError("replacement_start_step needs model=..., not model_init.")
+    if model is not None:
+        _check_model(model, start_step)
 
 
 def _check_model(model: nn.Module, start_step: int | None) -> ReplacementModel:
@@ -483,6 +507,13 @@ def _shard_with_plugin(model: ReplacementModel, accelerator: Any) -> Replacement
 
 def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's AcceleratedOptimizer
+
+
+def _has_lazy_transform(dataset: Any) -> bool:
+    """A `datasets.Dataset` (or a dict of them) formatted with `with_transform`/`set_transform`."""
+    if isinstance(dataset, dict):
+        return any(_has_lazy_transform(value) for value in dataset.values())
+    return getattr(dataset, "format", {}).get("type") == "custom"
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:
