@@ -117,7 +117,7 @@ def measure_phase_bandwidth(
         seconds, faults, _ = _timed(device, rebuild)
         timings["rebuild"] = (triad, seconds, faults)
         triad = run_triad("backward")
-        seconds, faults, _ = _timed(device, lambda: torch.autograd.backward(weights, gradients))
+        seconds, faults, _ = _timed(device, lambda outputs=weights: torch.autograd.backward(outputs, gradients))
         timings["backward"] = (triad, seconds, faults)
         del weights
         model.zero_grad(set_to_none=True)
