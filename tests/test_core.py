@@ -471,9 +471,13 @@ RESAMPLE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("transposed", ["gathered", "scattered"])
 @pytest.mark.parametrize("fan_in", [False, True])
 @pytest.mark.parametrize("case", RESAMPLE_CASES, ids=str)
-def test_structured_resampling_equals_dense_rule(case, fan_in):
+def test_structured_resampling_equals_dense_rule(case, fan_in, transposed, monkeypatch):
+    """Both forms of the transposed step: gathers over its table, or index_add_ where that table would be large."""
+    if transposed == "scattered":
+        monkeypatch.setattr(resampling, "TRANSPOSED_GATHER_LIMIT", 0)
     shape, dim, target = case
     source = shape[dim]
     matrix = dense_rule(source, target, fan_in)
@@ -486,6 +490,7 @@ def test_structured_resampling_equals_dense_rule(case, fan_in):
     for dense in (False, True):
         step = DimResample(dim, source, target, fan_in, dense, len(shape))
         tables = step.tables(torch.float32)
+        assert dense or len(tables) == (4 if transposed == "gathered" else 2)
         torch.testing.assert_close(step.apply(tensor, tables), expected, rtol=0, atol=1e-6)
         torch.testing.assert_close(step.apply_transposed(grad, tables), expected_transposed, rtol=0, atol=1e-6)
 

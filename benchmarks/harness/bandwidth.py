@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_replacement.synthesis import synthesize
+from hf_replacement.synthesis import replacement_state, synthesize
 
 from .device import synchronize
 
@@ -49,17 +49,14 @@ def _minor_faults() -> int:
 def synthesis_traffic(modules: Sequence[nn.Module]) -> dict[str, int]:
     """Compulsory bytes of each phase over all `modules` (replaced blocks), as the module docstring defines them.
 
-    The neighbour tensors are the leaves the synthesis node reads (its autograd inputs), so the
-    count needs nothing but the public `synthesize`.
+    The neighbour tensors are those the block's state names for its synthesis, one per term.
     """
     written = read = 0
     for module in modules:
-        weights = synthesize(module)
-        written += sum(w.numel() * w.element_size() for w in weights)
-        # The node's inputs: the program, the coefficients, then each term's neighbour tensor (a leaf).
-        inputs = weights[0].grad_fn.next_functions[2:]
-        leaves = [function.variable for function, _ in inputs if hasattr(function, "variable")]
-        read += sum(leaf.numel() * leaf.element_size() for leaf in leaves)
+        with torch.no_grad():
+            written += sum(w.numel() * w.element_size() for w in synthesize(module))
+        sources = [owner._parameters[attr] for owner, attr in replacement_state(module).neighbours]
+        read += sum(source.numel() * source.element_size() for source in sources)
     return {"forward": read + written, "rebuild": read + written, "backward": written + 2 * read}
 
 
@@ -139,3 +136,29 @@ def measure_phase_bandwidth(
             "page_faults": statistics.median(r[2] for r in record),
         }
     return results
+
+
+def render_bandwidth_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines: per result (`model`, `image_size`, `bandwidth` from `measure_phase_bandwidth`), each phase's
+    compulsory MB, ms, GB/s and the fraction of the triad's bandwidth reached."""
+    lines = [
+        "Synthesis per phase: compulsory MB, ms, GB/s, and the fraction of a streaming triad over the same bytes "
+        "timed next to it (median [IQR] of per-repeat ratios; `benchmarks/harness/bandwidth.py`):",
+        "",
+        "| model (px) | " + " | ".join(PHASES) + " |",
+        "|---|" + "---|" * len(PHASES),
+    ]
+    for result in results:
+        cells = []
+        for phase in PHASES:
+            entry = result["bandwidth"][phase]
+            low, high = entry["bandwidth_ratio_iqr"]
+            cells.append(
+                f"{entry['bytes'] / 1e6:.0f} MB, {entry['ms']:.1f} ms, {entry['gb_per_s']:.2f} GB/s, "
+                f"{entry['bandwidth_ratio']:.2f} [{low:.2f}-{high:.2f}] of triad"
+            )
+        lines.append(f"| {result['model']} ({result['image_size']}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+__all__ = ["PHASES", "measure_phase_bandwidth", "render_bandwidth_table", "synthesis_traffic"]
