@@ -71,10 +71,10 @@ SETTINGS = (
 
 
 # What the committed run cannot say by itself (measured by hand, issue 26; 2-core AMD EPYC shared with
-# other jobs, load average 11-17: CPU time per phase from `time.thread_time`, which waiting for a core
+# other jobs, load average 5-17: CPU time per phase from `time.thread_time`, which waiting for a core
 # does not inflate, medians of 10 repeats; ConvNeXt-tiny at 64 px, k=4, 1 thread).
 FINDINGS = (
-    "Findings (issue 26; the machine was shared, load average 11-17 on 2 cores, so the table above is a smoke run "
+    "Findings (issue 26; the machine was shared, load average 5-17 on 2 cores during this work, so the table above is a smoke run (3 rounds, one model) "
     "and the step ratios of an idle machine are still to be measured with "
     "`OMP_NUM_THREADS=1 python -m benchmarks --suite speed --rounds 7 --steps 2`):",
     "",
@@ -82,9 +82,10 @@ FINDINGS = (
     "CPU ms per phase forward / rebuild / backward: 31-38 / 31-34 / 35-42 before this work, 28-36 / 31 / 31-34 after "
     "(resampling steps ordered so inner-dimension work runs on the smaller tensor; the transposed resampling a "
     "gather, no zeroed tensor, no scatter). A triad over the 75 MB takes 4.5 ms: synthesis runs at 12-16% of the "
-    "streaming bandwidth in CPU time (15-26% in the wall-clock ratios of the table). The 50% goal is not met.",
-    "- Profile (torch.profiler, the three phases): `aten::mul` 31%, `index_select` 14%, `addcmul_` 14%, `add_` 12%, "
-    "`scatter_add_` 7% (before: `index_select` 28%, `mul` 27%, `scatter_add_` 9%). Each phase also takes 6,900-9,200 "
+    "streaming bandwidth in CPU time (9-26% in the wall-clock ratios of this sitting's runs). The 50% goal is not met.",
+    "- Profile (torch.profiler, the three phases): `index_select` 30%, `aten::mul` 22%, `addcmul_` 12%, `mul_` 7%, "
+    "`add_` 7%, no `scatter_add_` (before: `index_select` 28%, `mul` 27%, `scatter_add_` 9%, `add_` 8%, `addcmul_` "
+    "7%). Each phase also takes 6,900-9,200 "
     "minor page faults: glibc returns every freed large tensor to the system, so each synthesis's fresh tensors are "
     "zero-filled by the kernel on first touch. With `MALLOC_MMAP_THRESHOLD_=33554432 "
     "MALLOC_TRIM_THRESHOLD_=4000000000` (or jemalloc/tcmalloc preloaded) the faults go to 0 and forward / rebuild "

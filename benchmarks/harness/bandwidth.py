@@ -55,7 +55,7 @@ def synthesis_traffic(modules: Sequence[nn.Module]) -> dict[str, int]:
     for module in modules:
         with torch.no_grad():
             written += sum(w.numel() * w.element_size() for w in synthesize(module))
-        sources = [owner._parameters[attr] for owner, attr in replacement_state(module).neighbours]
+        sources = [getattr(owner, attr) for owner, attr in replacement_state(module).neighbours]
         read += sum(source.numel() * source.element_size() for source in sources)
     return {"forward": read + written, "rebuild": read + written, "backward": written + 2 * read}
 
