@@ -74,7 +74,8 @@ SETTINGS = (
 # other jobs, load average 5-17: CPU time per phase from `time.thread_time`, which waiting for a core
 # does not inflate, medians of 10 repeats; ConvNeXt-tiny at 64 px, k=4, 1 thread).
 FINDINGS = (
-    "Findings (issue 26; the machine was shared, load average 5-17 on 2 cores during this work, so the table above is a smoke run (3 rounds, one model) "
+    "Findings (issue 26; the machine was shared, load average 5-17 on 2 cores during this work, so the table "
+    "above is a smoke run (3 rounds, one model) "
     "and the step ratios of an idle machine are still to be measured with "
     "`OMP_NUM_THREADS=1 python -m benchmarks --suite speed --rounds 7 --steps 2`):",
     "",
