@@ -182,6 +182,14 @@ class ReplacementConfig:
             raise ReplacementConfigError(f"{path} is not valid JSON ({error}); the checkpoint is corrupt.") from error
         if not isinstance(data, dict):
             raise ReplacementConfigError(f"{path} must hold a JSON object, found {type(data).__name__}.")
+        # `save_pretrained` writes every field: a missing one would silently take its default (another model).
+        missing = sorted({f.name for f in dataclasses.fields(cls)} - set(data))
+        if missing and set(data) <= {f.name for f in dataclasses.fields(cls)}:
+            raise ReplacementConfigError(
+                f"{path} lacks the key(s) {missing}, which format_version {FORMAT_VERSION} writes every time: "
+                "the file was edited or truncated, and a default would load another model. Restore the file "
+                "from the saved run (or add the keys with the values the model was trained with)."
+            )
         return cls.from_dict(data)
 
 
