@@ -15,6 +15,7 @@ from hf_replacement import (
     ReplacementConfig,
     ReplacementModel,
     find_blocks,
+    find_chains,
     get_replacement_model,
     merge_peft_and_replacement,
     prepare_peft_config,
@@ -165,7 +166,7 @@ def replacement_of(model: nn.Module) -> ReplacementModel | None:
 
 def replaced_block_indices(model: nn.Module, interval: int) -> list[int]:
     """The blocks RepL with `replace_interval=interval` replaces in `model` (planned, nothing changed)."""
-    plans = select_blocks(find_blocks(model), ReplacementConfig(replace_interval=interval))
+    plans = select_blocks(find_chains(model), ReplacementConfig(replace_interval=interval))
     return [plan.block.index for plan in plans]
 
 

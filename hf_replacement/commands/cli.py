@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from ..config import ReplacementConfig
 from ..hub import HubError
-from .argtypes import block_list, coefficient_init, non_negative_float, positive_float, positive_int
+from .argtypes import block_list, chain_names, coefficient_init, non_negative_float, positive_float, positive_int
 from .save_guard import SaveError, SaveInterrupted, what_is_intact
 from .training_steps import DivergenceError, NonFiniteLossError
 
@@ -40,7 +40,11 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Which blocks to replace: one way at a time (or --baseline, none).
 _SELECTION_FIELDS = ("replace_interval", "replaced_blocks")
-_VALUE_PARSERS = {"replaced_blocks": block_list, "coefficient_init": coefficient_init}
+_VALUE_PARSERS = {
+    "replaced_blocks": block_list,
+    "coefficient_init": coefficient_init,
+    "target_chains": chain_names,
+}
 
 
 def _replacement_fields() -> list[dataclasses.Field]:
