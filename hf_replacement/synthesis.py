@@ -122,7 +122,7 @@ class ReplacementState:
     surrogate: Callable[..., Any] | None = None
     unused: tuple[SynthesizedTensor, ...] = ()
     # Autograd saves a recipe instead of each synthesized weight a layer saves, and backward rebuilds
-    # them (`saved_weights.py`); False keeps the weights from forward to backward.
+    # them (`saved_tensor_hooks.py`); False keeps the weights from forward to backward.
     rebuild_saved_weights: bool = True
 
     @property

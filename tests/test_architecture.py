@@ -101,6 +101,23 @@ def test_the_library_never_imports_the_launcher():
     assert output.strip() == "[]"
 
 
+def test_the_core_never_imports_the_integrations():
+    """integrations/ build on the core; only the package's `__init__` (the exported names) imports them."""
+    core = [p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] not in ("commands", "integrations")]
+    offending = {
+        _module_name(p): sorted(i for i in _package_imports(p) if i.startswith("hf_replacement.integrations"))
+        for p in core
+        if p != PACKAGE / "__init__.py"
+    }
+    assert not {module: imports for module, imports in offending.items() if imports}
+
+
+def test_readme_stays_short():
+    """The README is the first screen and the ways in; the long explanations live in docs/ and benchmarks/."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 160, f"README.md has {len(lines)} lines: move detail to docs/ (at most 160)"
+
+
 # Longer functions are split (the launcher's loop reads top to bottom; each part has one job).
 MAX_FUNCTION_LINES = 80
 
