@@ -25,30 +25,9 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _package_imports(path: pathlib.Path) -> set[str]:
-    """Every `hf_replacement` module `path` imports, at module level or inside a function."""
-    module = _module_name(path)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            if base.split(".")[0] != "hf_replacement":
-                continue
-            for alias in node.names:  # `from . import layer` names a module, `from .x import y` a member
-                candidate = f"{base}.{alias.name}"
-                found.add(candidate if (ROOT / (candidate.replace(".", "/") + ".py")).exists() else base)
-        elif isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "hf_replacement"}
-    return found - {module}
-
-
-def _imported_names(path: pathlib.Path) -> list[tuple[str, str]]:
-    """(module, name) for each `from hf_replacement... import name` in `path` (relative imports resolved);
-    (module, "*") for a plain `import hf_replacement...`."""
+def _import_statements(path: pathlib.Path) -> list[tuple[ast.AST, str]]:
+    """Each import statement of `path` (module level or inside a function) with the absolute module a
+    `from ... import` names (relative imports resolved); "" for a plain `import`."""
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
@@ -58,9 +37,36 @@ def _imported_names(path: pathlib.Path) -> list[tuple[str, str]]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
+            found.append((node, base))
+        elif isinstance(node, ast.Import):
+            found.append((node, ""))
+    return found
+
+
+def _package_imports(path: pathlib.Path) -> set[str]:
+    """Every `hf_replacement` module `path` imports, at module level or inside a function."""
+    found = set()
+    for node, base in _import_statements(path):
+        if isinstance(node, ast.ImportFrom):
+            if base.split(".")[0] != "hf_replacement":
+                continue
+            for alias in node.names:  # `from . import layer` names a module, `from .x import y` a member
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if (ROOT / (candidate.replace(".", "/") + ".py")).exists() else base)
+        else:
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "hf_replacement"}
+    return found - {_module_name(path)}
+
+
+def _imported_names(path: pathlib.Path) -> list[tuple[str, str]]:
+    """(module, name) for each `from hf_replacement... import name` in `path` (relative imports resolved);
+    (module, "*") for a plain `import hf_replacement...`."""
+    found = []
+    for node, base in _import_statements(path):
+        if isinstance(node, ast.ImportFrom):
             if base.split(".")[0] == "hf_replacement":
                 found += [(base, alias.name) for alias in node.names]
-        elif isinstance(node, ast.Import):
+        else:
             found += [(a.name, "*") for a in node.names if a.name.split(".")[0] == "hf_replacement"]
     return found
 
