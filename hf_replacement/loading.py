@@ -19,7 +19,14 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
-from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForImageClassification,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.initialization import no_init_weights
 
 from .checkpoint import WEIGHTS_NAME
@@ -216,6 +223,29 @@ def build_base_model(directory: str) -> nn.Module:
     return model
 
 
+# Transformers' name for a generating model's generation settings (`GenerationConfig`).
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+def generation_config_files(model: nn.Module) -> dict[str, str]:
+    """`generation_config.json` of a model that generates, as Transformers' `save_pretrained` writes it: with the
+    RepL checkpoint, so that its loaded model and its merged model generate with the settings it was saved with."""
+    generation_config = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if generation_config is None or not (callable(can_generate) and can_generate()):
+        return {}
+    return {GENERATION_CONFIG_NAME: generation_config.to_json_string()}
+
+
+def load_generation_config(model: nn.Module, directory: str) -> None:
+    """Give `model` the checkpoint's `generation_config.json` (saved by `save_pretrained` or a Trainer run), as
+    Transformers' `from_pretrained` does; a model without one keeps the settings derived from its config."""
+    if getattr(model, "generation_config", None) is None:
+        return
+    if os.path.isfile(os.path.join(directory, GENERATION_CONFIG_NAME)):
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+
+
 def without_tied_copies(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
     """The state dict with each tied tensor (sharing another's memory, e.g. GPT-2's `lm_head.weight`)
     kept once, under its first name, as Transformers saves it; and the names left out."""
@@ -247,4 +277,4 @@ def load_exact(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str)
     assert set(result.missing_keys) == tied and not result.unexpected_keys, result
 
 
-__all__ = ["load_image_classifier", "load_pretrained_config"]
+__all__ = ["BASE_CONFIG_NAME", "load_image_classifier", "load_pretrained_config"]

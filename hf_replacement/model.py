@@ -25,7 +25,9 @@ from .loading import (
     GUARD_MODEL_TYPE,
     build_base_model,
     download_replacement_checkpoint,
+    generation_config_files,
     load_exact,
+    load_generation_config,
     refuse_unsupported_keywords,
     resolve_dtype,
     single_device,
@@ -269,6 +271,7 @@ class ReplacementModel(nn.Module):
                 config.architectures = [type(self.base_model).__name__]
                 files[BASE_CONFIG_NAME] = config.to_json_string()
                 files["config.json"] = _GUARD_CONFIG
+            files.update(generation_config_files(self.base_model))
             weights = without_tied_copies(self.state_dict() if state_dict is None else state_dict)[0]
             files.update(weight_files(weights, max_shard_size))
             write_checkpoint(save_directory, files)
@@ -379,6 +382,7 @@ class ReplacementModel(nn.Module):
             plans = select_blocks(replacement_model.get_blocks(), replacement_config)
             replacement_model._replace_planned(plans, initial)
         load_exact(replacement_model, state_dict, directory)
+        load_generation_config(model, directory)
         if dtype == "auto":
             dtype = getattr(getattr(model, "config", None), "dtype", None) or torch.float32
         if dtype is not None or device is not None:

@@ -109,11 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hub-model-id", help="user/name (default: the output directory's name)")
     train.add_argument("--hub-token", help="default: the token of `hf auth login` or HF_TOKEN")
 
-    evaluate = commands.add_parser("evaluate", help="accuracy of a saved RepL or merged checkpoint")
+    evaluate = commands.add_parser(
+        "evaluate", help="accuracy of a saved RepL or merged image classifier (other tasks: see docs/cli.md)"
+    )
     evaluate.add_argument("checkpoint", help="directory written by train / save_pretrained / merge")
     _add_data_arguments(evaluate)
 
-    merge = commands.add_parser("merge", help="write a RepL checkpoint as a plain Transformers model")
+    merge = commands.add_parser(
+        "merge", help="write a RepL checkpoint as a plain Transformers model, with its tokenizer / processor files"
+    )
     merge.add_argument("checkpoint")
     merge.add_argument("output_dir")
     return parser
@@ -167,11 +171,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .merge import merge_checkpoint
 
-    merge_checkpoint(args.checkpoint, args.output_dir)
-    print(
-        f"merged model written to {args.output_dir} (loads with AutoModelForImageClassification; serves "
-        f'pipeline("image-classification", model="{args.output_dir}"))'
-    )
+    result = merge_checkpoint(args.checkpoint, args.output_dir)
+    how = result.task.how_to_load(args.output_dir) if result.task else "its config names no Transformers class"
+    carried = ", ".join(result.processing_files) or "none (pass a processor to the pipeline yourself)"
+    print(f"merged model written to {args.output_dir} ({how})\nprocessing files carried over: {carried}")
     return 0
 
 

@@ -12,6 +12,7 @@ from ..config import CONFIG_NAME
 from ..loading import load_image_classifier
 from ..model import ReplacementModel
 from .processing import load_saved_image_processor, square_size
+from .tasks import refuse_unevaluated_task
 
 
 def load_checkpoint(directory: str) -> nn.Module:
@@ -35,6 +36,9 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Accuracy of the checkpoint on the data set's test split (one process).
 
+    An image classifier only: a checkpoint of another task is refused before anything is loaded, with a message
+    naming what evaluates it (`tasks.refuse_unevaluated_task`).
+
     The images are prepared as in training: at the size and with the normalisation of the image processor
     saved with the checkpoint, else at the config's image size with mean 0.5 / std 0.5.
     """
@@ -44,6 +48,7 @@ def evaluate_checkpoint(
     from .data import collate_fn, load_image_dataset, prepare_dataset, subsample
     from .train import evaluate_loader
 
+    refuse_unevaluated_task(directory)
     model = load_checkpoint(directory)
     config = model.config
     image_processor = load_saved_image_processor(directory)
