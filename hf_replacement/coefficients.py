@@ -21,6 +21,10 @@ class ReplacementCoefficients(nn.Module):
 
         return super()._apply(keep_fp32, recurse)
 
+    # PEFT's generic unload (IA³, LoHa, LoKr) copies `weight` from each `modules_to_save` module it puts back:
+    # this module has none to copy.
+    weight = None
+
     def forward(self) -> ReplacementCoefficients:
         """The module holding the coefficients in use: this one. A module put in its place forwards the
         call to the module in use: PEFT's `ModulesToSaveWrapper` (`modules_to_save`) to its active copy,

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,13 +25,15 @@ from .loading import (
     BASE_CONFIG_NAME,
     GUARD_MODEL_TYPE,
     build_base_model,
+    checkpoint_dtype,
     download_replacement_checkpoint,
     generation_config_files,
     load_exact,
     load_generation_config,
-    refuse_unsupported_keywords,
+    refuse_weights_only_directory,
     resolve_dtype,
     single_device,
+    split_config_overrides,
     without_tied_copies,
 )
 from .planning import BlockPlan
@@ -71,6 +74,8 @@ class ReplacementModel(nn.Module):
             raise ValueError("This model already has replaced blocks; call get_replacement_model on a plain model.")
         blocks = find_blocks(base_model, replacement_config.block_path)
         plans = select_blocks(blocks, replacement_config)
+        # Registered before base_model: PEFT's unload visits modules in this order (see PeftMergeHook).
+        self.peft_merge_hook = PeftMergeHook(self)
         self.base_model = base_model
         self.replacement_config = replacement_config
         self.replacement_coefficients = ReplacementCoefficients()
@@ -89,6 +94,8 @@ class ReplacementModel(nn.Module):
         # without it, evaluation computes no loss and returns no label_ids.
         if labels is not None:
             kwargs["labels"] = labels
+        if self.replaced_blocks:
+            _refuse_merged_adapters(self)
         return self.base_model(*args, **kwargs)
 
     def replace_blocks(self) -> dict[int, str]:
@@ -231,6 +238,7 @@ class ReplacementModel(nn.Module):
         safe_serialization: bool = True,
         max_shard_size: int | str | None = None,
         push_to_hub: bool = False,
+        save_function: Callable[..., Any] | None = None,
         **push_kwargs: Any,
     ) -> None:
         """Write `replacement_config.json`, the base config (`base_config.json`, with a guard `config.json`
@@ -240,8 +248,11 @@ class ReplacementModel(nn.Module):
         `model.safetensors.index.json`, as Transformers writes them. All files are written to temporary
         names first and renamed into place only once every file is complete, so a failed save leaves an
         earlier checkpoint in the directory intact. `push_to_hub=True` then pushes the checkpoint
-        (`repo_id=`, default the directory's name, and `push_to_hub`'s other keywords).
+        (`repo_id=`, default the directory's name, and `push_to_hub`'s other keywords). Only the main process
+        (`is_main_process=True`) writes. `save_function` (`accelerator.save` in Transformers' no-trainer
+        scripts) is accepted and not called, as by Transformers' safetensors save: safetensors writes the weights.
         """
+        del save_function  # see the docstring: Transformers v5 does not call it either
         if not safe_serialization:
             raise ValueError(
                 "safe_serialization=False would write a pickle (pytorch_model.bin): hf_replacement saves "
@@ -269,6 +280,7 @@ class ReplacementModel(nn.Module):
             if self.config is not None and hasattr(self.config, "to_json_string"):
                 config = copy.deepcopy(self.config)  # the architecture to rebuild, without touching the live config
                 config.architectures = [type(self.base_model).__name__]
+                config.dtype = str(_base_model_dtype(self)).removeprefix("torch.")  # as Transformers v5 records it
                 files[BASE_CONFIG_NAME] = config.to_json_string()
                 files["config.json"] = _GUARD_CONFIG
             files.update(generation_config_files(self.base_model))
@@ -342,19 +354,27 @@ class ReplacementModel(nn.Module):
         dtype: torch.dtype | str | None = None,
         torch_dtype: torch.dtype | str | None = None,
         device_map: str | int | torch.device | dict[str, Any] | None = None,
-        **unsupported: Any,
+        attn_implementation: str | None = None,
+        low_cpu_mem_usage: bool | None = None,
+        ignore_mismatched_sizes: bool = False,
+        replacement_config: ReplacementConfig | None = None,
+        **config_overrides: Any,
     ) -> ReplacementModel:
         """Load a RepL checkpoint written by `save_pretrained`, from a directory or a Hub repo id.
 
         `model` is a fresh instance of the base architecture; when omitted it is built from the
-        checkpoint's `base_config.json` (a Transformers model). A `pretrained_path` that is no local
-        directory but looks like "user/repo" is downloaded (JSON, safetensors and the card only) at
-        `revision`, with `token`, into `cache_dir` (or only from the cache: `local_files_only`).
-        `subfolder`: the checkpoint's folder inside the directory or repo. `dtype` (`torch_dtype`,
-        its older name): the base model's dtype, "auto" for the config's; the coefficients stay fp32.
-        `device_map`: one device for the whole model. Other keywords are refused.
+        checkpoint's `base_config.json` (a Transformers model), with any `config_overrides` set on its
+        config (`num_labels=5, id2label=..., label2id=...`; with `ignore_mismatched_sizes=True` the weights
+        that no longer fit, the classifier, are initialised anew, as in Transformers). A `pretrained_path`
+        that is no local directory but looks like "user/repo" is downloaded (JSON, safetensors and the card
+        only) at `revision`, with `token`, into `cache_dir` (or only from the cache: `local_files_only`).
+        `subfolder`: the checkpoint's folder. `dtype` (`torch_dtype`, its older name; default "auto", as in
+        Transformers v5): the base model's dtype, "auto" for the one it was saved in; the coefficients stay
+        fp32. `device_map`: one device for the whole model. `attn_implementation`: "eager", "sdpa", ...
+        `low_cpu_mem_usage` is accepted: the weights are always built uninitialised and loaded once.
+        `replacement_config` loads a directory of weights only (a plain Trainer's or `accelerator.save_model`'s).
         """
-        refuse_unsupported_keywords(unsupported)
+        del low_cpu_mem_usage  # always the case here
         dtype = resolve_dtype(dtype, torch_dtype)
         device = single_device(device_map)
         directory = os.path.join(os.fspath(pretrained_path), subfolder) if subfolder else os.fspath(pretrained_path)
@@ -366,9 +386,12 @@ class ReplacementModel(nn.Module):
             raise FileNotFoundError(
                 f"{directory} is not a directory holding a RepL checkpoint ({CONFIG_NAME}, {WEIGHTS_NAME})."
             )
-        replacement_config = ReplacementConfig.from_json_file(os.path.join(directory, CONFIG_NAME))
+        config_overrides = split_config_overrides(config_overrides, directory, model)
+        if replacement_config is None:
+            refuse_weights_only_directory(directory)
+            replacement_config = ReplacementConfig.from_json_file(os.path.join(directory, CONFIG_NAME))
         if model is None:
-            model = build_base_model(directory)
+            model = build_base_model(directory, config_overrides)
         state_dict = load_weights(directory)
         # A checkpoint saved before a deferred replacement (`replacement_start_step`) has no
         # coefficients yet: it loads as a model whose replacement is still deferred.
@@ -381,13 +404,54 @@ class ReplacementModel(nn.Module):
             initial = {int(key[len(prefix) :]): value for key, value in state_dict.items() if key.startswith(prefix)}
             plans = select_blocks(replacement_model.get_blocks(), replacement_config)
             replacement_model._replace_planned(plans, initial)
-        load_exact(replacement_model, state_dict, directory)
+        load_exact(replacement_model, state_dict, directory, ignore_mismatched_sizes)
         load_generation_config(model, directory)
-        if dtype == "auto":
-            dtype = getattr(getattr(model, "config", None), "dtype", None) or torch.float32
-        if dtype is not None or device is not None:
-            replacement_model.to(device=device, dtype=dtype)
+        if attn_implementation is not None:
+            if not hasattr(model, "set_attn_implementation"):
+                raise TypeError(f"attn_implementation needs a Transformers base model, got {type(model).__name__}.")
+            model.set_attn_implementation(attn_implementation)
+        if dtype in (None, "auto"):
+            dtype = checkpoint_dtype(state_dict)
+        replacement_model.to(device=device, dtype=dtype)  # the coefficients stay fp32
         return replacement_model.eval()  # like Transformers' from_pretrained; call .train() to train
+
+
+def _base_model_dtype(model: ReplacementModel) -> torch.dtype:
+    """The dtype of the base model's floating-point weights (the kept ones: the coefficients are fp32)."""
+    for parameter in model.base_model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+class PeftMergeHook(nn.Module):
+    """Makes `peft_model.merge_and_unload()` on a RepL model keep its outputs.
+
+    PEFT's unload visits the model's modules in order and lets any module that has
+    `unload_and_optionally_merge_module` unload itself; this one comes before the base model, so it runs
+    before any adapter is merged into a replaced block's neighbours. It materializes the replaced blocks
+    from the neighbours as they are (without the adapter), as `merge_peft_and_replacement` does; the
+    adapter is merged after. It holds no weights; PEFT puts it back in its place.
+    """
+
+    weight = None  # PEFT's generic `_replace_module` copies `weight` from the module it puts back
+
+    def __init__(self, model: ReplacementModel) -> None:
+        super().__init__()
+        self.__dict__["_model"] = model  # not a submodule: the model holds this hook
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> PeftMergeHook:
+        model = self.__dict__["_model"]
+        if merge and model.replaced_blocks:
+            logger.info(
+                "PEFT merge on a RepL model: the replaced blocks %s are materialized first, from their neighbours "
+                "without the adapter (as hf_replacement.merge_peft_and_replacement does).",
+                sorted(model.replaced_blocks),
+            )
+            model.merge_and_unload()
+        return self
 
 
 def _refuse_sharded(model: ReplacementModel, action: str) -> None:
@@ -439,6 +503,19 @@ def coefficient_logs(model: nn.Module) -> dict[str, float]:
 
 def _holds_peft_modules(model: nn.Module) -> bool:
     return any(type(module).__module__.startswith("peft.") for module in model.modules())
+
+
+def _refuse_merged_adapters(model: ReplacementModel) -> None:
+    """PEFT's `merge_adapter()` adds the adapter into the weights the replaced blocks are synthesized from,
+    which changes those blocks without a word: stop the forward instead. (A scan of the modules, a few
+    microseconds; PEFT's tuner layers list their merged adapters in `merged_adapters`.)"""
+    if any(getattr(module, "merged_adapters", None) for module in model.base_model.modules()):
+        raise ValueError(
+            "An adapter is merged into this RepL model's weights (peft_model.merge_adapter()): the replaced blocks "
+            f"{sorted(model.replaced_blocks)} would be synthesized from the merged neighbours, which changes their "
+            "outputs. Call peft_model.unmerge_adapter() and run unmerged, or merge for good with "
+            "peft_model.merge_and_unload() or hf_replacement.merge_peft_and_replacement(peft_model)."
+        )
 
 
 def _refuse_peft_modules(model: nn.Module) -> None:

@@ -30,6 +30,11 @@ from torch import nn
 
 from .config import SURROGATES, ReplacementConfigError
 
+try:  # how Transformers v5 records per-layer outputs (output_attentions=True): read to report a stand-in
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # another Transformers: no stand-in is reported
+    _active_collector = None
+
 
 @dataclass(frozen=True)
 class Family:
@@ -41,6 +46,9 @@ class Family:
     forward: Callable[..., Any]  # (block, *the block's forward arguments) -> the block's output
     mixer: tuple[str, ...] = ()  # parameter names (or their submodules' names) of the token mixer
     hidden: dict[str, tuple[int, ...]] = field(default_factory=dict)  # parameter -> dims of hidden units
+    # (block, *forward arguments) -> the attention probabilities the skipped token mixer reports as, for
+    # `output_attentions=True`; None where the block reports its attention in its own output (Swin) or has none.
+    attention: Callable[..., torch.Tensor] | None = None
 
     def uses(self, name: str) -> bool:
         return not any(name == prefix or name.startswith(prefix + ".") for prefix in self.mixer)
@@ -73,9 +81,53 @@ def _dinov2_mlp(block: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwa
     return block.drop_path(block.layer_scale2(block.mlp(block.norm2(hidden_states)))) + hidden_states
 
 
-def _swin_mlp(block: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Swin: x + dropout(mlp(layernorm_after(x))), returned as the layer returns it, without attention weights."""
-    return hidden_states + block.dropout(block.mlp(block.layernorm_after(hidden_states))), None
+def _swin_mlp(
+    block: nn.Module, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Swin: x + dropout(mlp(layernorm_after(x))), returned as the layer returns it, with the stand-in
+    attention weights when they are recorded (a Swin stage reports its last block's attention)."""
+    output = hidden_states + block.dropout(block.mlp(block.layernorm_after(hidden_states)))
+    always_partition = args[0] if args else kwargs.get("always_partition", False)
+    if not attentions_requested():
+        return output, None
+    return output, _swin_merged_attention(block, hidden_states, input_dimensions, always_partition)
+
+
+def attentions_requested() -> bool:
+    """Whether Transformers is recording attention weights now (`output_attentions=True` on the model)."""
+    collected = _active_collector.get() if _active_collector is not None else None
+    return bool(collected) and "attentions" in collected
+
+
+def _uniform_attention(block: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The attention a merged ViT-like block computes where the surrogate skips it: its query and key weights
+    are zero, so every position attends to every position equally, 1/sequence length."""
+    heads = _attention_heads(block)
+    batch, length = hidden_states.shape[:2]
+    return hidden_states.new_full((batch, heads, length, length), 1.0 / length)
+
+
+def _attention_heads(block: nn.Module) -> int:
+    return next(m.num_attention_heads for m in block.attention.modules() if hasattr(m, "num_attention_heads"))
+
+
+def _swin_merged_attention(
+    block: nn.Module, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], always_partition: bool
+) -> torch.Tensor:
+    """The attention weights a merged Swin block computes where the surrogate skips it: zero query, key and
+    relative position bias leave only the shifted-window mask, so each position attends equally within its
+    region of the window (uniformly without a shift), shaped as SwinLayer reports them."""
+    if not always_partition:
+        block.set_shift_and_window_size(input_dimensions)
+    window = int(block.window_size)
+    height, width = (-(-size // window) * window for size in input_dimensions)  # padded to whole windows
+    windows = (height // window) * (width // window)
+    heads = _attention_heads(block)
+    scores = hidden_states.new_zeros(hidden_states.shape[0], windows, heads, window * window, window * window)
+    mask = block.get_attn_mask(height, width, dtype=hidden_states.dtype, device=hidden_states.device)
+    if mask is not None:
+        scores = scores + mask[None, :, None]
+    return scores.softmax(dim=-1).view(-1, heads, window * window, window * window)
 
 
 def _convnext_mlp(block: nn.Module, features: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -147,15 +199,15 @@ FAMILIES = (
     Family(
         "ViT/DeiT",
         (f"{_TRANSFORMERS}vit.modeling_vit.ViTLayer", f"{_TRANSFORMERS}deit.modeling_deit.DeiTLayer"),
-        ("mlp", "half"), _vit_mlp, ("attention", "layernorm_before"), _LINEAR_MLP,
+        ("mlp", "half"), _vit_mlp, ("attention", "layernorm_before"), _LINEAR_MLP, _uniform_attention,
     ),
     Family(
         "BEiT", (f"{_TRANSFORMERS}beit.modeling_beit.BeitLayer",), ("mlp", "half"), _beit_mlp,
-        ("attention", "layernorm_before", "lambda_1", "relative_position_bias"), _LINEAR_MLP,
+        ("attention", "layernorm_before", "lambda_1", "relative_position_bias"), _LINEAR_MLP, _uniform_attention,
     ),
     Family(
         "DINOv2", (f"{_TRANSFORMERS}dinov2.modeling_dinov2.Dinov2Layer",), ("mlp", "half"), _dinov2_mlp,
-        ("norm1", "attention", "layer_scale1"), {**_LINEAR_MLP, **_SWIGLU_MLP},
+        ("norm1", "attention", "layer_scale1"), {**_LINEAR_MLP, **_SWIGLU_MLP}, _uniform_attention,
     ),
     Family(
         "Swin", (f"{_TRANSFORMERS}swin.modeling_swin.SwinLayer",), ("mlp", "half"), _swin_mlp,
@@ -218,7 +270,10 @@ class Surrogate:
         return self.family.shape(self.name, parameter, shape)
 
     def forward(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return self.family.forward(block, *args, **kwargs)
+        output = self.family.forward(block, *args, **kwargs)
+        if self.family.attention is not None and attentions_requested():
+            _report_attention(block, self.family, self.family.attention(block, *args, **kwargs))
+        return output
 
     def describe(self) -> str:
         """One line for a replaced block's repr."""
@@ -226,6 +281,22 @@ class Surrogate:
         mixer = f"{', '.join(family.mixer)} skipped" if family.mixer else "nothing skipped"
         width = "half of the hidden units" if self.name == "half" else "all hidden units"
         return f"surrogate {self.name!r} ({mixer}; {width})"
+
+
+def _report_attention(block: nn.Module, family: Family, stand_in: torch.Tensor) -> None:
+    """Give Transformers' recording hooks on the skipped token mixer the stand-in, so that `attentions[i]`
+    stays layer i's entry (the mixer never ran, so its hooks did not fire)."""
+    for name in family.mixer:
+        mixer = getattr(block, name, None)
+        if not isinstance(mixer, nn.Module):
+            continue
+        for module in mixer.modules():
+            for hook in list(module._forward_hooks.values()):
+                if getattr(hook, "__module__", None) == _active_collector_module:
+                    hook(module, (stand_in,), stand_in)
+
+
+_active_collector_module = "transformers.utils.output_capturing"
 
 
 def surrogate_for(module: nn.Module, surrogate: str, block_name: str) -> Surrogate | None:

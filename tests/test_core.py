@@ -594,7 +594,7 @@ def test_num_parameters_counts_the_coefficients():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16", "auto"])
 def test_from_pretrained_dtype_device_and_subfolder(tmp_path, dtype):
     model, _ = make("vit")
-    model.base_model.config.dtype = torch.bfloat16  # what "auto" reads
+    model.to(torch.bfloat16)  # saved as bf16: base_config.json records it, and "auto" reads it
     model.save_pretrained(tmp_path / "sub")
     loaded = ReplacementModel.from_pretrained(tmp_path, subfolder="sub", dtype=dtype, device_map="cpu")
     assert {p.dtype for p in loaded.base_model.parameters()} == {torch.bfloat16}

@@ -18,6 +18,7 @@ from hf_replacement import (
     ReplacementModel,
     get_replacement_model,
 )
+from hf_replacement.loading import GUARD_MESSAGE
 
 BAD_CONFIGS = [
     (dict(replace_interval=1), "replace_interval=1 is invalid"),
@@ -268,8 +269,9 @@ def test_tied_weights_are_saved_once_and_tied_again_on_load(tmp_path):
 @pytest.mark.parametrize(
     "keywords, message",
     [
-        (dict(num_labels=3), "num_labels: unknown, or a config override"),
-        (dict(tpyo_kwarg=1), "tpyo_kwarg: unknown"),
+        (dict(num_labels=5), "ignore_mismatched_sizes=True with the new num_labels"),
+        (dict(tpyo_kwarg=1), "tpyo_kwarg \\(unknown keyword, and is no attribute of the checkpoint's base config"),
+        (dict(model=tiny_models.build("vit"), num_labels=5), "num_labels .*but model= was given"),
         (dict(use_safetensors=False), "use_safetensors \\(only safetensors are ever loaded\\)"),
         (dict(dtype=torch.bfloat16, torch_dtype=torch.float16), "give dtype or torch_dtype"),
         (dict(dtype="int8"), "dtype='int8' is not a floating-point torch dtype"),
@@ -301,8 +303,10 @@ def test_transformers_loaders_refuse_a_repl_checkpoint_naming_ours(saved):
         lambda: AutoConfig.from_pretrained(saved),
         lambda: pipeline("image-classification", model=str(saved)),
     ):
-        with pytest.raises(ValueError, match="load it with hf_replacement.ReplacementModel.from_pretrained"):
+        with pytest.raises(ValueError) as error:
             load()
+        # hf_replacement's message alone: not Transformers' advice to update Transformers (issue 25).
+        assert str(error.value) == GUARD_MESSAGE
     assert ReplacementModel.from_pretrained(saved).replaced_blocks == {3: "vit.layers.3"}
 
 

@@ -169,18 +169,20 @@ def test_merge_gives_a_plain_model_with_the_same_outputs():
     x = tiny_models.inputs()
     with torch.no_grad():
         expected = peft_model(pixel_values=x).logits
-    other_order = copy.deepcopy(peft_model)
-
     plain = merge_peft_and_replacement(peft_model)
     assert type(plain).__name__ == "ViTForImageClassification"
     assert all(type(m).__module__.startswith(("torch.", "transformers.")) for m in plain.modules())
     with torch.no_grad():
         torch.testing.assert_close(plain(pixel_values=x).logits, expected, rtol=1e-5, atol=1e-6)
+        # The merge ran on a copy: the PeftModel is unchanged.
+        assert model.replaced_blocks == {1: "vit.layers.1", 4: "vit.layers.4"}
+        torch.testing.assert_close(peft_model(pixel_values=x).logits, expected, rtol=0, atol=0)
 
-    # Why the helper merges RepL first: merging LoRA first changes the neighbours blocks 1 and 4 are built from.
-    replacement_model = other_order.merge_and_unload()
+    # PEFT's own merge_and_unload materializes the replaced blocks before LoRA reaches their neighbours too.
+    merged = peft_model.merge_and_unload()
+    assert merged is model and not model.replaced_blocks
     with torch.no_grad():
-        assert not torch.allclose(replacement_model(pixel_values=x).logits, expected, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(merged(pixel_values=x).logits, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_unload_gives_the_repl_model_with_the_trained_coefficients():

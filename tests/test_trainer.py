@@ -15,6 +15,7 @@ import weakref
 import datasets
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
     AutoImageProcessor,
@@ -34,6 +35,7 @@ from hf_replacement import (
     ReplacementModel,
     ReplacementTrainer,
     get_replacement_model,
+    prepare_peft_config,
 )
 from hf_replacement.integrations.trainer import MERGED_DIR_NAME
 from hf_replacement.model import coefficient_logs
@@ -253,6 +255,49 @@ def test_merge_at_end_leaves_a_plain_transformers_model(tmp_path):
     images = dataset(8)[:]["pixel_values"]
     torch.testing.assert_close(logits(merged, images), logits(trainer.model, images), rtol=1e-5, atol=1e-5)
     assert trainer.model.replaced_blocks == {1: "vit.layers.1"}  # a copy was merged
+
+
+def lora_on_repl_vit() -> PeftModel:
+    model = repl_vit()
+    return get_peft_model(model, prepare_peft_config(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])))
+
+
+def test_a_peft_model_on_a_repl_model_trains_saves_resumes_and_merges(tmp_path):
+    """LoRA over a RepL model, the composition the README documents, in ReplacementTrainer."""
+    args = dict(max_steps=8, save_steps=4)
+    straight = ReplacementTrainer(
+        lora_on_repl_vit(), training_args(tmp_path / "straight", **args), train_dataset=dataset(), merge_at_end=True
+    )
+    initial = {k: v.clone() for k, v in straight.model.state_dict().items()}
+    straight.train()
+    trained = straight.model.state_dict()
+    moved = [k for k in trained if not torch.equal(trained[k], initial[k])]
+    assert moved and all("lora_" in k or "replacement_coefficients.modules_to_save" in k for k in moved), moved
+    assert any("replacement_coefficients" in k for k in moved)  # the coefficients train with the adapter
+
+    # Saved as PEFT saves an adapter (with the coefficients); it loads on a fresh RepL model with PEFT's loader.
+    images = dataset(8)[:]["pixel_values"]
+    reloaded = PeftModel.from_pretrained(repl_vit(), tmp_path / "straight" / "checkpoint-8")
+    torch.testing.assert_close(logits(reloaded, images), logits(straight.model, images), rtol=0, atol=0)
+
+    resumed = ReplacementTrainer(
+        lora_on_repl_vit(), training_args(tmp_path / "resumed", **args), train_dataset=dataset()
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-4"))
+    assert_same_state(resumed.model.state_dict(), trained)
+
+    # merge_at_end: the replaced blocks from their neighbours without the adapter, then the adapter merged.
+    merged = ViTForImageClassification.from_pretrained(straight.merged_dir)
+    torch.testing.assert_close(logits(merged, images), logits(straight.model, images), rtol=1e-5, atol=1e-5)
+    assert isinstance(straight.model, PeftModel) and straight.replacement_model.replaced_blocks == {1: "vit.layers.1"}
+
+
+def test_a_peft_model_needs_a_repl_model_under_it(tmp_path):
+    plain_lora = get_peft_model(tiny_vit(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(TypeError, match="got a PeftModel of ViTForImageClassification: build the PEFT model on a"):
+        ReplacementTrainer(plain_lora, training_args(tmp_path))
+    with pytest.raises(ValueError, match="replacement_start_step is not supported with a PEFT model"):
+        ReplacementTrainer(lora_on_repl_vit(), training_args(tmp_path), replacement_start_step=2)
 
 
 # ---- logging -------------------------------------------------------------------------------------------

@@ -358,6 +358,14 @@ def prepare_dataset(
     transform = image_transform(image_size, num_channels, *normalisation(image_processor))
 
     def apply(batch: dict[str, list]) -> dict[str, list]:
+        missing = [column for column in ("image", "label") if column not in batch]
+        if missing:
+            raise DataError(
+                f"prepare_dataset's transform needs the columns 'image' and 'label' and got only {sorted(batch)}: "
+                "a plain transformers.Trainer removes the columns its model's forward does not name. Pass "
+                "TrainingArguments(remove_unused_columns=False), or train with "
+                "hf_replacement.ReplacementTrainer, which keeps them."
+            )
         return {"pixel_values": [transform(image) for image in batch["image"]], "label": batch["label"]}
 
     # with_transform is set_transform on a copy: lazy, and the caller's raw data keeps its images.

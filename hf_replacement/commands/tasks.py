@@ -70,6 +70,8 @@ def saved_architecture(directory: str) -> tuple[str, str] | None:
         return None
     if not (architectures and isinstance(architectures[0], str) and model_type in CONFIG_MAPPING):
         return None
+    if not CONFIG_MAPPING[model_type].__module__.startswith("transformers."):  # hf_replacement's registered guard
+        return None
     return model_type, architectures[0]
 
 

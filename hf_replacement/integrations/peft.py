@@ -18,7 +18,7 @@ import copy
 import logging
 import re
 
-from peft import PeftConfig, PeftModel
+from peft import PeftConfig, PeftModel, PeftType
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
@@ -31,13 +31,20 @@ COEFFICIENTS_MODULE = "replacement_coefficients"
 # PEFT names a module by its path from the model it is given: the ReplacementModel, whose base model is `base_model`.
 _BASE_MODEL_PREFIX = "base_model."
 
+# The PEFT methods whose merge through `merge_peft_and_replacement` is tested to give the PeftModel's
+# outputs (tests/test_ecosystem.py); `prepare_peft_config` refuses the others before any training.
+MERGEABLE_PEFT_TYPES = (
+    PeftType.LORA, PeftType.LOHA, PeftType.LOKR, PeftType.IA3, PeftType.OFT, PeftType.FOURIERFT
+)
+
 
 def prepare_peft_config(model: ReplacementModel, peft_config: PeftConfig) -> PeftConfig:
     """A copy of `peft_config` for `peft.get_peft_model(model, ...)` on the RepL model `model`.
 
     The replaced blocks are added to `exclude_modules` (logged once, naming the blocks the target
-    modules match) and the coefficients to `modules_to_save`. Any PEFT method that adapts modules
-    and has these two fields works (LoRA, LoHa, LoKr, IA³, ...).
+    modules match) and the coefficients to `modules_to_save`. The PEFT methods that adapt modules, have
+    these two fields and are tested to merge exactly (`MERGEABLE_PEFT_TYPES`: LoRA, LoHa, LoKr, IA³, OFT,
+    FourierFT) are accepted; others are refused here, before any training.
     """
     if not isinstance(model, ReplacementModel):
         raise TypeError(
@@ -49,6 +56,7 @@ def prepare_peft_config(model: ReplacementModel, peft_config: PeftConfig) -> Pef
             f"{type(peft_config).__name__} has no {' or '.join(missing)}: only PEFT methods that adapt modules "
             "(LoRA, LoHa, LoKr, IA³, ...) can leave the replaced blocks out and train the coefficients."
         )
+    _refuse_unmergeable(peft_config)
     blocks = model.replaced_blocks
     if not blocks:
         raise ValueError(
@@ -70,6 +78,23 @@ def prepare_peft_config(model: ReplacementModel, peft_config: PeftConfig) -> Pef
             COEFFICIENTS_MODULE,
         )
     return config
+
+
+def _refuse_unmergeable(peft_config: PeftConfig) -> None:
+    method = getattr(peft_config, "peft_type", None)
+    if method not in MERGEABLE_PEFT_TYPES:
+        supported = ", ".join(str(peft_type.value) for peft_type in MERGEABLE_PEFT_TYPES)
+        raise ValueError(
+            f"peft_type={getattr(method, 'value', method)!r} ({type(peft_config).__name__}) is not supported on a RepL "
+            f"model: only {supported} are tested to merge exactly with the replacement (merge_peft_and_replacement). "
+            "Use one of those, or merge the RepL model first (repl_model.merge_and_unload()) and put this method on "
+            "the plain model."
+        )
+    if getattr(peft_config, "layer_replication", None):
+        raise ValueError(
+            f"layer_replication={peft_config.layer_replication} would duplicate blocks of a RepL model, whose replaced "
+            "blocks are synthesized from their neighbours (and PEFT cannot merge replicated layers): leave it unset."
+        )
 
 
 def _targets_match_inside(model: ReplacementModel, config: PeftConfig, block_name: str) -> bool:
@@ -102,8 +127,8 @@ def merge_peft_and_replacement(peft_model: PeftModel) -> nn.Module:
 
     The order matters, and this is the right one: the replaced blocks are materialized first, from
     their neighbours' weights without the adapter, as they were synthesized; then the adapter is
-    merged. `peft_model.merge_and_unload()` first would change the neighbours the replaced blocks
-    are synthesized from, and so their weights.
+    merged. All or nothing: the merge runs on a copy (memory for a second model while it runs), so
+    `peft_model` is unchanged, whether the merge completes or raises.
     """
     replacement_model = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else None
     if not isinstance(replacement_model, ReplacementModel):
@@ -111,9 +136,13 @@ def merge_peft_and_replacement(peft_model: PeftModel) -> nn.Module:
             "merge_peft_and_replacement needs a PeftModel made by get_peft_model on a ReplacementModel, got "
             f"{type(peft_model).__name__}{f' of {type(replacement_model).__name__}' if replacement_model else ''}."
         )
-    replacement_model.merge_and_unload()
-    peft_model.merge_and_unload()
-    return replacement_model.base_model
+    for config in peft_model.peft_config.values():  # an adapter loaded from disk never met prepare_peft_config
+        _refuse_unmergeable(config)
+    merged = copy.deepcopy(peft_model)
+    merged_replacement_model = merged.get_base_model()
+    merged_replacement_model.merge_and_unload()
+    merged.merge_and_unload()
+    return merged_replacement_model.base_model
 
 
-__all__ = ["COEFFICIENTS_MODULE", "merge_peft_and_replacement", "prepare_peft_config"]
+__all__ = ["COEFFICIENTS_MODULE", "MERGEABLE_PEFT_TYPES", "merge_peft_and_replacement", "prepare_peft_config"]

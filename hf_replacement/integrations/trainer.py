@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
@@ -23,6 +24,7 @@ from ..hub import render_model_card
 from ..model import LOG_PREFIX, ReplacementModel, coefficient_logs
 from ..utils import is_sharded
 from .fsdp import check_deepspeed_stage, gather_state_dict, shard_model
+from .peft import merge_peft_and_replacement
 
 logger = logging.get_logger(__name__)
 
@@ -226,8 +228,14 @@ class ReplacementTrainer(Trainer):
 
     @property
     def replacement_model(self) -> ReplacementModel:
-        """The `ReplacementModel` being trained (unwrapped)."""
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        """The `ReplacementModel` being trained (unwrapped; the base model of a PEFT model built on one)."""
+        return _replacement_model_of(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
+
+    @property
+    def peft_model(self) -> PeftModel | None:
+        """The PEFT model being trained when the trainer was given one (LoRA, ... on a RepL model), else None."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return model if isinstance(model, PeftModel) else None
 
     # ---- checkpoints and the Hub -----------------------------------------------------------------
 
@@ -237,8 +245,14 @@ class ReplacementTrainer(Trainer):
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         logger.info("Saving RepL checkpoint to %s", output_dir)
-        # state_dict: what save_model gathered (FSDP, DeepSpeed); None: the model's own.
-        self.replacement_model.save_pretrained(output_dir, state_dict=state_dict)
+        if self.peft_model is not None:
+            # The adapter with the trained coefficients (PEFT's modules_to_save): what the Trainer resumes from, and
+            # what PeftModel.from_pretrained(<the RepL model>, output_dir) loads. The RepL model it is built on is
+            # not changed by training: save it once with save_pretrained (or merge with save_merged_model).
+            self.peft_model.save_pretrained(output_dir, state_dict=state_dict)
+        else:
+            # state_dict: what save_model gathered (FSDP, DeepSpeed); None: the model's own.
+            self.replacement_model.save_pretrained(output_dir, state_dict=state_dict)
         processor = self.processing_class
         if processor is None:  # as the Trainer does: a collator's tokenizer stands in
             processor = getattr(self.data_collator, "tokenizer", None)
@@ -312,7 +326,10 @@ class ReplacementTrainer(Trainer):
             model = self.replacement_model
             if not model.replaced_blocks:
                 logger.warning("RepL: no block is replaced now; the merged model is the plain model.")
-            model.save_merged(directory)
+            if self.peft_model is not None:  # the replaced blocks first, then the adapter, on a copy
+                merge_peft_and_replacement(self.peft_model).save_pretrained(directory)
+            else:
+                model.save_merged(directory)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(directory)
             logger.info("RepL: merged plain %s saved to %s", type(model.base_model).__name__, directory)
@@ -453,12 +470,28 @@ def _check_arguments(
         _check_model(model, start_step)
 
 
+def _replacement_model_of(model: nn.Module) -> nn.Module:
+    """The ReplacementModel of `model`: itself, or the base model of a PEFT model built on one."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def _check_model(model: nn.Module, start_step: int | None) -> ReplacementModel:
+    peft_model = model if isinstance(model, PeftModel) else None
+    model = _replacement_model_of(model)
     if not isinstance(model, ReplacementModel):
-        raise TypeError(
-            f"ReplacementTrainer needs a ReplacementModel, got {type(model).__name__}: wrap it with "
-            "get_replacement_model(model, config) (or ReplacementModel(model, config, defer_replacement=True) "
-            "with replacement_start_step) before building the trainer."
+        on_peft = f"a {type(peft_model).__name__} of " if peft_model is not None else ""
+        fix = (
+            "build the PEFT model on a RepL model: repl = get_replacement_model(base_model, config); "
+            "get_peft_model(repl, prepare_peft_config(repl, peft_config))"
+            if peft_model is not None
+            else "wrap it with get_replacement_model(model, config) (or ReplacementModel(model, config, "
+            "defer_replacement=True) with replacement_start_step) before building the trainer"
+        )
+        raise TypeError(f"ReplacementTrainer needs a ReplacementModel, got {on_peft}{type(model).__name__}: {fix}.")
+    if peft_model is not None and start_step is not None:
+        raise ValueError(
+            "replacement_start_step is not supported with a PEFT model: the adapter config was prepared for the "
+            "replaced blocks. Train the PEFT model on a model replaced from the start (replacement_start_step=None)."
         )
     if start_step is not None and model.replaced_blocks:
         raise ValueError(
