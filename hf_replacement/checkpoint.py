@@ -89,15 +89,22 @@ def _replace_all(staged: list[tuple[str, str]]) -> None:
                     os.remove(backup)
 
 
+def leftover_files(directory: str | os.PathLike) -> list[str]:
+    """Temporary files or directories a writer left in `directory` (killed, or unable to remove them)."""
+    try:
+        return sorted(name for name in os.listdir(directory) if _LEFTOVER.match(name))
+    except OSError:
+        return []
+
+
 def _remove_leftovers(directory: str) -> None:
-    for name in os.listdir(directory):
+    for name in leftover_files(directory):
         path = os.path.join(directory, name)
-        if _LEFTOVER.match(name):
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    os.remove(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 @contextlib.contextmanager
@@ -118,8 +125,13 @@ def staged_directory(directory: str | os.PathLike) -> Iterator[str]:
         if os.path.exists(directory):
             retired = tempfile.mkdtemp(prefix=f".{name}.", suffix=".backup", dir=parent)
             os.replace(directory, os.path.join(retired, name))
-            os.replace(staging, directory)
-            shutil.rmtree(retired, ignore_errors=True)
+            try:
+                os.replace(staging, directory)
+            except BaseException:  # Ctrl-C or a failure between the two renames: the old one goes back
+                os.replace(os.path.join(retired, name), directory)
+                raise
+            finally:
+                shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, directory)
     finally:
@@ -192,4 +204,4 @@ def atomic_write(path: str | os.PathLike, content: FileContent) -> None:
     write_checkpoint(directory or ".", {name: content})
 
 
-__all__ = ["WEIGHTS_NAME", "atomic_write", "load_weights", "staged_directory", "write_checkpoint"]
+__all__ = ["WEIGHTS_NAME", "atomic_write", "leftover_files", "load_weights", "staged_directory", "write_checkpoint"]

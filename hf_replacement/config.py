@@ -9,8 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_NAME = "replacement_config.json"
-# Bumped when the meaning of a saved field changes; older files are rejected with a clear message.
-FORMAT_VERSION = 1
+# Bumped when the meaning of a saved field changes. Version 1 (before chains): one list of blocks found
+# by the top config's depths, and `replace_interval` counting every block; those files still load as
+# they were saved (blocks.find_chains(legacy=True), selection.legacy_interval_indices).
+FORMAT_VERSION = 2
+LEGACY_FORMAT_VERSION = 1
+READABLE_FORMAT_VERSIONS = (LEGACY_FORMAT_VERSION, FORMAT_VERSION)
 
 GRANULARITIES = ("block", "tensor", "channel")
 # coefficient_init="fit": least-squares coefficients rebuilding each replaced block's own weights (fitting.py).
@@ -27,6 +31,27 @@ def _option(default: Any, help: str, choices: tuple[str, ...] | None = None, cli
     return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
 
 
+def _is_block_path(value: Any) -> bool:
+    def is_path(item: Any) -> bool:
+        return isinstance(item, str) and bool(item)
+
+    if is_path(value):
+        return True
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            is_path(entry) or (isinstance(entry, list) and bool(entry) and all(is_path(p) for p in entry))
+            for entry in value
+        )
+    )
+
+
+def _added_after(version: Any) -> set[str]:
+    """The fields a file of format `version` cannot hold: added in a later version (they take their defaults)."""
+    return {"target_chains"} if version == LEGACY_FORMAT_VERSION else set()
+
+
 class ReplacementConfigError(ValueError):
     """A `ReplacementConfig` field, or a saved `replacement_config.json`, is invalid."""
 
@@ -36,9 +61,13 @@ class ReplacementConfig:
     """Configuration of Replacement Learning (RepL).
 
     Args:
-        replace_interval: replace every k-th block: blocks k-1, 2k-1, ... (0-based, forward order),
-            never the first or the last block. The paper uses 4. Ignored when `replaced_blocks` is set.
-        replaced_blocks: explicit block indices to replace instead of an interval.
+        replace_interval: replace about one block in k, in each chain (see `hf_replacement.blocks`):
+            blocks k-1, 2k-1, ... of the chain, each moved to the nearest block that can be replaced
+            when it cannot (the first and last of a chain, a ResNet stage's first block); a chain
+            shorter than k but at least k/2 long gets its middle block. The paper uses 4. Ignored
+            when `replaced_blocks` is set.
+        replaced_blocks: explicit block indices (global, forward order) to replace instead of an
+            interval. A saved checkpoint records the blocks it replaced here.
         coefficient_granularity: "block" (one (a, b) pair per replaced block, the paper), "tensor"
             (one pair per parameter tensor) or "channel" (one pair per output channel of each tensor).
         coefficient_init: initial (a, b), or "fit": for each replaced block, the least-squares
@@ -57,8 +86,13 @@ class ReplacementConfig:
             "mlp" skips the token mixer (attention; ConvNeXt's depthwise conv) and runs the MLP
             sub-block; "half" also keeps only the first half of the MLP's hidden units (ResNet: the
             block at half its inner width). Which families have which: `hf_replacement.surrogates`.
-        block_path: dotted path of the `nn.ModuleList` holding the blocks, for models the automatic
-            discovery does not know (e.g. "encoder.blocks").
+        block_path: the blocks, for models the automatic discovery does not know: the dotted path of
+            the `nn.ModuleList` holding them (e.g. "encoder.blocks"), or a list of chains, each such a
+            path or a list of paths forming one chain (e.g. [["stages.0.layers", "stages.1.layers"],
+            "decoder.layers"]). A saved checkpoint records the chains it was built with here.
+        target_chains: replace blocks (by `replace_interval`) only in the chains whose name is one
+            of these or starts with one of these and a dot, e.g. ["backbone"] for a task model's
+            backbone only; None (default): every chain. `ReplacementModel.chains` lists the names.
     """
 
     replace_interval: int = _option(4, "replace every k-th block (blocks k-1, 2k-1, ...; the paper uses 4)")
@@ -80,7 +114,12 @@ class ReplacementConfig:
         "what a replaced block computes: the whole block, its MLP sub-block only (mlp) or that at half width (half)",
         choices=SURROGATES,
     )
-    block_path: str | None = _option(None, "dotted path of the nn.ModuleList holding the blocks", cli=False)
+    block_path: str | list[str | list[str]] | None = _option(
+        None, "dotted path of the nn.ModuleList holding the blocks, or a list of chains", cli=False
+    )
+    target_chains: list[str] | None = _option(
+        None, "replace blocks only in these chains (name prefixes, e.g. backbone); default: every chain"
+    )
     format_version: int = field(default=FORMAT_VERSION, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,6 +128,10 @@ class ReplacementConfig:
             self.coefficient_init = tuple(self.coefficient_init)
         if isinstance(self.replaced_blocks, (tuple, range)):
             self.replaced_blocks = list(self.replaced_blocks)
+        if isinstance(self.target_chains, str):
+            self.target_chains = [self.target_chains]
+        elif isinstance(self.target_chains, tuple):
+            self.target_chains = list(self.target_chains)
         self.validate()
 
     def validate(self) -> None:
@@ -137,15 +180,24 @@ class ReplacementConfig:
         for name in ("detach_neighbors", "recompute_replaced"):
             if not isinstance(getattr(self, name), bool):
                 raise ReplacementConfigError(f"{name}={getattr(self, name)!r} is invalid: it must be True or False.")
-        if self.block_path is not None and (not isinstance(self.block_path, str) or not self.block_path):
+        if self.block_path is not None and not _is_block_path(self.block_path):
             raise ReplacementConfigError(
                 f"block_path={self.block_path!r} is invalid: give the dotted path of an nn.ModuleList, "
-                "e.g. 'encoder.layers'."
+                "e.g. 'encoder.layers', or a non-empty list of chains, each such a path or a non-empty list of them."
             )
-        if self.format_version != FORMAT_VERSION:
+        if self.target_chains is not None and (
+            not isinstance(self.target_chains, list)
+            or not self.target_chains
+            or not all(isinstance(name, str) and name for name in self.target_chains)
+        ):
+            raise ReplacementConfigError(
+                f"target_chains={self.target_chains!r} is invalid: give a non-empty list of chain names "
+                "(e.g. ['backbone']), or None for every chain."
+            )
+        if self.format_version not in READABLE_FORMAT_VERSIONS:
             raise ReplacementConfigError(
                 f"format_version={self.format_version!r} is not supported by this hf_replacement "
-                f"(it reads version {FORMAT_VERSION}); upgrade hf_replacement to load this checkpoint."
+                f"(it reads versions {READABLE_FORMAT_VERSIONS}); upgrade hf_replacement to load this checkpoint."
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,6 +234,15 @@ class ReplacementConfig:
             raise ReplacementConfigError(f"{path} is not valid JSON ({error}); the checkpoint is corrupt.") from error
         if not isinstance(data, dict):
             raise ReplacementConfigError(f"{path} must hold a JSON object, found {type(data).__name__}.")
+        # `save_pretrained` writes every field: a missing one would silently take its default (another model).
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(known - set(data) - _added_after(data.get("format_version")))
+        if missing and set(data) <= {f.name for f in dataclasses.fields(cls)}:
+            raise ReplacementConfigError(
+                f"{path} lacks the key(s) {missing}, which format_version {FORMAT_VERSION} writes every time: "
+                "the file was edited or truncated, and a default would load another model. Restore the file "
+                "from the saved run (or add the keys with the values the model was trained with)."
+            )
         return cls.from_dict(data)
 
 
@@ -189,6 +250,8 @@ __all__ = [
     "CONFIG_NAME",
     "DEFAULT_COEFFICIENT_INIT",
     "FIT",
+    "FORMAT_VERSION",
+    "LEGACY_FORMAT_VERSION",
     "FUSION_MODES",
     "GRANULARITIES",
     "SURROGATES",

@@ -256,8 +256,9 @@ def _read_base_config(directory: str) -> PretrainedConfig:
     config_path = _base_config_path(directory)
     if config_path is None:
         raise FileNotFoundError(
-            f"{os.path.join(directory, BASE_CONFIG_NAME)} is missing: pass model=<a fresh instance of the base "
-            "architecture> to ReplacementModel.from_pretrained for a model that is not a Transformers model."
+            f"{os.path.join(directory, BASE_CONFIG_NAME)} is missing, and the checkpoint's model cannot be built "
+            "without it: restore it from the saved run, or pass model=<a fresh instance of the base architecture> "
+            "to ReplacementModel.from_pretrained for a model that is not a Transformers model."
         )
     try:
         with open(config_path, encoding="utf-8") as stream:

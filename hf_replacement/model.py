@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import gc
 import json
 import logging
 import os
@@ -15,9 +17,9 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from .blocks import Block, find_blocks
+from .blocks import Block, Chain, find_chains
 from .checkpoint import WEIGHTS_NAME, load_weights, remove_other_weight_files, weight_files, write_checkpoint
-from .config import CONFIG_NAME, FIT, ReplacementConfig
+from .config import CONFIG_NAME, FIT, FORMAT_VERSION, LEGACY_FORMAT_VERSION, ReplacementConfig
 from .fitting import CoefficientFit
 from .hub import CardFacts, push_to_hub
 from .layer import ReplacementCoefficients, apply_plan, is_replaced, materialize
@@ -72,14 +74,20 @@ class ReplacementModel(nn.Module):
         _refuse_peft_modules(base_model)
         if isinstance(base_model, ReplacementModel) or any(is_replaced(m) for m in base_model.modules()):
             raise ValueError("This model already has replaced blocks; call get_replacement_model on a plain model.")
-        blocks = find_blocks(base_model, replacement_config.block_path)
-        plans = select_blocks(blocks, replacement_config)
+        refuse_submodule(base_model)
+        # A checkpoint of format_version 1 was built before chains: it is found and selected as it was then.
+        self._legacy = replacement_config.format_version == LEGACY_FORMAT_VERSION
+        chains = find_chains(base_model, replacement_config.block_path, legacy=self._legacy)
+        plans = select_blocks(chains, replacement_config, legacy=self._legacy)
         # Registered before base_model: PEFT's unload visits modules in this order (see PeftMergeHook).
         self.peft_merge_hook = PeftMergeHook(self)
         self.base_model = base_model
         self.replacement_config = replacement_config
         self.replacement_coefficients = ReplacementCoefficients()
-        self._blocks = blocks
+        self._chains = chains
+        self._blocks = [block for chain in chains for block in chain.blocks]
+        # What a checkpoint records: these blocks, also while the replacement is deferred.
+        self._selected = sorted(plan.block.index for plan in plans)
         self._num_unreplaced_parameters = sum(p.numel() for p in base_model.parameters())
         self._coefficient_fits: dict[int, CoefficientFit] = {}
         # `defer_replacement`: the config is validated now, the blocks are replaced by `replace_blocks()`
@@ -114,7 +122,7 @@ class ReplacementModel(nn.Module):
                 "them before sharding (replace_blocks(), then hf_replacement.shard_model)."
             )
         # Planned again here, not at construction: the model may have moved device or dtype since.
-        self._replace_planned(select_blocks(self._blocks, self.replacement_config))
+        self._replace_planned(select_blocks(self._chains, self.replacement_config, legacy=self._legacy))
         return self.replaced_blocks
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -161,6 +169,15 @@ class ReplacementModel(nn.Module):
         return getattr(self.base_model, "config", None)
 
     @property
+    def generation_config(self) -> Any:
+        """The base model's generation config: the one its `generate` reads, set here too (Seq2SeqTrainer sets it)."""
+        return getattr(self.base_model, "generation_config", None)
+
+    @generation_config.setter
+    def generation_config(self, value: Any) -> None:
+        self.base_model.generation_config = value
+
+    @property
     def replaced_blocks(self) -> dict[int, str]:
         """Replaced block index (forward order) -> module name in the base model."""
         return {block.index: block.name for block in self._blocks if is_replaced(block.module)}
@@ -168,6 +185,27 @@ class ReplacementModel(nn.Module):
     @property
     def num_blocks(self) -> int:
         return len(self._blocks)
+
+    @property
+    def chains(self) -> dict[str, list[int]]:
+        """Chain name (its list's path, `*` for a stage number) -> its block indices, in forward order.
+        A replaced block's neighbours are the blocks before and after it in its chain."""
+        return {chain.name: [block.index for block in chain.blocks] for chain in self._chains}
+
+    def get_chains(self) -> list[Chain]:
+        """The base model's chains of blocks (`blocks.find_chains`' result)."""
+        return list(self._chains)
+
+    def recorded_config(self) -> ReplacementConfig:
+        """The config a checkpoint saves: this one with the chains (`block_path`) and the selected blocks
+        (`replaced_blocks`) written out, so the checkpoint loads with the same blocks whatever later
+        versions of the discovery and of `replace_interval` would choose."""
+        return dataclasses.replace(
+            self.replacement_config,
+            block_path=[list(chain.paths) for chain in self._chains],
+            replaced_blocks=list(self._selected),
+            format_version=FORMAT_VERSION,
+        )
 
     def get_blocks(self) -> list[Block]:
         """Every block of the base model in forward order, replaced or not (`find_blocks`' result)."""
@@ -276,7 +314,7 @@ class ReplacementModel(nn.Module):
                 "model.save_pretrained(directory, state_dict=..., is_main_process=<rank 0>)."
             )
         if is_main_process:
-            files: dict[str, Any] = {CONFIG_NAME: self.replacement_config.to_json_string()}
+            files: dict[str, Any] = {CONFIG_NAME: self.recorded_config().to_json_string()}
             if self.config is not None and hasattr(self.config, "to_json_string"):
                 config = copy.deepcopy(self.config)  # the architecture to rebuild, without touching the live config
                 config.architectures = [type(self.base_model).__name__]
@@ -402,7 +440,7 @@ class ReplacementModel(nn.Module):
             # deferred checkpoint keeps "fit", which `replace_blocks()` applies to the weights it has then.
             prefix = "replacement_coefficients."
             initial = {int(key[len(prefix) :]): value for key, value in state_dict.items() if key.startswith(prefix)}
-            plans = select_blocks(replacement_model.get_blocks(), replacement_config)
+            plans = select_blocks(replacement_model.get_chains(), replacement_config, legacy=replacement_model._legacy)
             replacement_model._replace_planned(plans, initial)
         load_exact(replacement_model, state_dict, directory, ignore_mismatched_sizes)
         load_generation_config(model, directory)
@@ -470,7 +508,9 @@ def _log_fit_errors(errors: dict[int, dict[str, float]]) -> None:
         logger.warning(
             "coefficient_init=%r: the neighbours explain little of block(s) %s (relative error above %s): these "
             "replaced blocks start far from the weights they had, whatever the coefficients.",
-            FIT, poor, POOR_FIT_RELATIVE_ERROR,
+            FIT,
+            poor,
+            POOR_FIT_RELATIVE_ERROR,
         )
 
 
@@ -525,6 +565,64 @@ def _refuse_peft_modules(model: nn.Module) -> None:
             "the replaced blocks' base and adapter weights. Apply RepL to the plain model first, then PEFT on top: "
             "get_peft_model(repl_model, hf_replacement.prepare_peft_config(repl_model, peft_config))."
         )
+
+
+def _sub_model_class_names() -> set[str]:
+    """Transformers' base models and backbones: the classes that also live inside task models."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in (*MODEL_MAPPING_NAMES.values(), *MODEL_FOR_BACKBONE_MAPPING_NAMES.values()):
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+def _parent(module: nn.Module) -> tuple[nn.Module, str] | None:
+    """The module holding `module` as a submodule, and under which name; None for a top-level module.
+
+    Walks the garbage collector's referrers: an owner refers to its `_modules` dict directly, or through
+    its instance `__dict__`. A `ReplacementModel` wrapping `module` (a merged model its former wrapper
+    still holds) does not count.
+    """
+    for referrer in gc.get_referrers(module):
+        if not isinstance(referrer, dict):
+            continue
+        attribute = next((key for key, value in referrer.items() if value is module), None)
+        if attribute is None:
+            continue
+        candidates = gc.get_referrers(referrer)
+        candidates += [owner for holder in candidates if isinstance(holder, dict) for owner in gc.get_referrers(holder)]
+        for owner in candidates:
+            if isinstance(owner, nn.Module) and owner._modules is referrer and not isinstance(owner, ReplacementModel):
+                return owner, attribute
+    return None
+
+
+def refuse_submodule(model: nn.Module) -> None:
+    """Refuse to convert a Transformers base model or backbone that is a submodule of another model
+    (`upernet.backbone`): the coefficients would live outside the outer model, which would neither
+    train nor save them, and its `save_pretrained` would write no replaced block.
+
+    Only those classes are checked: finding a module's owner walks the garbage collector's objects
+    (a fraction of a second), too slow to pay on every conversion.
+    """
+    if type(model).__name__ not in _sub_model_class_names():
+        return
+    names, outer = [], model
+    while (found := _parent(outer)) is not None:
+        outer, name = found
+        names.insert(0, name)
+    if not names:
+        return
+    path = ".".join(names)
+    raise ValueError(
+        f"This {type(model).__name__} is the submodule {path!r} of a {type(outer).__name__}: converted alone, its "
+        f"RepL coefficients would not be among the {type(outer).__name__}'s parameters (an optimizer over them never "
+        "trains them) and its save_pretrained would write neither them nor the replaced blocks. Convert the whole "
+        f"model instead: get_replacement_model(outer_model, ReplacementConfig(target_chains=[{path!r}])) replaces "
+        f"blocks only in the chains under {path!r} (ReplacementModel.chains lists them), and trains, saves and "
+        "merges the whole task model."
+    )
 
 
 def get_replacement_model(model: nn.Module, config: ReplacementConfig | None = None) -> ReplacementModel:

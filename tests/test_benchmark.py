@@ -309,6 +309,9 @@ def test_transfer_run_pretrains_once_and_measures_each_conversion(tmp_path):
         methods["repl-k4-fit"]["source_accuracy_after_conversion"]
     )
     other = dataclasses.replace(suite, pretrain=dataclasses.replace(pretraining, max_train_samples=32), methods=("bp",))
+    with pytest.raises(BenchmarkError, match="other settings"):  # the finished runs of the first settings
+        run_benchmark(other, tmp_path)
+    shutil.rmtree(tmp_path / "runs")
     assert not run_benchmark(other, tmp_path)["models"]["vit-mini"]["pretrained"]["cached"]
 
 
@@ -364,6 +367,9 @@ def test_gpu_suite_runs_on_cuda(tmp_path):
     methods = results["models"]["vit-mini"]["methods"]
     assert methods["bp"]["cuda_peak_mb"] > 0
     assert methods["repl-k4-recompute"]["cuda_peak_mb"] <= methods["repl-k4"]["cuda_peak_mb"]
+    # torch.compile (inductor) for the suite's compiled methods, each alone: its own peak and throughput.
+    assert {m for m, e in methods.items() if "compiled_median_step_s" in e} == {"bp", "repl-k4", "drop-k4"}
+    assert all(methods[m]["compiled_cuda_peak_mb"] > 0 for m in ("bp", "repl-k4", "drop-k4"))
 
 
 @pytest.mark.parametrize(
@@ -564,7 +570,8 @@ def test_readme_is_generated_from_the_results_on_disk(tmp_path, overhead_dir, fs
                     "python -m benchmarks --suite gpu", "python benchmarks/synthesis_overhead.py",
                     "python benchmarks/fsdp_state.py", "python -m benchmarks --readme"):
         assert f"`{command}`" in empty
-    assert "Not run yet (no `results.json`): `quick`, `fashion-mnist`, `transfer`, `gpu`." in empty
+    not_run = "Not run yet (no `results.json`): `quick`, `fashion-mnist`, `transfer`, `fashion-mnist-full`, `gpu`."
+    assert not_run in empty
     assert "## Suite" not in empty and "## Synthesis overhead" not in empty and "## Training state" not in empty
     # With the committed quick results and a synthesis-overhead run beside them:
     (tmp_path / "quick").mkdir()
@@ -575,7 +582,7 @@ def test_readme_is_generated_from_the_results_on_disk(tmp_path, overhead_dir, fs
     text = (tmp_path / "README.md").read_text()
     assert text == render_readme(str(tmp_path))  # deterministic: regenerating changes nothing
     assert "## Suite `quick`" in text and "## Suite `fashion-mnist`" not in text
-    assert "Not run yet (no `results.json`): `fashion-mnist`, `transfer`, `gpu`." in text
+    assert "Not run yet (no `results.json`): `fashion-mnist`, `transfer`, `fashion-mnist-full`, `gpu`." in text
     assert "### vit-mini" in text and "### convnext-mini" in text and "| repl-k4 |" in text
     assert "[`quick/results.md`](quick/results.md)" in text and "(quick/accuracy_curves.png)" in text
     assert "## Synthesis overhead" in text and "| vit-mini (8px, 64) | [3] |" in text

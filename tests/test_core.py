@@ -20,7 +20,13 @@ import torch
 from safetensors import safe_open
 from torch.func import functional_call
 
-from hf_replacement import ReplacementConfig, ReplacementModel, find_blocks, get_replacement_model, resampling
+from hf_replacement import (
+    ReplacementConfig,
+    ReplacementModel,
+    find_chains,
+    get_replacement_model,
+    resampling,
+)
 from hf_replacement.layer import ReplacementCoefficients, apply_plan, is_replaced
 from hf_replacement.reference import reference_synthesize
 from hf_replacement.resampling import DimResample, resample_matrix, resample_plan
@@ -647,7 +653,7 @@ def test_a_plan_is_carried_out_without_the_config():
     )
     reference = get_replacement_model(tiny_models.build("vit"), config)
     base = tiny_models.build("vit")
-    plans = select_blocks(find_blocks(base), config)
+    plans = select_blocks(find_chains(base), config)
     for plan in plans:  # everything the config said that matters after planning
         assert (plan.granularity, plan.coefficient_init, plan.detach_neighbors, plan.recompute) == (
             "channel", (0.3, 0.6), True, True,

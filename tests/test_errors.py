@@ -40,7 +40,7 @@ BAD_CONFIGS = [
     (dict(detach_neighbors="yes"), "detach_neighbors='yes' is invalid"),
     (dict(recompute_replaced=1), "recompute_replaced=1 is invalid"),
     (dict(block_path=""), "block_path='' is invalid"),
-    (dict(format_version=2), "format_version=2 is not supported"),
+    (dict(format_version=3), "format_version=3 is not supported"),
 ]
 
 
@@ -55,7 +55,7 @@ BAD_SELECTIONS = [
     (dict(replaced_blocks=[5]), r"\[5\] outside the valid range 1..4"),
     (dict(replaced_blocks=[-1]), r"\[-1\] outside the valid range"),
     (dict(replaced_blocks=[2, 3]), r"adjacent blocks \[\(2, 3\)\]"),
-    (dict(replace_interval=7), "replace_interval=7 selects no block of this 6-block model"),
+    (dict(replace_interval=13), r"replace_interval=13 selects no block .* lengths: \{'vit.layers': 6\}"),
     (dict(block_path="vit.nothing"), "block_path='vit.nothing' does not exist"),
     (dict(block_path="classifier"), "points at a Linear, not an nn.ModuleList"),
 ]
@@ -133,13 +133,22 @@ def test_neighbours_of_another_kind_raise_when_explicit(neighbour, message):
         get_replacement_model(model, ReplacementConfig(block_path="blocks", replaced_blocks=[1]))
 
 
-def test_neighbours_of_another_kind_are_skipped_with_warning_when_by_interval(caplog):
+def test_interval_blocks_of_another_kind_move_to_a_neighbour():
     model = nn.Module()
     model.blocks = nn.ModuleList([nn.LayerNorm(4)] + [nn.Linear(4, 4) for _ in range(5)])
+    replaced = get_replacement_model(model, ReplacementConfig(block_path="blocks", replace_interval=2))
+    # Block 1 (aimed at) has a LayerNorm neighbour: block 2 is replaced instead, then 4 (3 is next to 2).
+    assert replaced.replaced_blocks == {2: "blocks.2", 4: "blocks.4"}
+
+
+def test_interval_blocks_with_no_replaceable_neighbour_are_skipped_with_warning(caplog):
+    model = nn.Module()
+    kinds = [nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4)] + [nn.Linear(4, 4) for _ in range(4)]
+    model.blocks = nn.ModuleList(kinds)
     with caplog.at_level("WARNING"):
         replaced = get_replacement_model(model, ReplacementConfig(block_path="blocks", replace_interval=2))
-    assert replaced.replaced_blocks == {3: "blocks.3"}
-    assert "Not replaced" in caplog.text and "1 (" in caplog.text
+    assert replaced.replaced_blocks == {4: "blocks.4"}
+    assert "Not replaced" in caplog.text and "1 (blocks.1 and its neighbour blocks.0 are different kinds" in caplog.text
 
 
 def test_nearest_with_no_matching_neighbour():

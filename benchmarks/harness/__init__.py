@@ -10,6 +10,11 @@ Methods (`methods.METHODS`):
 - `drop-k4`, `drop-k3`: the blocks RepL would replace deleted (a shallower model: the ablation
   RepL must beat, since it is cheaper still);
 - `freeze-k4`, `freeze-k3`: the same blocks kept at their initial weights, not trained;
+- `tie-k4`: plain cross-layer sharing, RepL with the coefficients fixed at (1, 0): each replaced block reuses
+  its previous neighbour's weights (what RepL's learnable fusion must beat);
+- `sd`: stochastic depth on the plain model, each block skipped in training with the probability that gives
+  drop-k4's expected depth; the full model for inference;
+- `narrow`: the plain model at the same depth, narrowed to repl-k4's trainable parameter count;
 - `lora`: PEFT LoRA (r=8) on the attention q/v projections (ViT/DeiT) or the pointwise Linear layers
   (ConvNeXt), the classifier trained fully.
 
@@ -23,8 +28,10 @@ checkpoint size and the inference throughput of the merged model. It writes `res
 
 Each file here does one part: `methods` builds each method's model, `suites` says what a run does,
 `data` and `device` provide its tensors and device, `meters` and `measure` measure memory and time,
-`training` trains for accuracy, `transfer` pretrains (transfer suites) and measures each conversion on the
-source task, `runner` runs it all, `report`, `plots` and `output` write the
+`baselines` builds the stochastic-depth and narrow baselines, `training` trains for accuracy, `resume` keeps
+each finished piece of a run so that a rerun continues (refusing pieces made with other settings), `verdict`
+decides the paper's claims against each baseline, `transfer` pretrains (transfer suites) and measures each
+conversion on the source task, `runner` runs it all, `report`, `plots` and `output` write the
 results, `readme` writes benchmarks/README.md, `paths` says where files go, `cli` reads the flags.
 Training steps, optimizer, schedule and accuracy are `hf_replacement.commands.training_steps`, shared with the launcher.
 """

@@ -19,6 +19,7 @@ from hf_replacement.layer import is_replaced
 from hf_replacement.synthesis import synthesize
 from hf_replacement.utils import count_parameters
 
+from .baselines import full_depth
 from .device import autocast, synchronize
 from .meters import SavedTensorMeter, SynthesisCounter, forward_flops_per_image, parameter_state_bytes, state_memory
 from .methods import (
@@ -128,9 +129,17 @@ def measure_memory(
     """Parameters, state and activation memory, checkpoint size (and CUDA peak) of one method, alone."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        baseline = torch.cuda.memory_allocated(device)
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     built = build_method_model(method, model_name, num_labels, suite.image_size, suite.num_channels, seed=0)
     model = built.model.to(device).train()
+    with full_depth(model):  # stochastic depth: the step that runs every block, what memory must hold
+        return _measure_memory(suite, built, batch, device, baseline)
+
+
+def _measure_memory(
+    suite: SuiteSpec, built: MethodModel, batch: Batch, device: torch.device, cuda_baseline: int
+) -> dict[str, Any]:
+    model = built.model
     trainable, total = count_parameters(model)
     flops = block_flops(built, batch)
     optimizer = make_optimizer(model, suite.lr, suite.weight_decay)
@@ -167,7 +176,7 @@ def measure_memory(
         torch.cuda.reset_peak_memory_stats(device)
         train_step(model, optimizer, batch, precision=autocast(device, suite.mixed_precision))
         torch.cuda.synchronize(device)
-        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - baseline
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - cuda_baseline
     result["checkpoint"] = checkpoint_size(built)
     return result
 
@@ -277,4 +286,57 @@ def measure_speed(
     deployed = {m: inference_model(built[m]).eval() for m in methods}
     for method, entry in time_inference(suite, deployed, batch["pixel_values"], device).items():
         results[method].update(entry)
+    return results
+
+
+def _compiled_steps(
+    suite: SuiteSpec, model: nn.Module, batch: Batch, device: torch.device
+) -> tuple[float, list[float], int | None]:
+    """Compile `model` with the suite's backend, then (seconds of the first steps, which compile; timed steps;
+    CUDA peak bytes over the timed steps, None off CUDA)."""
+    compiled = torch.compile(model, backend=suite.compile_backend)
+    optimizer = make_optimizer(model, suite.lr, suite.weight_decay)
+
+    def step() -> None:
+        train_step(compiled, optimizer, batch, precision=autocast(device, suite.mixed_precision))
+        synchronize(device)
+
+    started = time.perf_counter()
+    for _ in range(max(1, suite.timing_warmup_steps)):
+        step()
+    compile_seconds = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(suite.timing_rounds * suite.timing_steps_per_round):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return compile_seconds, times, peak
+
+
+def measure_compiled(
+    suite: SuiteSpec, model_name: str, methods: Sequence[str], batch: Batch, num_labels: int, device: torch.device,
+) -> dict[str, dict[str, Any]]:
+    """Training steps under `torch.compile` for the suite's `compiled_methods`: median step, images/s and (CUDA)
+    peak memory. One method at a time, alone on the device, so each peak is that method's own (from the
+    allocation before its model was built); not interleaved, since compiling each takes far longer than its
+    timed steps."""
+    results: dict[str, dict[str, Any]] = {}
+    for method in (m for m in methods if m in suite.compiled_methods):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            baseline = torch.cuda.memory_allocated(device)
+        built = build_method_model(method, model_name, num_labels, suite.image_size, suite.num_channels, seed=0)
+        compile_seconds, times, peak = _compiled_steps(suite, built.model.to(device).train(), batch, device)
+        median_step = statistics.median(times)
+        results[method] = {
+            "compiled_median_step_s": median_step,
+            "compiled_train_images_per_s": len(batch["labels"]) / median_step,
+            "compile_seconds": compile_seconds,
+        }
+        if peak is not None:
+            results[method]["compiled_cuda_peak_bytes"] = peak - baseline
+        del built
     return results

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,6 +15,7 @@ from hf_replacement import (
     ReplacementConfig,
     ReplacementModel,
     find_blocks,
+    find_chains,
     get_replacement_model,
     merge_peft_and_replacement,
     prepare_peft_config,
@@ -22,14 +26,17 @@ from hf_replacement.loading import load_image_classifier
 from hf_replacement.selection import select_blocks
 from hf_replacement.utils import count_parameters
 
+from .baselines import apply_stochastic_depth, build_narrow_model, remove_stochastic_depth
 from .errors import BenchmarkError
 
 
 @dataclass(frozen=True)
 class Method:
-    """One way of training: `kind` is bp, repl, drop, freeze or lora; `interval` the k of RepL's blocks;
-    `surrogate` what a replaced block computes (`ReplacementConfig.surrogate`); `coefficient_init` RepL's
-    initial (a, b) or "fit"; `lora`: LoRA on top of RepL (PEFT on the kept blocks, `prepare_peft_config`)."""
+    """One way of training: `kind` is bp, repl, drop, freeze, sd, narrow or lora; `interval` the k of RepL's
+    blocks (for sd and narrow: the repl-k / drop-k whose cost they match); `surrogate` what a replaced block
+    computes (`ReplacementConfig.surrogate`); `coefficient_init` RepL's initial (a, b) or "fit";
+    `fixed_coefficients`: the coefficients kept at their initial value, not trained; `lora`: LoRA on top of
+    RepL (PEFT on the kept blocks, `prepare_peft_config`)."""
 
     name: str
     kind: str
@@ -37,11 +44,16 @@ class Method:
     recompute: bool = False
     surrogate: str = "block"
     coefficient_init: tuple[float, float] | str = DEFAULT_COEFFICIENT_INIT
+    fixed_coefficients: bool = False
     lora: bool = False
 
     def describe(self) -> str:
         """What the method trains, in one line (the README's table)."""
         text = KIND_DESCRIPTIONS[self.kind].format(k=self.interval) + SURROGATE_DESCRIPTIONS.get(self.surrogate, "")
+        if self.fixed_coefficients:
+            text += (f", its coefficients fixed at a={self.coefficient_init[0]:g}, b={self.coefficient_init[1]:g} "
+                     "(not trained): each replaced block reuses its previous neighbour's weights, plain "
+                     "cross-layer sharing (ALBERT-style tying)")
         if self.coefficient_init == FIT:
             text += ', its coefficients fitted to the (pretrained) weights at conversion (`coefficient_init="fit"`)'
         if self.lora:
@@ -55,6 +67,11 @@ KIND_DESCRIPTIONS = {
     "repl": "Replacement Learning, one block in {k} replaced (`replace_interval={k}`)",
     "drop": "the blocks `repl-k{k}` replaces deleted: a shallower model, the ablation RepL must beat",
     "freeze": "the blocks `repl-k{k}` replaces kept at their initial weights, not trained",
+    "sd": "stochastic depth on the plain model: in training each block skipped with probability p (one draw per "
+          "block and batch, the kept residual branch scaled by 1/(1-p)), p chosen so the expected number of "
+          "executed blocks equals `drop-k{k}`'s; inference runs every block, unscaled",
+    "narrow": "the plain model at the same depth, narrowed (all widths by one factor, heads kept) to the width "
+              "whose parameter count is closest to `repl-k{k}`'s trainable count",
     "lora": "PEFT LoRA (r=8) on the attention q/v projections (ViT/DeiT) or the pointwise layers (ConvNeXt), "
             "the classifier trained fully",
 }
@@ -77,6 +94,9 @@ METHODS: dict[str, Method] = {
     "drop-k3": Method("drop-k3", "drop", 3),
     "freeze-k4": Method("freeze-k4", "freeze", 4),
     "freeze-k3": Method("freeze-k3", "freeze", 3),
+    "tie-k4": Method("tie-k4", "repl", 4, coefficient_init=(1.0, 0.0), fixed_coefficients=True),
+    "sd": Method("sd", "sd", 4),
+    "narrow": Method("narrow", "narrow", 4),
     "repl-k4-fit": Method("repl-k4-fit", "repl", 4, coefficient_init=FIT),
     "lora": Method("lora", "lora"),
     "lora-repl-k4-fit": Method("lora-repl-k4-fit", "repl", 4, coefficient_init=FIT, lora=True),
@@ -86,6 +106,9 @@ DEFAULT_METHODS = (
     "bp", "repl-k4", "repl-k4-mlp", "repl-k4-half", "repl-k3", "repl-k4-recompute", "drop-k4", "drop-k3", "freeze-k4",
     "lora",
 )
+# The equal-cost baselines RepL must beat besides dropping its blocks: plain tying, stochastic depth at drop-k4's
+# expected depth, a plain model narrowed to repl-k4's trainable parameters.
+BASELINE_METHODS = ("tie-k4", "sd", "narrow")
 # Fine-tuning a pretrained model (the transfer suite): RepL with and without fitted coefficients.
 TRANSFER_METHODS = ("bp", "repl-k4", "repl-k4-fit", "drop-k4", "lora", "lora-repl-k4-fit")
 
@@ -129,6 +152,7 @@ class MethodModel:
     num_blocks: int  # blocks of the plain model
     affected_blocks: list[int]  # replaced / dropped / frozen block indices (forward order)
     plain_params: int  # parameters of the plain model before the method was applied
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. sd's p, narrow's widths
 
 
 def replacement_of(model: nn.Module) -> ReplacementModel | None:
@@ -142,7 +166,7 @@ def replacement_of(model: nn.Module) -> ReplacementModel | None:
 
 def replaced_block_indices(model: nn.Module, interval: int) -> list[int]:
     """The blocks RepL with `replace_interval=interval` replaces in `model` (planned, nothing changed)."""
-    plans = select_blocks(find_blocks(model), ReplacementConfig(replace_interval=interval))
+    plans = select_blocks(find_chains(model), ReplacementConfig(replace_interval=interval))
     return [plan.block.index for plan in plans]
 
 
@@ -226,6 +250,11 @@ def build_method_model(
     head for `num_labels` classes.
     """
     method = METHODS[method] if isinstance(method, str) else method
+    if pretrained is not None and method.kind == "narrow":
+        raise BenchmarkError(
+            f"{method.name} builds a new, narrower model: no pretrained weights exist at its width, so it cannot "
+            f"fine-tune from {pretrained}. Leave it out of a transfer suite (it is a from-scratch baseline)."
+        )
     torch.manual_seed(seed)
     model = build_preset_model(model_name, num_labels, image_size, num_channels, id2label)
     if pretrained is not None:
@@ -252,7 +281,8 @@ def apply_method(method: Method, model: nn.Module) -> MethodModel:
     num_blocks = len(find_blocks(model))
     plain_params = count_parameters(model)[1]
     affected: list[int] = []
-    if method.kind in ("drop", "freeze", "repl"):
+    details: dict[str, Any] = {}
+    if method.kind in ("drop", "freeze", "repl", "sd"):
         affected = replaced_block_indices(model, method.interval)
     if method.kind == "repl":
         config = ReplacementConfig(
@@ -262,15 +292,31 @@ def apply_method(method: Method, model: nn.Module) -> MethodModel:
             coefficient_init=method.coefficient_init,
         )
         model = get_replacement_model(model, config)
+        if method.fixed_coefficients:
+            model.replacement_coefficients.requires_grad_(False)
         if method.lora:
             model = apply_lora(model)
     elif method.kind == "drop":
         model = drop_blocks(model, affected)
     elif method.kind == "freeze":
         model = freeze_blocks(model, affected)
+    elif method.kind == "sd":
+        # Uniform over the blocks: the expected number skipped equals what drop-k drops. `affected` stays empty:
+        # no block is singled out.
+        details["drop_probability"] = len(affected) / num_blocks
+        model = apply_stochastic_depth(model, details["drop_probability"])
+        affected = []
+    elif method.kind == "narrow":
+        model, details = build_narrow_model(model, repl_trainable_params(model, method.interval))
     elif method.kind == "lora":
         model = apply_lora(model)
-    return MethodModel(method, model, num_blocks, affected, plain_params)
+    return MethodModel(method, model, num_blocks, affected, plain_params, details)
+
+
+def repl_trainable_params(model: nn.Module, interval: int) -> int:
+    """Trainable parameters of `model` under RepL with `replace_interval=interval` (counted on a copy)."""
+    replaced = get_replacement_model(copy.deepcopy(model), ReplacementConfig(replace_interval=interval))
+    return count_parameters(replaced)[0]
 
 
 def inference_model(built: MethodModel) -> nn.Module:
@@ -280,5 +326,7 @@ def inference_model(built: MethodModel) -> nn.Module:
         return merge_peft_and_replacement(model)
     if isinstance(model, ReplacementModel) or built.method.kind == "lora":
         return model.merge_and_unload()
+    if built.method.kind == "sd":
+        return remove_stochastic_depth(model)
     return model
 

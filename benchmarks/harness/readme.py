@@ -18,6 +18,7 @@ from .methods import METHODS
 from .paths import BENCHMARKS_DIR, FSDP_STATE_NAME, SYNTHESIS_OVERHEAD_NAME, TRANSFER_PLOT
 from .report import lora_footnote, render_settings, render_tables, surrogate_summary
 from .suites import SUITES
+from .verdict import VERDICT_RULES, render_verdict
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ def _how_to_run() -> list[str]:
         "`--epochs`, `--methods`, `--models`, `--data-dir`, `--max-train-samples`, `--batch-size`, `--device` "
         "(`python -m benchmarks --help`).",
         "",
+        "Every suite is resumable: each finished piece (a model's memory/time measurements, one seed of one "
+        "method trained) is written at once to `benchmarks/<suite>/runs/<model>/` with the settings that made it "
+        "and their digest. Start the same command again after an interruption and it skips what is finished; a "
+        "piece made with other settings (epochs, data, learning rate, a method's definition, ...) is refused with "
+        "the differences named, so results of two settings never mix. `--seeds` and `--methods` may grow between "
+        "sittings of training runs (the measured methods are part of the measurements' settings).",
+        "",
         "The `transfer` suite pretrains its models itself (never downloaded) and keeps them in "
         "`benchmarks/transfer/pretrained/` (not committed; reused while the pretraining settings are the same, "
         "`--pretrain-epochs` and `--pretrain-max-train-samples` change them); it also reports each method's "
@@ -86,6 +94,19 @@ def _suite_section(name: str, results: dict[str, Any]) -> list[str]:
         f"![RepL coefficients over training, suite {name}]({name}/coefficients.png)",
         *([f"![source accuracy after conversion and fine-tuned accuracy, suite {name}]({name}/{TRANSFER_PLOT})"]
           if transfer else []),
+        "",
+    ]
+
+
+def _verdict_section(suites: dict[str, dict[str, Any] | None]) -> list[str]:
+    return [
+        "## Verdict: the paper's claims against each baseline",
+        "",
+        "Computed from the results below (`benchmarks/harness/verdict.py`); each suite's command is in its section.",
+        "",
+        *render_verdict(suites),
+        "",
+        VERDICT_RULES,
         "",
     ]
 
@@ -132,11 +153,12 @@ def render_readme(directory: str = BENCHMARKS_DIR) -> str:
         "seeds, checkpoint size and inference throughput of the merged model. What the numbers say, in words "
         "(training from scratch, fine-tuning, the lighter surrogates): [docs/results.md](../docs/results.md).",
         "",
-        *_how_to_run(),
     ]
+    suites = {name: _read_json(os.path.join(directory, name, "results.json")) for name in SUITES}
+    lines += _verdict_section(suites)
+    lines += _how_to_run()
     missing = []
-    for name in SUITES:
-        results = _read_json(os.path.join(directory, name, "results.json"))
+    for name, results in suites.items():
         if results is None:
             missing.append(f"`{name}`")
         else:

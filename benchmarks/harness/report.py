@@ -6,9 +6,7 @@ import math
 from typing import Any
 
 from .methods import LORA_FROM_SCRATCH_NOTE, METHODS
-
-# Step times within this fraction of each other count as equal cost: the timing noise of a shared machine.
-EQUAL_COST_TOLERANCE = 0.05
+from .verdict import EQUAL_COST_TOLERANCE, VERDICT_RULES, render_verdict
 
 
 def _format_count(count: int) -> str:
@@ -44,13 +42,17 @@ def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) 
     methods = model["methods"]
     cuda = any("cuda_peak_mb" in entry for entry in methods.values())
     transfer = any("source_accuracy_after_conversion" in entry for entry in methods.values())
+    compiled = any("compiled_median_step_s" in entry for entry in methods.values())
+    equal_time = any("accuracy_at_bp_time" in entry for entry in methods.values())
     header = [
         "method", "trainable params", "block FLOPs/img (×bp)", "state MB", "saved act. MB", "memory ×bp",
         "analytic ×bp",
         *(["CUDA peak MB", "peak ×bp"] if cuda else []),
-        "median step ms", "step ×bp", "synthesis % of step",
+        "median step ms", "step ×bp", *(["train img/s"] if cuda else []), "synthesis % of step",
+        *(["compiled step ms", "compiled img/s", "compiled peak MB"] if compiled else []),
         *(["source acc. after conversion", "fit error (a=b=0.5)"] if transfer else []),
-        "fine-tuned accuracy (mean ± std)" if transfer else "accuracy (mean ± std)", "checkpoint MB",
+        "fine-tuned accuracy (mean ± std)" if transfer else "accuracy (mean ± std)",
+        *(["accuracy at bp's wall-clock"] if equal_time else []), "checkpoint MB",
         "inference img/s",
     ]
     lines = [f"### {model_name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -73,9 +75,12 @@ def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) 
             *([f"{entry.get('cuda_peak_mb', float('nan')):.0f}", ratio("cuda_peak_ratio_vs_bp")] if cuda else []),
             f"{entry['median_step_ms']:.1f}",
             ratio("step_ratio_vs_bp"),
+            *([f"{entry['train_images_per_s']:.0f}"] if cuda else []),
             synthesis,
+            *(_compiled_cells(entry) if compiled else []),
             *([_source_accuracy(entry), _fit_errors(entry)] if transfer else []),
             accuracy,
+            *([_equal_time_accuracy(entry)] if equal_time else []),
             f"{entry['checkpoint_mb']:.2f}",
             f"{entry['inference_images_per_s']:.0f}",
         ]
@@ -95,6 +100,24 @@ def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) 
             f"{len(pretrained['accuracy_per_epoch'])} epochs ({how})."
         )
     return "\n".join(lines)
+
+
+def _compiled_cells(entry: dict[str, Any]) -> list[str]:
+    """Step ms, images/s and CUDA peak MB under torch.compile ("not compiled" for the methods left eager)."""
+    if "compiled_median_step_s" not in entry:
+        return ["not compiled", "–", "–"]
+    peak = entry.get("compiled_cuda_peak_mb")
+    return [f"{1e3 * entry['compiled_median_step_s']:.1f}", f"{entry['compiled_train_images_per_s']:.0f}",
+            "–" if peak is None else f"{peak:.0f}"]
+
+
+def _equal_time_accuracy(entry: dict[str, Any]) -> str:
+    """Accuracy reached within bp's training time (same seed), mean ± std, and the epochs that fit in it."""
+    if "accuracy_at_bp_time_mean" in entry:
+        epochs = "/".join(str(n) for n in entry["epochs_within_bp_time"])
+        return (f"{100 * entry['accuracy_at_bp_time_mean']:.1f} ± {100 * entry['accuracy_at_bp_time_std']:.1f} "
+                f"({epochs} epochs)")
+    return "no epoch within bp's time" if "accuracy_at_bp_time" in entry else "–"
 
 
 def _source_accuracy(entry: dict[str, Any]) -> str:
@@ -298,6 +321,9 @@ def render_settings(results: dict[str, Any]) -> list[str]:
         + (f"pretraining {phases['pretraining']:.0f} s, " if "pretraining" in phases else "")
         + f"training {phases.get('training', float('nan')):.0f} s)",
         *(f"- {note}" for note in suite.get("notes", ())),
+        *([f"- resumed: {len(results['reused_from_earlier_runs'])} finished pieces (measurements, training runs) "
+           "reused from earlier sittings with the same settings (`runs/`)"]
+          if results.get("reused_from_earlier_runs") else []),
     ]
 
 
@@ -314,7 +340,9 @@ COLUMNS = (
     "again for the synthesis in backward: weights rebuilt for backward, or the recompute) over the median RepL "
     "step; checkpoint = what save_pretrained writes (RepL: compact, without the replaced blocks; LoRA: adapters "
     "+ classifier, the base model is needed as well); inference = images/s of the deployed model (RepL and LoRA "
-    "merged), eval, no grad."
+    "merged), eval, no grad. Where present: train img/s = batch / median step; compiled = the same training step "
+    "under torch.compile, each method alone (compiling excluded); accuracy at bp's wall-clock = the accuracy "
+    "each run had reached when bp's run of the same seed finished training (whole epochs)."
 )
 
 
@@ -337,6 +365,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     """results.md: the run's settings, a table per model, findings and the limits of RepL's savings."""
     lines = [f"# RepL benchmark: suite `{results['suite']['name']}`", "", *render_settings(results), "", COLUMNS, ""]
     lines += render_tables(results)
+    lines += ["## Verdict: the paper's claims against each baseline", "",
+              *render_verdict({results["suite"]["name"]: results}), "", VERDICT_RULES, ""]
     findings = [line for model_name, model in results["models"].items() for line in _findings(model_name, model)]
     if findings:
         lines += ["## Findings (computed from the numbers above)", "", *findings, ""]

@@ -13,19 +13,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import load_tensor_data, timing_batch
+from .data import TensorData, load_tensor_data, timing_batch
 from .device import machine_info, resolve_device
-from .measure import measure_memory, measure_speed
+from .measure import measure_compiled, measure_memory, measure_speed
 from .methods import METHODS, resolve_methods
 from .output import write_outputs
 from .paths import suite_dir
+from .resume import RunStore, measurement_settings, training_settings
 from .suites import SuiteSpec, validate_suite
 from .training import train_run
 from .transfer import accuracy_after_conversion, pretrain, source_suite
+from .verdict import add_equal_time_accuracy
 
 logger = logging.getLogger(__name__)
 
 MB = 2**20
+MEASUREMENTS = "measurements"  # the RunStore piece holding a model's memory/time measurements
 
 
 def run_benchmark(
@@ -76,17 +79,10 @@ def run_benchmark(
     }
     models: dict[str, Any] = results["models"]
 
+    store = RunStore(output_dir)
     started = time.perf_counter()
     for model_name in tqdm(suite.models, desc="memory/time", disable=None):
-        per_method: dict[str, dict[str, Any]] = {}
-        for method in methods:
-            memory = measure_memory(suite, model_name, method, batch, num_labels, device)
-            per_method[method] = {"method": method, **memory}
-        for method, speed in measure_speed(suite, model_name, methods, batch, num_labels, device).items():
-            per_method[method].update(speed)
-        models[model_name] = {"methods": per_method}
-        steps = ", ".join(f"{m} {per_method[m]['median_step_s'] * 1e3:.1f} ms" for m in methods)
-        logger.info("%s: measured %s", model_name, steps)
+        models[model_name] = {"methods": _measure_model(suite, model_name, methods, batch, num_labels, device, store)}
     phases["memory_and_speed"] = time.perf_counter() - started
 
     pretrained: dict[str, str] = {}
@@ -106,13 +102,11 @@ def run_benchmark(
     started = time.perf_counter()
     runs = [(seed, name, method) for seed in range(suite.seeds) for name in suite.models for method in trained]
     for seed, model_name, method in tqdm(runs, desc="train", disable=None):
-        run = train_run(suite, model_name, method, seed, data, device, pretrained.get(model_name))
+        run = _training_run(suite, model_name, method, seed, data, device, pretrained.get(model_name), store)
         models[model_name]["methods"][method].setdefault("runs", []).append(run)
-        logger.info(
-            "%s %s seed %d: accuracy %.4f (%.1f s)", model_name, method, seed, run["accuracy"], run["train_seconds"]
-        )
     phases["training"] = time.perf_counter() - started
 
+    results["reused_from_earlier_runs"] = store.reused
     _summarize(results)
     phases["total"] = time.perf_counter() - run_started
     results["phase_seconds"] = phases
@@ -122,10 +116,53 @@ def run_benchmark(
     return results
 
 
+def _measure_model(
+    suite: SuiteSpec, model_name: str, methods: list[str], batch: dict[str, torch.Tensor], num_labels: int,
+    device: torch.device, store: RunStore,
+) -> dict[str, dict[str, Any]]:
+    """Memory and time of every method on one model, or those a previous run with the same settings recorded."""
+    settings = measurement_settings(suite, model_name, methods, device)
+    recorded = store.load(model_name, MEASUREMENTS, settings)
+    if recorded is not None:
+        logger.info("%s: memory/time reused from %s", model_name, store.path(model_name, MEASUREMENTS))
+        return recorded
+    per_method: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        per_method[method] = {"method": method, **measure_memory(suite, model_name, method, batch, num_labels, device)}
+    for method, speed in measure_speed(suite, model_name, methods, batch, num_labels, device).items():
+        per_method[method].update(speed)
+    for method, compiled in measure_compiled(suite, model_name, methods, batch, num_labels, device).items():
+        per_method[method].update(compiled)
+    steps = ", ".join(f"{m} {per_method[m]['median_step_s'] * 1e3:.1f} ms" for m in methods)
+    logger.info("%s: measured %s", model_name, steps)
+    store.save(model_name, MEASUREMENTS, settings, per_method)
+    return per_method
+
+
+def _training_run(
+    suite: SuiteSpec, model_name: str, method: str, seed: int, data: TensorData, device: torch.device,
+    pretrained: str | None, store: RunStore,
+) -> dict[str, Any]:
+    """One seed of one method trained, or its record from a previous run with the same settings."""
+    settings = training_settings(suite, model_name, method, seed, data.description, device)
+    piece = f"{method}-seed{seed}"
+    run = store.load(model_name, piece, settings)
+    if run is not None:
+        logger.info("%s %s seed %d: finished earlier, reused (%s)", model_name, method, seed,
+                    store.path(model_name, piece))
+        return run
+    run = train_run(suite, model_name, method, seed, data, device, pretrained)
+    store.save(model_name, piece, settings, run)
+    logger.info("%s %s seed %d: accuracy %.4f (%.1f s)", model_name, method, seed, run["accuracy"],
+                run["train_seconds"])
+    return run
+
+
 def _summarize(results: dict[str, Any]) -> None:
     """Derived fields: MB, ms, ratios against bp of the same run, accuracy mean ± std."""
     for model in results["models"].values():
         methods = model["methods"]
+        add_equal_time_accuracy(methods)
         bp = methods.get("bp")
         for entry in methods.values():
             entry["state_memory_mb"] = entry["state_memory_bytes"]["total"] / MB
@@ -133,6 +170,9 @@ def _summarize(results: dict[str, Any]) -> None:
             entry["training_memory_mb"] = entry["state_memory_mb"] + entry["saved_activations_mb"]
             entry["median_step_ms"] = 1e3 * entry["median_step_s"]
             entry["checkpoint_mb"] = entry["checkpoint"]["bytes"] / MB
+            entry["train_images_per_s"] = entry["batch_size"] / entry["median_step_s"]
+            if "compiled_cuda_peak_bytes" in entry:
+                entry["compiled_cuda_peak_mb"] = entry["compiled_cuda_peak_bytes"] / MB
             if "cuda_peak_bytes" in entry:
                 entry["cuda_peak_mb"] = entry["cuda_peak_bytes"] / MB
             runs = entry.get("runs", [])

@@ -9,7 +9,7 @@ from typing import Any
 from hf_replacement.commands.presets import PRESETS
 
 from .errors import BenchmarkError
-from .methods import DEFAULT_METHODS, TRANSFER_METHODS, resolve_methods
+from .methods import BASELINE_METHODS, DEFAULT_METHODS, METHODS, TRANSFER_METHODS, resolve_methods
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ class SuiteSpec:
     inference_rounds: int = 5
     inference_calls_per_round: int = 3
     mixed_precision: str | None = None  # "bf16": autocast
+    # Also measured under torch.compile (training steps: median, images/s, CUDA peak), one method at a time.
+    compiled_methods: tuple[str, ...] = ()
+    compile_backend: str = "inductor"
     requires_cuda: bool = False
     pretrain: PretrainSpec | None = None
     notes: tuple[str, ...] = ()
@@ -76,10 +79,11 @@ class SuiteSpec:
 
 
 SUITES: dict[str, SuiteSpec] = {
-    # 2 CPU cores: 13 min with 8 methods; 25 min with the two surrogates added, partly alongside tests (results.md).
+    # 2 CPU cores: 13 min with 8 methods; 25 min with the two surrogates added, partly alongside tests (results.md);
+    # the three equal-cost baselines (tie-k4, sd, narrow) add about a quarter (estimated, not yet run).
     "quick": SuiteSpec(
         name="quick",
-        summary="digits, vit-mini + convnext-mini, 3 seeds: 15-25 min on 2 CPU cores",
+        summary="digits, vit-mini + convnext-mini, 3 seeds: 20-30 min on 2 CPU cores",
         models=("vit-mini", "convnext-mini"),
         dataset="digits",
         image_size=8,
@@ -90,7 +94,8 @@ SUITES: dict[str, SuiteSpec] = {
         # Steps of a few tens of ms on a shared 2-core VM: 60 interleaved steps per method keep the
         # step ratios within a few percent from run to run (20 did not).
         timing_rounds=12,
-        accuracy_methods=tuple(m for m in DEFAULT_METHODS if not m.endswith("-recompute")),
+        methods=DEFAULT_METHODS + BASELINE_METHODS,
+        accuracy_methods=tuple(m for m in DEFAULT_METHODS + BASELINE_METHODS if not m.endswith("-recompute")),
         notes=("digits: scikit-learn's 8x8 grayscale digits, 80/20 train/test split fixed (seed 0); "
                "seeds vary the initialisation and the data order.",
                "repl-k4-recompute does the same arithmetic as repl-k4 (identical losses, checked in "
@@ -159,22 +164,51 @@ SUITES: dict[str, SuiteSpec] = {
             "(weight values do not change them).",
         ),
     ),
-    # CUDA only: memory and time at 224x224 in bf16 autocast, random data, nothing trained.
+    # Resumable over several sittings (runs/ beside results.json). Planned from the committed transfer suite's step
+    # times at batch 64 (vit-mini 207 ms, convnext-mini 141 ms on 2 cores): a 60k epoch takes ~195 s and ~130 s,
+    # so 36 runs of 5 epochs take about 8 h (drop-k4, sd, repl-k4-half a little less). 5 epochs: the transfer
+    # suite's pretraining reached 81% (vit-mini) and 88% (convnext-mini) after 2; the number was fixed before
+    # any run of this suite. Rerun the same command after an interruption and it continues.
+    "fashion-mnist-full": SuiteSpec(
+        name="fashion-mnist-full",
+        summary="all of Fashion-MNIST (60k/10k), vit-mini + convnext-mini at 28 px, 5 epochs, RepL against "
+                "tying, stochastic depth and dropping, 3 seeds: about 8 h on 2 CPU cores, resumable",
+        models=("vit-mini", "convnext-mini"),
+        dataset="fashion-mnist",
+        image_size=28,
+        methods=("bp", "repl-k4", "repl-k4-half", "drop-k4") + BASELINE_METHODS,
+        accuracy_methods=("bp", "repl-k4", "repl-k4-half", "drop-k4", "tie-k4", "sd"),
+        epochs=5,
+        notes=("All 60 000 Fashion-MNIST training images and the 10 000 test images, at 28 px; the training "
+               "settings are the harness defaults (AdamW 2e-3, batch 64, 5% warm-up, cosine), fixed before any "
+               "run, never tuned on the test set.",
+               "narrow is measured (parameters, memory, time) but not trained: the issue's resolving budget "
+               "names bp, repl-k4, repl-k4-half, drop-k4, tie-k4 and sd; add it with `--methods` and the same "
+               "output directory to train it too (the measured methods are part of the settings: start afresh)."),
+    ),
+    # CUDA only: memory and time at 224x224 in bf16 autocast, random data, nothing trained. Estimated (never run
+    # yet) at well under 10 minutes on one H100, most of it compiling: 6 compiled models at up to a minute each.
     "gpu": SuiteSpec(
         name="gpu",
-        summary="ViT-B and ConvNeXt-T at 224x224 in bf16, memory and time only (needs CUDA)",
+        summary="ViT-B/16 and ConvNeXt-T at 224x224 in bf16, memory, images/s and peak memory per method, eager "
+                "and torch.compile (needs CUDA; under 10 min on one GPU)",
         models=("vit-base", "convnext-tiny"),
         dataset=None,
         image_size=224,
         num_channels=3,
         num_labels=1000,
+        methods=("bp", "repl-k4", "repl-k4-half", "drop-k4") + BASELINE_METHODS,
+        compiled_methods=("bp", "repl-k4", "drop-k4"),
         epochs=0,
         batch_size=64,
         timing_rounds=5, timing_steps_per_round=5, timing_warmup_steps=5,
         inference_batch_size=256,
         mixed_precision="bf16",
         requires_cuda=True,
-        notes=("Random 224x224 RGB tensors, bf16 autocast, fp32 master weights and AdamW state.",),
+        notes=("Random 224x224 RGB tensors, bf16 autocast, fp32 master weights and AdamW state.",
+               "torch.compile (inductor) for bp, repl-k4 and drop-k4 only: compiling takes far longer than the "
+               "timed steps, and these three answer whether compiling changes RepL's cost against bp and "
+               "dropping; sd's per-batch skip is Python control flow (a graph break per block)."),
     ),
 }
 
@@ -216,5 +250,13 @@ def validate_suite(suite: SuiteSpec) -> None:
         )
     if suite.pretrain is not None and (suite.dataset is None or suite.pretrain.epochs < 1):
         raise BenchmarkError("A pretraining suite needs a data set to fine-tune on and at least one pretraining epoch.")
+    if suite.compiled_methods:  # those also among `methods` are compiled
+        resolve_methods(suite.compiled_methods)
+    narrow = [m for m in resolve_methods(suite.methods) if METHODS[m].kind == "narrow"]
+    if suite.pretrain is not None and narrow:
+        raise BenchmarkError(
+            f"{', '.join(narrow)} cannot fine-tune: it builds a new, narrower model, for which no pretrained weights "
+            f"exist. Leave it out of the pretraining suite {suite.name!r} (--methods without it)."
+        )
     if suite.mixed_precision not in (None, "bf16"):
         raise BenchmarkError(f"mixed_precision={suite.mixed_precision!r}: only None or 'bf16' are supported.")

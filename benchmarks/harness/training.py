@@ -6,6 +6,7 @@ launcher uses, so the benchmark measures what a user's training does.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -14,13 +15,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_replacement.commands.training_steps import evaluate_accuracy, make_optimizer, make_scheduler, train_step
+from hf_replacement.commands.training_steps import (
+    DivergenceMonitor,
+    evaluate_accuracy,
+    make_optimizer,
+    make_scheduler,
+    train_step,
+)
 from hf_replacement.model import LOG_PREFIX, coefficient_logs
 
 from .data import TensorData
 from .device import autocast
 from .methods import build_method_model, replacement_of
 from .suites import SuiteSpec
+
+logger = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 500
 
@@ -81,6 +90,8 @@ def train_model(
     trace: dict[str, Any] = {"steps": [], "blocks": {}}
     record_every = max(1, total_steps // 200)  # ~200 points per curve, whatever the run's length
     step = 0
+    divergence = DivergenceMonitor()  # the launcher's alarm: the suites must not trip it
+    diverged: str | None = None
     started = time.perf_counter()
 
     def record_coefficients() -> None:
@@ -91,6 +102,8 @@ def train_model(
         trace["steps"].append(step)
 
     record_coefficients()
+    elapsed: list[float] = []  # training seconds at the end of each epoch, evaluation excluded (equal wall-clock)
+    evaluating = 0.0
     for _ in range(suite.epochs):
         order = torch.randperm(count, generator=generator)
         epoch_loss = 0.0
@@ -102,19 +115,28 @@ def train_model(
             )
             epoch_loss += float(loss) * len(index)
             step += 1
+            message = divergence.observe(float(loss), step)
+            if message:
+                diverged = message
+                logger.warning("seed %d: %s", seed, message)
             if replacement_of(model) is not None and (step % record_every == 0 or step == total_steps):
                 record_coefficients()
         losses.append(epoch_loss / count)
+        evaluation_started = time.perf_counter()
+        elapsed.append(evaluation_started - started - evaluating)
         curve.append(
             evaluate_accuracy(model, eval_batches(data, device), precision=autocast(device, suite.mixed_precision))
         )
+        evaluating += time.perf_counter() - evaluation_started
     result = {
         "seed": seed,
         "accuracy": curve[-1] if curve else None,
         "accuracy_per_epoch": curve,
         "train_loss_per_epoch": losses,
         "train_seconds": time.perf_counter() - started,
+        "train_seconds_at_epoch": elapsed,
         "steps": step,
+        "divergence": diverged,
     }
     if replacement_of(model) is not None:
         result["coefficients"] = trace

@@ -38,6 +38,14 @@ def block_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block indices, e.g. 3,7") from None
 
 
+def chain_names(text: str) -> list[str]:
+    """Comma-separated chain names (or their leading parts), e.g. `backbone` or `model.encoder,model.backbone`."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no chain: give chain names, e.g. backbone")
+    return names
+
+
 def coefficient_init(text: str) -> tuple[float, float] | str:
     """`fit`, or two numbers `a,b` (e.g. 0.5,0.5)."""
     if text.strip().lower() == "fit":
@@ -51,4 +59,4 @@ def coefficient_init(text: str) -> tuple[float, float] | str:
     raise argparse.ArgumentTypeError(f"{text!r} is neither 'fit' nor two numbers a,b, e.g. 0.5,0.5")
 
 
-__all__ = ["block_list", "coefficient_init", "non_negative_float", "positive_float", "positive_int"]
+__all__ = ["block_list", "chain_names", "coefficient_init", "non_negative_float", "positive_float", "positive_int"]

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 from ..config import ReplacementConfig
 from ..hub import HubError
-from .argtypes import block_list, coefficient_init, non_negative_float, positive_float, positive_int
-from .training_steps import NonFiniteLossError
+from .argtypes import block_list, chain_names, coefficient_init, non_negative_float, positive_float, positive_int
+from .save_guard import SaveError, SaveInterrupted, what_is_intact
+from .training_steps import DivergenceError, NonFiniteLossError
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,23 +40,46 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Which blocks to replace: one way at a time (or --baseline, none).
 _SELECTION_FIELDS = ("replace_interval", "replaced_blocks")
-_VALUE_PARSERS = {"replaced_blocks": block_list, "coefficient_init": coefficient_init}
+_VALUE_PARSERS = {
+    "replaced_blocks": block_list,
+    "coefficient_init": coefficient_init,
+    "target_chains": chain_names,
+}
 
 
 def _replacement_fields() -> list[dataclasses.Field]:
     return [spec for spec in dataclasses.fields(ReplacementConfig) if spec.metadata.get("cli")]
 
 
+_GIVEN = "_given_replacement_flags"
+
+
+def _recording(action: type[argparse.Action]) -> type[argparse.Action]:
+    """`action` that also notes its flag as given: argparse's own exclusivity check cannot see a value
+    equal to the default (`--replace-interval 4`), and `--baseline` must refuse any RepL flag given."""
+
+    class Recording(action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            getattr(namespace, _GIVEN).append(option_string)
+
+    return Recording
+
+
 def _add_replacement_arguments(parser: argparse.ArgumentParser, selection: argparse._MutuallyExclusiveGroup) -> None:
     """One flag per `ReplacementConfig` field marked for the CLI: help, choices and defaults come from the config."""
+    parser.set_defaults(**{_GIVEN: []})
     for spec in _replacement_fields():
         target = selection if spec.name in _SELECTION_FIELDS else parser
         flag = "--" + spec.name.replace("_", "-")
         if isinstance(spec.default, bool):
-            target.add_argument(flag, action="store_true", dest=spec.name, help=spec.metadata["help"])
+            target.add_argument(
+                flag, action=_recording(argparse._StoreTrueAction), dest=spec.name, help=spec.metadata["help"]
+            )
             continue
         target.add_argument(
             flag,
+            action=_recording(argparse._StoreAction),
             dest=spec.name,
             default=spec.default,
             type=_VALUE_PARSERS.get(spec.name, type(spec.default) if spec.default is not None else str),
@@ -104,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", default="outputs/repl", help="model, results.json and checkpoint-N/ go here")
     train.add_argument("--resume-from", help="a checkpoint-<step> directory written with --checkpointing-steps")
     train.add_argument("--checkpointing-steps", type=positive_int, help="write checkpoint-N/ every N updates")
+    train.add_argument(
+        "--stop-on-divergence",
+        action="store_true",
+        help="stop (exit 1) when the mean loss of 20 updates exceeds 3x the first update's; without it, a warning",
+    )
     train.add_argument("--report-to", nargs="*", default=[], help="trackers for Accelerate: tensorboard, wandb, ...")
     train.add_argument("--push-to-hub", action="store_true", help="push the model, results and a model card at the end")
     train.add_argument("--hub-model-id", help="user/name (default: the output directory's name)")
@@ -123,10 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_replacement_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The RepL flags given must mean something: one selection flag, and none at all with --baseline."""
+    given = list(dict.fromkeys(getattr(args, _GIVEN, [])))
+    selection = [flag for flag in given if flag.lstrip("-").replace("-", "_") in _SELECTION_FIELDS]
+    if len(selection) > 1:
+        parser.error(f"argument {selection[1]}: not allowed with argument {selection[0]} (give one of the two)")
+    if args.baseline and given:
+        parser.error(
+            f"argument --baseline: not allowed with {', '.join(given)}: --baseline trains the unchanged model, so "
+            "these RepL flags would be ignored. Drop them, or drop --baseline."
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainingOptions, train
 
-    values = {key: value for key, value in vars(args).items() if key != "command"}
+    values = {key: value for key, value in vars(args).items() if key not in ("command", _GIVEN)}
     replacement = ReplacementConfig(**{spec.name: values.pop(spec.name) for spec in _replacement_fields()})
     options = TrainingOptions(replacement=replacement, **values)
     results = train(options)
@@ -150,11 +192,17 @@ def _report(results: dict, output_dir: str) -> None:
             lines.append(f"fitted initial coefficients, relative reconstruction error: {fits}")
     else:
         lines = [f"trainable params: {trainable:,d} (ordinary training)"]
+    if results["median_step_seconds"] is None:  # resumed from a checkpoint at (or past) the last update
+        timing = f"no update taken: the run had already reached its {results['updates']} updates"
+    else:
+        timing = f"median step: {results['median_step_seconds']:.4f} s"
     lines += [
-        f"median step: {results['median_step_seconds']:.4f} s; peak memory: {results['peak_memory_mb']:.0f} MB",
+        f"{timing}; peak memory: {results['peak_memory_mb']:.0f} MB",
         f"saved: {output_dir} (model, image processor, results.json)",
         f"accuracy: {results['accuracy']:.4f}",
     ]
+    if results.get("divergence"):
+        lines.append(f"warning: {results['divergence']}")
     print("\n".join(lines))
 
 
@@ -182,11 +230,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":
+        _check_replacement_flags(parser, args)
     handlers = {"train": _train, "evaluate": _evaluate, "merge": _merge}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, NonFiniteLossError, HubError) as error:
         parser.exit(2, f"hf-replacement {args.command}: error: {error}\n")
+    except (SaveError, DivergenceError) as error:  # the disk's or the run's fault, not the command line's
+        parser.exit(1, f"hf-replacement {args.command}: error: {error}\n")
+    except KeyboardInterrupt as interrupt:
+        parser.exit(130, f"hf-replacement {args.command}: {_interrupted(args, interrupt)}\n")
+
+
+def _interrupted(args: argparse.Namespace, interrupt: KeyboardInterrupt) -> str:
+    if isinstance(interrupt, SaveInterrupted):
+        return str(interrupt)
+    if args.command == "train":
+        return f"interrupted (Ctrl-C); {what_is_intact(args.output_dir)}."
+    return "interrupted (Ctrl-C); nothing was written." if args.command == "merge" else "interrupted (Ctrl-C)."
 
 
 if __name__ == "__main__":

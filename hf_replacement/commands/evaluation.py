@@ -45,7 +45,7 @@ def evaluate_checkpoint(
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from .data import collate_fn, load_image_dataset, prepare_dataset, subsample
+    from .data import collate_fn, dataset_info, load_image_dataset, prepare_dataset, subsample
     from .train import evaluate_loader
 
     refuse_unevaluated_task(directory)
@@ -54,8 +54,32 @@ def evaluate_checkpoint(
     image_processor = load_saved_image_processor(directory)
     image_size = square_size(image_processor) or int(config.image_size)
     raw = subsample(load_image_dataset(dataset, data_dir=data_dir, seed=seed), None, max_eval_samples, seed=seed)
+    check_labels_match(directory, config, dataset, *dataset_info(raw))
     data = prepare_dataset(raw, image_size, int(config.num_channels), image_processor)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, loader = accelerator.prepare(model, DataLoader(data["test"], batch_size=batch_size, collate_fn=collate_fn))
     accuracy = evaluate_loader(model, loader, accelerator)
     return {"checkpoint": directory, "dataset": dataset, "accuracy": accuracy, "samples": len(data["test"])}
+
+
+def check_labels_match(directory: str, config: Any, dataset: str, num_labels: int, id2label: dict[int, str]) -> None:
+    """Refuse a data set whose classes are not the model's: its accuracy would be a number about nothing."""
+    model_labels = int(config.num_labels)
+    if num_labels != model_labels:
+        raise ValueError(
+            f"{directory} predicts {model_labels} classes, but --dataset {dataset} has {num_labels}: the accuracy "
+            "would compare unrelated labels. Evaluate on the data set the model was trained on (or one with the same "
+            "classes)."
+        )
+    names = {int(index): str(name) for index, name in (getattr(config, "id2label", None) or {}).items()}
+    # Models saved without label names carry Transformers' placeholders (LABEL_0, ...): nothing to compare.
+    if names and any(name != f"LABEL_{index}" for index, name in names.items()):
+        differing = [index for index in range(num_labels) if names.get(index) != str(id2label[index])]
+        if differing:
+            first = differing[0]
+            raise ValueError(
+                f"{directory} and --dataset {dataset} name their classes differently (class {first}: "
+                f"{names.get(first)!r} in the model, {id2label[first]!r} in the data; {len(differing)} of "
+                f"{num_labels} differ): evaluate on the data set the model was trained on."
+            )
+

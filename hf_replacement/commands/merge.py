@@ -85,6 +85,8 @@ def merge_checkpoint(directory: str, output_dir: str) -> MergeResult:
         raise FileNotFoundError(f"{directory} is not a checkpoint directory (written by train or save_pretrained).")
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         raise ValueError(f"{directory} is already a plain model (no {CONFIG_NAME}); nothing to merge.")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"{output_dir} is a file, not a directory; choose a new output directory.")
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise ValueError(f"{output_dir} exists and is not empty; choose a new output directory.")
     model = ReplacementModel.from_pretrained(directory)

@@ -24,6 +24,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoint import load_weights, staged_directory, write_checkpoint
@@ -50,8 +51,19 @@ from .data import (
 )
 from .presets import PRESETS, build_preset_model
 from .processing import PROCESSOR_NAME, build_image_processor
+from .resume_check import apply_optimizer_changes, check_resume_settings, run_settings
+from .run_lock import output_dir_lock
+from .save_guard import guarded_save
 from .training_state import check_resumable, load_training_state, save_training_state
-from .training_steps import check_finite, evaluate_accuracy, make_optimizer, make_scheduler, train_step
+from .training_steps import (
+    DivergenceError,
+    DivergenceMonitor,
+    check_finite,
+    evaluate_accuracy,
+    make_optimizer,
+    make_scheduler,
+    train_step,
+)
 
 logger = get_logger(__name__)
 
@@ -82,6 +94,7 @@ class TrainingOptions:
     output_dir: str = "outputs/repl"
     resume_from: str | None = None
     checkpointing_steps: int | None = None
+    stop_on_divergence: bool = False
     report_to: list[str] = field(default_factory=list)
     push_to_hub: bool = False
     hub_model_id: str | None = None
@@ -140,8 +153,17 @@ class _Progress:
 
 
 def train(options: TrainingOptions) -> dict[str, Any]:
-    """Train, evaluate, save and return the results (also written to `output_dir/results.json`)."""
+    """Train, evaluate, save and return the results (also written to `output_dir/results.json`).
+
+    The output directory is owned by this run while it lasts (`run_lock`): a second run into it is refused.
+    """
     _check_options(options)
+    # Only rank 0 writes files (RANK is set by torchrun and accelerate launch before any process group exists).
+    with output_dir_lock(options.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _train_owned(options)
+
+
+def _train_owned(options: TrainingOptions) -> dict[str, Any]:
     _forget_previous_single_process_state()
     accelerator = _build_accelerator(options)
     set_seed(options.seed)
@@ -149,7 +171,11 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     raw = load_image_dataset(options.dataset, data_dir=options.data_dir, seed=options.seed)
     raw = subsample(raw, options.max_train_samples, options.max_eval_samples, seed=options.seed)
     _check_training_batches(len(raw["train"]), options.batch_size, accelerator.num_processes)
-    model, image_processor, image_size, num_channels = _build_model_and_processor(options, raw)
+    image_size, num_channels = _image_geometry_of(options, raw)
+    options = dataclasses.replace(options, image_size=image_size)  # checkpoints record the size trained at
+    # Before the model is built: a checkpoint of another run, or flags it cannot honour, are refused.
+    resume_changes = _check_resume(options, accelerator.num_processes) if options.resume_from else None
+    model, image_processor = _build_model_and_processor(options, raw, num_channels)
     counts = {"total_params_unreplaced": count_parameters(model)[1]}
     if not options.baseline:
         model = get_replacement_model(model, options.replacement)
@@ -179,17 +205,21 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     if options.report_to:
         accelerator.init_trackers("hf-replacement", config=_flat_config(options))
 
-    progress = _resume(options, accelerator, model, optimizer, scheduler) if options.resume_from else _Progress()
+    progress = _Progress()
+    if options.resume_from:
+        progress = _resume(options, accelerator, model, optimizer, scheduler, resume_changes)
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    divergence = DivergenceMonitor()
     step_times = _train_loop(
-        options, accelerator, model, optimizer, scheduler, train_loader, image_processor, progress, total_updates
-    )
+        options, accelerator, model, optimizer, scheduler, train_loader, image_processor, progress, total_updates,
+        divergence,
+    )  # fmt: skip
 
     accuracy = evaluate_loader(model, eval_loader, accelerator)
     results = _results(
         options, accelerator, accelerator.unwrap_model(model), accuracy, counts, progress.step, step_times
-    )
+    ) | {"divergence": divergence.message}  # said again in the summary: a warning mid-run scrolls away
     if options.report_to:
         accelerator.log({"eval/accuracy": accuracy}, step=progress.step)
         accelerator.end_training()
@@ -228,26 +258,33 @@ def _build_accelerator(options: TrainingOptions) -> Accelerator:
     return accelerator
 
 
-def _build_model_and_processor(options: TrainingOptions, raw: Any) -> tuple[torch.nn.Module, Any, int, int]:
-    """(model, image processor, image size, channels): the model to train, and what it is trained and
-    evaluated on as a processor saved next to it (pipelines load it)."""
-    num_labels, id2label = dataset_info(raw)
+def _image_geometry_of(options: TrainingOptions, raw: Any) -> tuple[int, int]:
+    """(image size, channels) the run trains at."""
     pretrained_config = None
     if options.model not in PRESETS and (os.path.isdir(options.model) or "/" in options.model):
         pretrained_config = load_pretrained_config(options.model)
-    image_size, num_channels = _image_geometry(options, pretrained_config, raw["train"][0]["image"])
-    model, pretrained_processor = build_model(options, num_labels, id2label, image_size, num_channels)
-    image_processor = build_image_processor(image_size, num_channels, *normalisation(pretrained_processor))
-    return model, image_processor, image_size, num_channels
+    return _image_geometry(options, pretrained_config, raw["train"][0]["image"])
 
 
-def _resume(options: TrainingOptions, accelerator: Accelerator, model, optimizer, scheduler) -> _Progress:
-    """Load the weights, optimizer, scheduler and RNG state of `--resume-from`; return where it stood."""
-    check_resumable(options.resume_from, _run_identity(options))
+def _build_model_and_processor(options: TrainingOptions, raw: Any, num_channels: int) -> tuple[torch.nn.Module, Any]:
+    """(model, image processor): the model to train (at `options.image_size`), and what it is trained and
+    evaluated on as a processor saved next to it (pipelines load it)."""
+    num_labels, id2label = dataset_info(raw)
+    model, pretrained_processor = build_model(options, num_labels, id2label, options.image_size, num_channels)
+    image_processor = build_image_processor(options.image_size, num_channels, *normalisation(pretrained_processor))
+    return model, image_processor
+
+
+def _resume(
+    options: TrainingOptions, accelerator: Accelerator, model, optimizer, scheduler, changes: dict[str, Any]
+) -> _Progress:
+    """Load the weights, optimizer, scheduler and RNG state of `--resume-from`, apply the `changes` it
+    honours (`_check_resume`); return where it stood."""
     unwrapped = accelerator.unwrap_model(model)
     load_full_state_dict(unwrapped, load_weights(options.resume_from))
     saved, optimizer_state = load_training_state(options.resume_from, scheduler.scheduler)
     load_full_optimizer_state_dict(unwrapped, optimizer.optimizer, optimizer_state)
+    apply_optimizer_changes(optimizer.optimizer, scheduler.scheduler, changes)
     logger.info(
         f"Resumed from {options.resume_from} at update {saved['step']} (epoch {saved['epoch']}).",
         main_process_only=True,
@@ -265,46 +302,45 @@ def _train_loop(
     image_processor: Any,
     progress: _Progress,
     total_updates: int,
+    divergence: DivergenceMonitor,
 ) -> list[float]:
-    """Train until `total_updates` (advancing `progress`); checkpoint and log on the way. Returns each
-    update's wall time."""
+    """Train until `total_updates` (advancing `progress`); checkpoint and log on the way, `divergence`
+    watching the loss. Returns each update's wall time."""
     step_times: list[float] = []
-    progress_bar = tqdm(
+    # A context: the bar ends its line even when a save error or Ctrl-C ends the loop, so the one-line
+    # message that follows starts a line of its own.
+    with tqdm(
         total=total_updates, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train"
-    )
-    while progress.step < total_updates:
-        model.train()
-        train_loader.set_epoch(progress.epoch)
-        loader = train_loader
-        if progress.batch_in_epoch:
-            loader = _resumed_batches(accelerator.skip_first_batches(train_loader, progress.batch_in_epoch))
-        started = time.perf_counter()
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = train_step(model, optimizer, batch, scheduler=scheduler, backward=accelerator.backward)
-            progress.batch_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-            # Once per update (a device sync); every process must see a divergence on any one, or the others
-            # would wait in the next collective.
-            reduced = accelerator.reduce(loss, reduction="sum") if accelerator.num_processes > 1 else loss
-            check_finite(reduced, progress.step + 1)
-            progress.step += 1
-            step_times.append(time.perf_counter() - started)
-            progress_bar.update(1)
-            if options.report_to:
-                logs = {"train/loss": loss.item(), **coefficient_logs(accelerator.unwrap_model(model))}
-                accelerator.log(logs, step=progress.step)
-            if options.checkpointing_steps and progress.step % options.checkpointing_steps == 0:
-                _save_checkpoint(
-                    accelerator, model, optimizer, scheduler, image_processor, options, progress, len(train_loader)
-                )
+    ) as progress_bar, logging_redirect_tqdm():  # a warning mid-run gets a line of its own
+        while progress.step < total_updates:
+            model.train()
+            train_loader.set_epoch(progress.epoch)
+            loader = train_loader
+            if progress.batch_in_epoch:
+                loader = _resumed_batches(accelerator.skip_first_batches(train_loader, progress.batch_in_epoch))
             started = time.perf_counter()
-            if progress.step >= total_updates:
-                break
-        else:
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-    progress_bar.close()
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = train_step(model, optimizer, batch, scheduler=scheduler, backward=accelerator.backward)
+                progress.batch_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                _check_loss(accelerator, loss, progress.step + 1, divergence, options.stop_on_divergence)
+                progress.step += 1
+                step_times.append(time.perf_counter() - started)
+                progress_bar.update(1)
+                if options.report_to:
+                    logs = {"train/loss": loss.item(), **coefficient_logs(accelerator.unwrap_model(model))}
+                    accelerator.log(logs, step=progress.step)
+                if options.checkpointing_steps and progress.step % options.checkpointing_steps == 0:
+                    _save_checkpoint(
+                        accelerator, model, optimizer, scheduler, image_processor, options, progress, len(train_loader)
+                    )
+                started = time.perf_counter()
+                if progress.step >= total_updates:
+                    break
+            else:
+                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
     return step_times
 
 
@@ -348,20 +384,49 @@ def _save_outputs(
     unwrapped = accelerator.unwrap_model(model)
     weights = gather_state_dict(unwrapped)  # every process takes part when the model is sharded
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(options.output_dir, state_dict=weights)
-        write_checkpoint(
-            options.output_dir,
-            {
-                PROCESSOR_NAME: image_processor.to_json_string(),
-                RESULTS_NAME: json.dumps(results, indent=2, default=str, allow_nan=False),
-            },
-        )
+        with guarded_save("the final model", options.output_dir, kept=_FINAL_SAVE_KEPT):
+            _save_final(unwrapped, weights, image_processor, results, options.output_dir)
         logger.info(
             f"Saved the model, its image processor and {RESULTS_NAME} to {options.output_dir}", main_process_only=True
         )
         if options.push_to_hub:
             _push(_saved_model(options) if options.fsdp else unwrapped, image_processor, options, results)
     accelerator.wait_for_everyone()
+
+
+# A RepL model's files and results.json are two atomic writes (a plain model's, Transformers' own writer):
+# the model and results in the directory cannot be trusted to be this run's; checkpoints are untouched.
+_FINAL_SAVE_KEPT = "the model and results.json there may be an earlier run's or incomplete, checkpoints are untouched"
+
+
+def _save_final(model: torch.nn.Module, weights: dict, image_processor: Any, results: dict, output_dir: str) -> None:
+    model.save_pretrained(output_dir, state_dict=weights)
+    write_checkpoint(
+        output_dir,
+        {
+            PROCESSOR_NAME: image_processor.to_json_string(),
+            RESULTS_NAME: json.dumps(results, indent=2, default=str, allow_nan=False),
+        },
+    )
+
+
+def _check_loss(
+    accelerator: Accelerator, loss: torch.Tensor, update: int, monitor: DivergenceMonitor, stop: bool
+) -> None:
+    """Stop at a NaN loss; report (or with `stop`, stop at) a loss diverging far above its start.
+
+    Once per update (a device sync), on the loss averaged over the processes: every process must decide
+    alike, or the others would wait in the next collective.
+    """
+    value = accelerator.reduce(loss, reduction="mean") if accelerator.num_processes > 1 else loss
+    check_finite(value, update)
+    message = monitor.observe(float(value), update)
+    if message and stop:
+        raise DivergenceError(
+            f"{message}. Stopped at update {update} (--stop-on-divergence); checkpoints written before it are kept."
+        )
+    if message:
+        logger.warning(f"{message}. Pass --stop-on-divergence to stop such a run.", main_process_only=True)
 
 
 def _resumed_batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
@@ -485,12 +550,21 @@ def _save_checkpoint(
     weights = gather_state_dict(unwrapped)
     optimizer_state = gather_optimizer_state_dict(unwrapped, optimizer.optimizer)
     if accelerator.is_main_process:
-        with staged_directory(directory) as staging:  # a checkpoint appears whole, or not at all
+        # A checkpoint appears whole, or not at all; a full disk or Ctrl-C on the way is one line.
+        with guarded_save(f"checkpoint-{step}", options.output_dir), staged_directory(directory) as staging:
             unwrapped.save_pretrained(staging, state_dict=weights)
             image_processor.save_pretrained(staging)  # `merge` carries it over to the plain model
-            progress = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-            save_training_state(staging, optimizer_state, scheduler.scheduler, progress, _run_identity(options))
+            saved_progress = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+            run, settings = _run_identity(options), run_settings(options, accelerator.num_processes)
+            save_training_state(staging, optimizer_state, scheduler.scheduler, saved_progress, run, settings)
     accelerator.wait_for_everyone()
+
+
+def _check_resume(options: TrainingOptions, num_processes: int) -> dict[str, Any]:
+    """Refuse a checkpoint of another run, or flags it cannot honour; return the changes it applies
+    (`resume_check`)."""
+    saved_settings = check_resumable(options.resume_from, _run_identity(options))
+    return check_resume_settings(options.resume_from, saved_settings, run_settings(options, num_processes))
 
 
 def _run_identity(options: TrainingOptions) -> dict[str, Any]:

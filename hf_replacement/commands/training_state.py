@@ -32,14 +32,20 @@ class TrainingStateError(ValueError):
 
 
 def save_training_state(
-    directory: str, optimizer_state: dict[str, Any], scheduler: Any, progress: dict[str, int], run: dict[str, Any]
+    directory: str,
+    optimizer_state: dict[str, Any],
+    scheduler: Any,
+    progress: dict[str, int],
+    run: dict[str, Any],
+    settings: dict[str, Any] | None = None,
 ) -> None:
     """Write the optimizer state, the scheduler, RNG states and `progress` (step, epoch, ...) atomically.
 
     `optimizer_state`: `torch.optim.Optimizer.state_dict()`'s layout (a sharded model's gathered by
     `sharding.gather_optimizer_state_dict`). `run` (model, method, RepL config) and the digest of the
     directory's weights are recorded, so a resume can refuse another run's checkpoint, or one whose
-    weights were replaced by another save.
+    weights were replaced by another save. `settings` (`resume_check.run_settings`): the training flags a
+    resume compares with its own.
     """
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -56,6 +62,7 @@ def save_training_state(
     tensors["rng.numpy"] = torch.from_numpy(numpy_state[1].astype(np.int64))
     metadata = {
         "run": run,
+        "settings": settings,
         "weights_sha256": weights_digest(directory),
         "progress": progress,
         "optimizer_param_groups": optimizer_state["param_groups"],
@@ -76,12 +83,15 @@ def weights_digest(directory: str) -> str:
     return digest.hexdigest()
 
 
-def check_resumable(directory: str, run: dict[str, Any]) -> None:
-    """Refuse, before anything is loaded, a checkpoint of another run or one whose parts disagree."""
+def check_resumable(directory: str, run: dict[str, Any]) -> dict[str, Any] | None:
+    """Refuse, before anything is loaded, a checkpoint of another run or one whose parts disagree.
+
+    Returns the training settings the checkpoint recorded (None from an older hf_replacement).
+    """
     metadata = _read_metadata(directory)
     if "run" not in metadata:
         logger.warning("%s was saved by an older hf_replacement: its settings and parts are not checked.", directory)
-        return
+        return None
     saved_run = metadata["run"]
     if saved_run != run:
         differences = [
@@ -98,6 +108,7 @@ def check_resumable(directory: str, run: dict[str, Any]) -> None:
             f"--resume-from {directory}: its {WEIGHTS_NAME} is not the one its training state was saved with "
             "(the checkpoint mixes two saves); resume from another checkpoint."
         )
+    return metadata.get("settings")
 
 
 def _read_metadata(directory: str) -> dict[str, Any]:

@@ -6,8 +6,10 @@ change to how a step is taken or how accuracy is counted reaches both.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
+import statistics
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -20,6 +22,44 @@ Batch = Mapping[str, torch.Tensor]
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite: the run diverged."""
+
+
+class DivergenceError(RuntimeError):
+    """The training loss stayed far above its start (`DivergenceMonitor`) and the run was asked to stop."""
+
+
+class DivergenceMonitor:
+    """Notices a loss that rises far above its start and stays there, short of NaN (e.g. `--lr 10`).
+
+    The start is the first update's loss (computed before any step, so the initialised model's). The
+    run is diverging when the mean loss of the last `window` updates exceeds `factor` times the start,
+    and at least `minimum_rise` above it (a start near zero, e.g. a pretrained model on its own task, must
+    not turn noise into an alarm). A loss that spikes for a few updates and recovers is not reported.
+    """
+
+    def __init__(self, factor: float = 3.0, window: int = 20, minimum_rise: float = 1.0) -> None:
+        self.factor, self.window, self.minimum_rise = factor, window, minimum_rise
+        self.start: float | None = None
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
+        self.message: str | None = None  # what was reported, once
+
+    def observe(self, loss: float, update: int) -> str | None:
+        """Record the loss of `update` (1-based); the first time the run is diverging, say so with the numbers."""
+        if self.start is None:
+            self.start = loss
+        self.recent.append(loss)
+        if self.message is not None or len(self.recent) < self.window:
+            return None
+        mean = statistics.fmean(self.recent)
+        threshold = max(self.factor * self.start, self.start + self.minimum_rise)
+        if mean <= threshold:
+            return None
+        self.message = (
+            f"the training loss is diverging: its mean over updates {update - self.window + 1}-{update} is "
+            f"{mean:.4g}, {mean / self.start:.1f}x its start ({self.start:.4g} at the first update; the alarm is "
+            f"above {threshold:.4g}). Lower --lr (or the learning rate) or add warm-up"
+        )
+        return self.message
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -113,6 +153,8 @@ def check_finite(loss: torch.Tensor, update: int) -> None:
 
 
 __all__ = [
+    "DivergenceError",
+    "DivergenceMonitor",
     "NonFiniteLossError",
     "check_finite",
     "evaluate_accuracy",

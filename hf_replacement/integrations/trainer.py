@@ -9,16 +9,26 @@ save a RepL checkpoint, every card hf_replacement's, and report the coefficients
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    Seq2SeqTrainer,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.utils import logging
+from transformers.utils import can_return_loss, find_labels, logging
 
 from ..hub import render_model_card
 from ..model import LOG_PREFIX, ReplacementModel, coefficient_logs
@@ -179,8 +189,7 @@ class ReplacementTrainer(Trainer):
         )
         _check_arguments(callback.start_step, model, model_init, optimizers[0])
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")  # the Trainer's default
-        deepspeed = getattr(args, "deepspeed_plugin", None)  # set by TrainingArguments(deepspeed=...) or the launcher
-        check_deepspeed_stage(deepspeed.zero_stage if deepspeed is not None else None)
+        _check_training_arguments(args, generates=isinstance(self, Seq2SeqTrainer))
         if args.ddp_find_unused_parameters is None:
             # Every parameter of a RepL model takes part in every forward (the replaced blocks' own are
             # freed): the Trainer's default for a non-PreTrainedModel, True, only costs an extra pass.
@@ -206,10 +215,12 @@ class ReplacementTrainer(Trainer):
             compute_metrics=compute_metrics,
             callbacks=[*callbacks, callback],
             optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            # Given only when set: Seq2SeqTrainer's __init__ (ReplacementSeq2SeqTrainer) does not take it.
+            **({"optimizer_cls_and_kwargs": optimizer_cls_and_kwargs} if optimizer_cls_and_kwargs else {}),
         )
         model = _check_model(self.model, callback.start_step)  # model_init's model too
+        self._describe_base_model(model)
         if callback.start_step is not None:
             if self.args.world_size > 1:
                 raise NotImplementedError(
@@ -236,6 +247,46 @@ class ReplacementTrainer(Trainer):
         """The PEFT model being trained when the trainer was given one (LoRA, ... on a RepL model), else None."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         return model if isinstance(model, PeftModel) else None
+
+    # ---- what the Trainer decides by the model's class ---------------------------------------------
+
+    def _describe_base_model(self, model: ReplacementModel) -> None:
+        """Redo the Trainer's class-based decisions with the wrapped model's class instead of `ReplacementModel`.
+
+        The Trainer reads the label names (`start_positions`/`end_positions` for question answering,
+        `next_sentence_label`, ...) and `return_loss` from the model's class, and whether label smoothing
+        shifts the labels from the class name (causal LMs). Loss kwargs (`num_items_in_batch`) and the
+        loss type it already reads through the wrapper (attributes and `forward`'s signature are the
+        base model's).
+        """
+        base_class = type(model.base_model)
+        if self.args.label_names is None:
+            self.label_names = find_labels(base_class)
+        self.can_return_loss = can_return_loss(base_class)
+        self._base_is_causal_lm = base_class.__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """`Trainer.compute_loss`; with label smoothing on a causal LM the labels are shifted, as the Trainer
+        shifts them for the plain model (it recognises causal LMs by class name, and sees `ReplacementModel`)."""
+        shifts = self.label_smoother is not None and self.compute_loss_func is None and "labels" in inputs
+        context = self._shifting_label_smoother() if shifts and self._base_is_causal_lm else contextlib.nullcontext()
+        with context:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _shifting_label_smoother(self) -> Iterator[None]:
+        smoother = self.label_smoother
+        self.label_smoother = functools.partial(smoother, shift_labels=True)
+        try:
+            yield
+        finally:
+            self.label_smoother = smoother
 
     # ---- checkpoints and the Hub -----------------------------------------------------------------
 
@@ -428,6 +479,12 @@ class ReplacementTrainer(Trainer):
         return replaced
 
 
+class ReplacementSeq2SeqTrainer(ReplacementTrainer, Seq2SeqTrainer):
+    """`ReplacementTrainer` with `Seq2SeqTrainer`'s evaluation: with `Seq2SeqTrainingArguments(
+    predict_with_generate=True)`, `evaluate`/`predict` generate (taking `max_length`, `num_beams` and
+    `args.generation_config`) and `compute_metrics` sees the generated tokens, as with the plain model."""
+
+
 def _own_callback(
     callbacks: list[TrainerCallback | type[TrainerCallback]] | None, from_options: ReplacementCallback
 ) -> tuple[list[TrainerCallback | type[TrainerCallback]], ReplacementCallback]:
@@ -468,6 +525,16 @@ def _check_arguments(
         raise ValueError("replacement_start_step needs model=..., not model_init.")
     if model is not None:
         _check_model(model, start_step)
+
+
+def _check_training_arguments(args: TrainingArguments, generates: bool) -> None:
+    if getattr(args, "predict_with_generate", False) and not generates:
+        raise ValueError(
+            "predict_with_generate=True asks for generation in evaluation, which ReplacementTrainer (like "
+            "Trainer) does not do: use ReplacementSeq2SeqTrainer, the RepL Seq2SeqTrainer, with the same arguments."
+        )
+    deepspeed = getattr(args, "deepspeed_plugin", None)  # set by TrainingArguments(deepspeed=...) or the launcher
+    check_deepspeed_stage(deepspeed.zero_stage if deepspeed is not None else None)
 
 
 def _replacement_model_of(model: nn.Module) -> nn.Module:
@@ -576,4 +643,4 @@ def _match_checkpoint_replacement(
             model.merge_and_unload()
 
 
-__all__ = ["MERGED_DIR_NAME", "ReplacementCallback", "ReplacementTrainer"]
+__all__ = ["MERGED_DIR_NAME", "ReplacementCallback", "ReplacementSeq2SeqTrainer", "ReplacementTrainer"]
