@@ -43,6 +43,7 @@ if __package__ in (None, ""):
 import torch
 from torch import nn
 
+from benchmarks.harness.bandwidth import measure_phase_bandwidth, render_bandwidth_table
 from benchmarks.harness.data import timing_batch
 from benchmarks.harness.device import machine_info
 from benchmarks.harness.measure import replaced_modules, time_synthesis, time_training_steps
@@ -133,6 +134,8 @@ def measure(setting: Setting) -> dict[str, Any]:
         "model": setting.model, "image_size": setting.image_size, "batch_size": setting.batch_size,
         "replaced_blocks": list(repl.replaced_blocks), "equality": check_equal(repl),
         "synthesis_ms": synthesis_ms(repl, setting.repeats),
+        # Per phase, beside the machine's streaming bandwidth over the same bytes (timed alternately).
+        "bandwidth": measure_phase_bandwidth(repl, replaced_modules(repl), setting.repeats),
     }
     batch = timing_batch(suite, None, setting.batch_size, torch.device("cpu"))
     steps = time_training_steps(suite, {"bp": bp, "repl": repl}, batch, torch.device("cpu"))
@@ -206,6 +209,8 @@ def render(report: dict[str, Any]) -> str:
         *render_table(results),
         "",
         WHERE_THE_TIME_GOES,
+        "",
+        *render_bandwidth_table([r for r in results if "bandwidth" in r]),
         "",
         "Synthesis alone (ms, fused / reference) with the other coefficient granularities:",
         "",

@@ -236,10 +236,11 @@ class ReplacementConfig:
             raise ReplacementConfigError(f"{path} must hold a JSON object, found {type(data).__name__}.")
         # `save_pretrained` writes every field: a missing one would silently take its default (another model).
         known = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(known - set(data) - _added_after(data.get("format_version")))
+        version = data.get("format_version", FORMAT_VERSION)
+        missing = sorted(known - set(data) - _added_after(version))
         if missing and set(data) <= {f.name for f in dataclasses.fields(cls)}:
             raise ReplacementConfigError(
-                f"{path} lacks the key(s) {missing}, which format_version {FORMAT_VERSION} writes every time: "
+                f"{path} lacks the key(s) {missing}, which format_version {version} writes every time: "
                 "the file was edited or truncated, and a default would load another model. Restore the file "
                 "from the saved run (or add the keys with the values the model was trained with)."
             )

@@ -269,7 +269,7 @@ def configs_only(tmp_path_factory):
 def test_evaluate_names_what_evaluates_another_task_before_loading_anything(
     name, architecture, example, configs_only, monkeypatch, capsys
 ):
-    from hf_replacement.commands import data
+    from hf_replacement.commands import data, train  # noqa: F401  (train binds the real function before the patch)
 
     monkeypatch.setattr(data, "load_image_dataset", pytest.fail)  # the refusal comes before any data
     with pytest.raises(SystemExit) as exit_info:  # and before the weights: this checkpoint has none

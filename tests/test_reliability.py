@@ -30,6 +30,7 @@ from hf_replacement.commands.resume_check import apply_optimizer_changes
 from hf_replacement.commands.run_lock import LOCK_NAME
 from hf_replacement.commands.training_state import check_resumable
 from hf_replacement.commands.training_steps import DivergenceMonitor, make_scheduler
+from hf_replacement.config import FORMAT_VERSION
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "vit-mini", "--dataset", "digits", "--max-eval-samples", "32", "--batch-size", "32"]
@@ -165,7 +166,8 @@ def test_a_config_missing_a_key_is_refused_not_defaulted(run_dir, tmp_path, caps
     del config[key]
     (damaged / "replacement_config.json").write_text(json.dumps(config))
     for argv in (["evaluate", str(damaged)], ["merge", str(damaged), str(tmp_path / "merged")]):
-        assert f"lacks the key(s) ['{key}'], which format_version 1 writes every time" in cli_error(argv, capsys)
+        expected = f"lacks the key(s) ['{key}'], which format_version {FORMAT_VERSION} writes every time"
+        assert expected in cli_error(argv, capsys)
     with pytest.raises(ReplacementConfigError, match=key):
         ReplacementModel.from_pretrained(damaged)
 

@@ -368,20 +368,6 @@ def test_an_unknown_surrogate_is_refused_by_the_config():
         ReplacementConfig(surrogate="attention")
 
 
-def test_a_checkpoint_without_the_field_loads_as_block(tmp_path):
-    model, _ = make("vit", "block")
-    model.save_pretrained(tmp_path)
-    path = tmp_path / "replacement_config.json"
-    data = json.loads(path.read_text())
-    del data["surrogate"]
-    path.write_text(json.dumps(data))
-    loaded = ReplacementModel.from_pretrained(tmp_path)
-    assert loaded.replacement_config.surrogate == "block"
-    x = tiny_models.inputs()
-    with torch.no_grad():
-        assert torch.equal(loaded(pixel_values=x).logits, model(pixel_values=x).logits)
-
-
 @pytest.mark.parametrize("setting", ["gradient_checkpointing", "recompute_replaced", "compile"])
 def test_recompute_checkpointing_and_compile_give_the_same_gradients(setting):
     model, _ = make("vit", "half", "tensor")

@@ -19,12 +19,16 @@ from .runner import run_benchmark
 from .suites import SUITES, SuiteSpec, get_suite
 
 PROGRAM = "python -m benchmarks"
+# Not a SuiteSpec: step ratios and bandwidth only, no training (benchmarks/speed.py).
+SPEED_SUITE = "speed"
 
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's flags (`--readme` aside)."""
-    parser.add_argument("--suite", choices=list(SUITES), default="quick",
-                        help="; ".join(f"{name}: {suite.summary}" for name, suite in SUITES.items()))
+    parser.add_argument("--suite", choices=[*SUITES, SPEED_SUITE], default="quick",
+                        help="; ".join(f"{name}: {suite.summary}" for name, suite in SUITES.items())
+                        + f"; {SPEED_SUITE}: RepL step time against its limit and synthesis bandwidth, its own flags "
+                        f"(`{PROGRAM} --suite {SPEED_SUITE} --help`): about 12 min on 2 CPU cores")
     parser.add_argument("--seeds", type=positive_int, default=None, help="seeds per trained method (default 3)")
     parser.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: the suite's)")
     parser.add_argument("--output-dir", default=None,
@@ -78,6 +82,14 @@ def run_benchmark_from_args(args: argparse.Namespace, program: str = PROGRAM) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m benchmarks`: run a suite, or with `--readme` only regenerate benchmarks/README.md."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--suite")
+    suite, rest = peek.parse_known_args(arguments)
+    if suite.suite == SPEED_SUITE:  # its own flags and table (benchmarks/speed.py)
+        from ..speed import main as speed_main
+
+        return speed_main(rest, program=f"{PROGRAM} --suite {SPEED_SUITE}")
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     parser = argparse.ArgumentParser(prog=PROGRAM, description=PACKAGE_DOC.split("\n\n")[0])
     add_benchmark_arguments(parser)

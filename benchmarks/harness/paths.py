@@ -10,6 +10,8 @@ BENCHMARKS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTHESIS_OVERHEAD_NAME = "synthesis_overhead"
 # benchmarks/fsdp_state.py writes <name>.json and <name>.md beside itself.
 FSDP_STATE_NAME = "fsdp_state"
+# `python -m benchmarks --suite speed` writes <name>/<name>.json and .md (benchmarks/speed.py).
+SPEED_NAME = "speed"
 # A transfer suite's extra figure: source accuracy after conversion and fine-tuned accuracy per method.
 TRANSFER_PLOT = "transfer.png"
 

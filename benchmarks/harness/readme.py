@@ -15,7 +15,7 @@ from typing import Any
 from hf_replacement.checkpoint import atomic_write
 
 from .methods import METHODS
-from .paths import BENCHMARKS_DIR, FSDP_STATE_NAME, SYNTHESIS_OVERHEAD_NAME, TRANSFER_PLOT
+from .paths import BENCHMARKS_DIR, FSDP_STATE_NAME, SPEED_NAME, SYNTHESIS_OVERHEAD_NAME, TRANSFER_PLOT
 from .report import lora_footnote, render_settings, render_tables, surrogate_summary
 from .suites import SUITES
 from .verdict import VERDICT_RULES, render_verdict
@@ -45,6 +45,9 @@ def _how_to_run() -> list[str]:
         *rows,
         "| `python benchmarks/synthesis_overhead.py` | the share of a RepL step spent synthesizing weights: "
         "the shipped fused synthesis against the plain-autograd reference |",
+        "| `python -m benchmarks --suite speed` | RepL step time ×bp (IQR over interleaved rounds) against its "
+        "analytic limit, synthesis share and per-phase bandwidth against a streaming triad (`--help` for its flags; "
+        "CUDA: bf16 + torch.compile) |",
         "| `python benchmarks/fsdp_state.py` | parameter, gradient and optimizer bytes per process under FSDP2 "
         "(2 CPU processes), bp against RepL |",
         "| `python -m benchmarks --readme` | rewrites this file from the results below, without training |",
@@ -126,6 +129,18 @@ def _synthesis_section(overhead: dict[str, Any]) -> list[str]:
     ]
 
 
+def _speed_section(speed: dict[str, Any]) -> list[str]:
+    # The script's own renderer (its findings included), so this section and speed/speed.md always agree.
+    from ..speed import render
+
+    return [
+        "## Speed: RepL against its step-time limit",
+        "",
+        *render(speed).splitlines()[2:],
+        "",
+    ]
+
+
 def _fsdp_section(fsdp_state: dict[str, Any]) -> list[str]:
     # The script's own renderers, so this section and fsdp_state.md always agree.
     from ..fsdp_state import render_setting, render_table
@@ -168,6 +183,9 @@ def render_readme(directory: str = BENCHMARKS_DIR) -> str:
     overhead = _read_json(os.path.join(directory, f"{SYNTHESIS_OVERHEAD_NAME}.json"))
     if overhead is not None:
         lines += _synthesis_section(overhead)
+    speed = _read_json(os.path.join(directory, SPEED_NAME, f"{SPEED_NAME}.json"))
+    if speed is not None:
+        lines += _speed_section(speed)
     fsdp_state = _read_json(os.path.join(directory, f"{FSDP_STATE_NAME}.json"))
     if fsdp_state is not None:
         lines += _fsdp_section(fsdp_state)

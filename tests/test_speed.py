@@ -1,0 +1,80 @@
+"""The speed benchmark (`python -m benchmarks --suite speed`) and its bandwidth instrument, on tiny presets."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import speed
+from benchmarks.harness import cli as benchmark_cli
+from benchmarks.harness.bandwidth import PHASES, measure_phase_bandwidth, synthesis_traffic
+from benchmarks.harness.measure import replaced_modules
+from benchmarks.harness.methods import build_method_model
+from hf_replacement.synthesis import replacement_state, synthesize
+
+
+def _repl(model_name: str) -> torch.nn.Module:
+    return build_method_model("repl-k4", model_name, 10, 8, 3, seed=0).model
+
+
+@pytest.mark.parametrize("model_name", ["vit-mini", "convnext-mini"])
+def test_synthesis_traffic_counts_each_neighbour_read_and_each_weight_written(model_name):
+    """Forward and rebuild read every term's neighbour tensor and write every weight; backward reads the
+    weights' gradients and the neighbours, and writes the neighbours' gradients. Counted here from the
+    block's state, there from the synthesis node's inputs."""
+    modules = replaced_modules(_repl(model_name))
+    neighbours = [owner._parameters[attr] for module in modules for owner, attr in replacement_state(module).neighbours]
+    read = sum(tensor.numel() * 4 for tensor in neighbours)
+    written = sum(w.numel() * 4 for module in modules for w in synthesize(module))
+    assert synthesis_traffic(modules) == {"forward": read + written, "rebuild": read + written,
+                                          "backward": written + 2 * read}
+    # ViT: both neighbours the weights' own shapes; ConvNeXt: stage boundaries, neighbours of another width.
+    assert (read == 2 * written) == (model_name == "vit-mini")
+
+
+def test_phase_bandwidth_reports_each_phase_beside_the_triad():
+    model = _repl("convnext-mini")
+    results = measure_phase_bandwidth(model, replaced_modules(model), repeats=2)
+    assert set(results) == set(PHASES)
+    traffic = synthesis_traffic(replaced_modules(model))
+    for phase, entry in results.items():
+        assert entry["bytes"] == traffic[phase]
+        # bytes / seconds, both as reported
+        assert math.isclose(entry["gb_per_s"], entry["bytes"] / (entry["ms"] / 1e3) / 1e9, rel_tol=1e-9)
+        low, high = entry["bandwidth_ratio_iqr"]
+        assert 0 < low <= entry["bandwidth_ratio"] <= high and entry["triad_gb_per_s"] > 0
+    assert all(p.grad is None for p in model.parameters())  # the backward phase leaves no gradient behind
+
+
+def test_speed_suite_measures_ratios_limit_and_unchanged_saved_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "SETTINGS", (speed.SpeedSetting("vit-mini", 8, 8),))
+    argv = ["--suite", "speed", "--rounds", "2", "--steps", "1", "--device", "cpu", "--output-dir", str(tmp_path)]
+    assert benchmark_cli.main(argv) == 0
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["command"].startswith("python -m benchmarks --suite speed --rounds 2")
+    assert report["precision"] == "fp32"
+    (result,) = report["results"]
+    assert set(result["step_ratio"]) == {"repl-k4", "repl-k4-half", "drop-k4"}
+    for ratio in result["step_ratio"].values():
+        assert ratio["iqr"][0] <= ratio["median"] <= ratio["iqr"][1]
+    # RepL saves exactly what bp saves for backward: its synthesized weights are rebuilt, not kept.
+    assert result["saved_bytes"]["repl-k4"] == result["saved_bytes"]["bp"] > 0
+    # the limit: bp's step less AdamW's share for the freed parameters (one block of 8 blocks' worth)
+    assert 0 < result["freed_parameter_fraction"] < 1 and result["limit"] < 1
+    assert math.isclose(
+        result["limit"],
+        1 - result["bp_optimizer_ms"] * result["freed_parameter_fraction"] / result["step_ms"]["bp"],
+        rel_tol=1e-12,
+    )
+    assert math.isclose(result["synthesis_ms"], sum(result["bandwidth"][p]["ms"] for p in PHASES), rel_tol=1e-12)
+    markdown = (tmp_path / "speed.md").read_text()
+    assert "| vit-mini (8, 8) |" in markdown and "of triad" in markdown
+
+
+def test_speed_suite_has_its_own_flags():
+    with pytest.raises(SystemExit) as raised:
+        benchmark_cli.main(["--suite", "speed", "--rounds", "0"])
+    assert raised.value.code == 2
