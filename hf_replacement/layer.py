@@ -16,7 +16,7 @@ the keys and hide the class. The synthesized weights are written into the owners
 where `Module.__setattr__` would put a plain tensor anyway, so that the block's own forward reads
 `self.weight` unchanged (and skipping `__setattr__`'s checks saves ~1 µs a tensor). This module is the
 only one that swaps classes or writes a module's `__dict__`; others read a block's state through
-`synthesis.replacement_state`.
+`synthesis.replacement_state` (the state itself is attached with `synthesis.set_replacement_state`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .coefficients import ReplacementCoefficients
 from .config import FIT
 from .fitting import CoefficientFit, fit_coefficients
 from .planning import BlockPlan, coefficient_width
@@ -42,36 +43,11 @@ from .synthesis import (
     Term,
     compile_program,
     replacement_state,
+    set_replacement_state,
     synthesize,
 )
 
 RESAMPLE_BUFFER_PREFIX = "replacement_resample_"
-
-
-class ReplacementCoefficients(nn.Module):
-    """Holds each replaced block's coefficients, a (2, K) fp32 parameter named by the block index.
-
-    Row 0 holds `a` (previous neighbour), row 1 `b` (next neighbour); K is 1, the number of tensors
-    or the number of output channels, by granularity. `model.half()` and `model.to(torch.bfloat16)`
-    move them but keep them fp32: they are few, and rounding them to bf16 would stall their updates.
-    """
-
-    def _apply(self, fn, recurse: bool = True):
-        def keep_fp32(tensor: torch.Tensor) -> torch.Tensor:
-            converted = fn(tensor)
-            return converted.float() if converted.is_floating_point() else converted
-
-        return super()._apply(keep_fp32, recurse)
-
-    # PEFT's generic unload (IA³, LoHa, LoKr) copies `weight` from each `modules_to_save` module it puts back:
-    # this module has none to copy.
-    weight = None
-
-    def forward(self) -> ReplacementCoefficients:
-        """The module holding the coefficients in use: this one. A module put in its place forwards the
-        call to the module in use: PEFT's `ModulesToSaveWrapper` (`modules_to_save`) to its active copy,
-        or to this original while adapters are disabled. The replaced blocks read their coefficients so."""
-        return self
 
 
 def apply_plan(
@@ -100,9 +76,9 @@ def apply_plan(
     # A surrogate's unused tensors (its token mixer) go as well: neither kept nor synthesized.
     unused = tuple(_tensor_of(module, name) for name, _ in plan.unused)
     for tensor in tensors + unused:
-        del tensor.owner._parameters[tensor.attr]
+        delattr(tensor.owner, tensor.attr)  # the parameter itself, not the class's attribute
         _explain_freed_parameter(tensor.owner, tensor.attr, plan, f"{plan.block.name}.{tensor.name}")
-    module._replacement = ReplacementState(
+    state = ReplacementState(
         plan=plan,
         granularity=plan.granularity,
         coefficients=coefficients,
@@ -115,6 +91,7 @@ def apply_plan(
         surrogate=plan.surrogate.forward if plan.surrogate is not None else None,
         unused=unused,
     )
+    set_replacement_state(module, state)
     module.__class__ = _swapped_class(ReplacedBlockMixin, type(module))
     return fit
 
@@ -161,7 +138,7 @@ def _compile(
 def _tensor_of(module: nn.Module, name: str) -> SynthesizedTensor:
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name)
-    return SynthesizedTensor(name, owner, attr, owner._parameters[attr].requires_grad)
+    return SynthesizedTensor(name, owner, attr, owner.get_parameter(attr).requires_grad)
 
 
 def _register_tables(
@@ -218,22 +195,20 @@ def _explain_freed_parameter(owner: nn.Module, attr: str, plan: BlockPlan, full_
 class ReplacedBlockMixin(FreedParametersMixin):
     """Mixed in front of a block's own class: synthesize the weights, run the block, drop them."""
 
-    _replacement: ReplacementState
-
     def forward(self, *args, **kwargs):
-        if self._replacement.recompute and torch.is_grad_enabled():
+        if replacement_state(self).recompute and torch.is_grad_enabled():
             return checkpoint(self._forward_with_synthesized_weights, *args, use_reentrant=False, **kwargs)
         return self._forward_with_synthesized_weights(*args, **kwargs)
 
     def _forward_with_synthesized_weights(self, *args, **kwargs):
-        surrogate = self._replacement.surrogate
+        surrogate = replacement_state(self).surrogate
         with _synthesized_weights_attached(self):
             if surrogate is not None:  # a lighter surrogate (surrogates.py) instead of the block's own forward
                 return surrogate(self, *args, **kwargs)
             return super().forward(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        state = self._replacement
+        state = replacement_state(self)
         computes = state.plan.surrogate.describe() if state.plan.surrogate is not None else "the whole block"
         return (
             f"replaced: weights = a·block {state.plan.previous.index} + b·block {state.plan.next.index}; "
@@ -243,8 +218,9 @@ class ReplacedBlockMixin(FreedParametersMixin):
     def __repr__(self) -> str:
         # Submodules such as nn.Linear read their weights in extra_repr: show the synthesized ones, and
         # (shapes only) the ones a surrogate does not use.
-        unused = self._replacement.unused
-        for tensor, (_, shape) in zip(unused, self._replacement.plan.unused):
+        state = replacement_state(self)
+        unused = state.unused
+        for tensor, (_, shape) in zip(unused, state.plan.unused):
             tensor.owner.__dict__[tensor.attr] = torch.empty(shape, device="meta")
         try:
             with torch.no_grad(), _synthesized_weights_attached(self):
@@ -256,7 +232,7 @@ class ReplacedBlockMixin(FreedParametersMixin):
 
 @contextlib.contextmanager
 def _synthesized_weights_attached(module: nn.Module) -> Iterator[None]:
-    tensors = module._replacement.tensors
+    tensors = replacement_state(module).tensors
     weights = synthesize(module)
     # A plain tensor under a free name is what Module.__setattr__ stores in the instance dict, and
     # where `owner.weight` finds it; writing it there directly skips the checks (~1 µs a tensor).
@@ -315,10 +291,10 @@ def materialize(module: nn.Module) -> None:
         del owner.__dict__["_freed_parameters"]
         if owner is not module:
             owner.__class__ = type(owner).__bases__[1]
-    for name in [b for b in module._buffers if b.startswith(RESAMPLE_BUFFER_PREFIX)]:
-        del module._buffers[name]
+    for name in [b for b, _ in module.named_buffers(recurse=False) if b.startswith(RESAMPLE_BUFFER_PREFIX)]:
+        delattr(module, name)
     module.__class__ = type(module).__bases__[1]
-    del module._replacement
+    set_replacement_state(module, None)
 
 
 __all__ = ["ReplacementCoefficients", "apply_plan", "is_replaced", "materialize"]

@@ -270,7 +270,7 @@ class ReplacementModel(nn.Module):
                 materialize(block.module)
         for module in self.replacement_coefficients.modules():  # also the copies a PEFT wrapper holds
             if isinstance(module, ReplacementCoefficients):
-                module._parameters.clear()
+                module.remove_all()
         self._coefficient_fits = {}
         return self.base_model
 

@@ -230,7 +230,7 @@ def fan_in_dims(owner: nn.Module, attr: str, ndim: int) -> set[int]:
         return set()
     if isinstance(owner, nn.Linear):
         return {1}
-    if isinstance(owner, nn.modules.conv._ConvNd) and not owner.transposed:
+    if isinstance(owner, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):  # transposed convolutions are not among them
         return set(range(1, ndim))
     return set()
 

@@ -149,7 +149,7 @@ def _synthesis_inputs(module: nn.Module) -> list[torch.Tensor]:
     state = replacement_state(module)
     return [
         state.coefficient_rows(),
-        *(owner._parameters[attr] for owner, attr in state.neighbours),
+        *(getattr(owner, attr) for owner, attr in state.neighbours),
     ]
 
 

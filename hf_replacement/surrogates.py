@@ -21,8 +21,7 @@ with the used tensors' synthesized values attached, as the block's own forward d
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,29 +164,26 @@ def _resnet_narrow(block: nn.Module, hidden_state: torch.Tensor, *args: Any, **k
     residual = block.shortcut(hidden_state)
     for conv_layer in block.layer:
         hidden_state = conv_layer.convolution(hidden_state)
-        with _leading_statistics(conv_layer.normalization, hidden_state.shape[1]):
-            hidden_state = conv_layer.normalization(hidden_state)
+        hidden_state = _normalize_with_leading_statistics(conv_layer.normalization, hidden_state)
         hidden_state = conv_layer.activation(hidden_state)
     return block.activation(hidden_state + residual)
 
 
-@contextlib.contextmanager
-def _leading_statistics(norm: nn.Module, width: int) -> Iterator[None]:
-    """Let `norm` (a BatchNorm) see only its first `width` running statistics, as views of its buffers.
+def _normalize_with_leading_statistics(norm: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
+    """`norm` (a BatchNorm) on a narrower input: it sees only its first channels' running statistics.
 
-    A tensor in the instance dict shadows the buffer of the same name, as the synthesized weights do.
+    The statistics are views of its buffers handed to `torch.func.functional_call`, so training mode
+    updates the leading entries of the buffers in place and leaves the others as they are.
     """
+    width = hidden_state.shape[1]
     if width == norm.num_features:
-        yield
-        return
-    names = [name for name in ("running_mean", "running_var") if norm._buffers.get(name) is not None]
-    for name in names:
-        norm.__dict__[name] = norm._buffers[name][:width]
-    try:
-        yield
-    finally:
-        for name in names:
-            del norm.__dict__[name]
+        return norm(hidden_state)
+    leading = {
+        name: buffer[:width]
+        for name, buffer in norm.named_buffers(recurse=False)
+        if name in ("running_mean", "running_var") and buffer is not None
+    }
+    return torch.func.functional_call(norm, leading, (hidden_state,), strict=False)
 
 
 _LINEAR_MLP = {"mlp.fc1.weight": (0,), "mlp.fc1.bias": (0,), "mlp.fc2.weight": (1,)}

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .coefficients import ReplacementCoefficients
 from .planning import BlockPlan
 from .resampling import Step
 from .synthesis_hooks import call_synthesis_hooks
@@ -106,7 +107,7 @@ class ReplacementState:
 
     plan: BlockPlan
     granularity: str
-    # `layer.ReplacementCoefficients` (parameter `str(index)`, shape (2, K)), or a module put in its place
+    # `coefficients.ReplacementCoefficients` (parameter `str(index)`, shape (2, K)), or a module put in its place
     # that answers a call with the one in use (PEFT's `ModulesToSaveWrapper`); see `coefficient_rows`.
     coefficients: nn.Module
     tensors: tuple[SynthesizedTensor, ...]
@@ -121,7 +122,7 @@ class ReplacementState:
     surrogate: Callable[..., Any] | None = None
     unused: tuple[SynthesizedTensor, ...] = ()
     # Autograd saves a recipe instead of each synthesized weight a layer saves, and backward rebuilds
-    # them (`saved_weights.py`); False keeps the weights from forward to backward.
+    # them (`saved_tensor_hooks.py`); False keeps the weights from forward to backward.
     rebuild_saved_weights: bool = True
 
     @property
@@ -130,20 +131,33 @@ class ReplacementState:
 
     def coefficient_rows(self) -> torch.Tensor:
         """This block's (2, K) coefficients, from the module holding the coefficients in use."""
-        rows = self.coefficients._parameters.get(str(self.index))
-        if rows is None:
+        holder = self.coefficients
+        if not isinstance(holder, ReplacementCoefficients):
             # A wrapper holding copies (PEFT's modules_to_save): reading the original it wraps would
             # silently use untrained coefficients; its call returns the active copy.
-            rows = self.coefficients()._parameters[str(self.index)]
-        return rows
+            holder = holder()
+        return holder.rows(self.index)
+
+
+# The instance attribute holding a replaced block's state: read and written only through the two
+# functions below (`layer.py` attaches and removes it, every other module reads it).
+_STATE_ATTRIBUTE = "_replacement"
 
 
 def replacement_state(module: nn.Module) -> ReplacementState | None:
     """The state `layer.apply_plan` attached to a replaced block; None for any other module.
 
-    The one way to read a replaced block's plan, coefficients and program from outside `layer.py`.
+    The one way to read a replaced block's plan, coefficients and program.
     """
-    return vars(module).get("_replacement")
+    return vars(module).get(_STATE_ATTRIBUTE)
+
+
+def set_replacement_state(module: nn.Module, state: ReplacementState | None) -> None:
+    """Attach `state` to `module` (a block being replaced), or remove it (None: the block is materialized)."""
+    if state is None:
+        delattr(module, _STATE_ATTRIBUTE)
+    else:
+        setattr(module, _STATE_ATTRIBUTE, state)
 
 
 def _state_of(module: nn.Module) -> ReplacementState:
@@ -159,10 +173,10 @@ def synthesize(module: nn.Module) -> list[torch.Tensor]:
     call_synthesis_hooks(module)
     state = _state_of(module)
     coefficients = state.coefficient_rows()
-    sources = [owner._parameters[attr] for owner, attr in state.neighbours]
+    sources = [getattr(owner, attr) for owner, attr in state.neighbours]
     if state.detach_neighbors:
         sources = [source.detach() for source in sources]
-    tables = [module._buffers[name] for name in state.table_names]
+    tables = [getattr(module, name) for name in state.table_names]
     return list(_Synthesis.apply(state.program, coefficients, *sources, *tables))
 
 

@@ -26,30 +26,9 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _package_imports(path: pathlib.Path) -> set[str]:
-    """Every `hf_replacement` module `path` imports, at module level or inside a function."""
-    module = _module_name(path)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            if base.split(".")[0] != "hf_replacement":
-                continue
-            for alias in node.names:  # `from . import layer` names a module, `from .x import y` a member
-                candidate = f"{base}.{alias.name}"
-                found.add(candidate if (ROOT / (candidate.replace(".", "/") + ".py")).exists() else base)
-        elif isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "hf_replacement"}
-    return found - {module}
-
-
-def _imported_names(path: pathlib.Path) -> list[tuple[str, str]]:
-    """(module, name) for each `from hf_replacement... import name` in `path` (relative imports resolved);
-    (module, "*") for a plain `import hf_replacement...`."""
+def _import_statements(path: pathlib.Path) -> list[tuple[ast.AST, str]]:
+    """Each import statement of `path` (module level or inside a function) with the absolute module a
+    `from ... import` names (relative imports resolved); "" for a plain `import`."""
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
@@ -59,9 +38,36 @@ def _imported_names(path: pathlib.Path) -> list[tuple[str, str]]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
+            found.append((node, base))
+        elif isinstance(node, ast.Import):
+            found.append((node, ""))
+    return found
+
+
+def _package_imports(path: pathlib.Path) -> set[str]:
+    """Every `hf_replacement` module `path` imports, at module level or inside a function."""
+    found = set()
+    for node, base in _import_statements(path):
+        if isinstance(node, ast.ImportFrom):
+            if base.split(".")[0] != "hf_replacement":
+                continue
+            for alias in node.names:  # `from . import layer` names a module, `from .x import y` a member
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if (ROOT / (candidate.replace(".", "/") + ".py")).exists() else base)
+        else:
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "hf_replacement"}
+    return found - {_module_name(path)}
+
+
+def _imported_names(path: pathlib.Path) -> list[tuple[str, str]]:
+    """(module, name) for each `from hf_replacement... import name` in `path` (relative imports resolved);
+    (module, "*") for a plain `import hf_replacement...`."""
+    found = []
+    for node, base in _import_statements(path):
+        if isinstance(node, ast.ImportFrom):
             if base.split(".")[0] == "hf_replacement":
                 found += [(base, alias.name) for alias in node.names]
-        elif isinstance(node, ast.Import):
+        else:
             found += [(a.name, "*") for a in node.names if a.name.split(".")[0] == "hf_replacement"]
     return found
 
@@ -100,6 +106,23 @@ def test_the_library_never_imports_the_launcher():
     code = "import sys, hf_replacement; print(sorted(m for m in sys.modules if 'hf_replacement.commands' in m))"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout
     assert output.strip() == "[]"
+
+
+def test_the_core_never_imports_the_integrations():
+    """integrations/ build on the core; only the package's `__init__` (the exported names) imports them."""
+    core = [p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] not in ("commands", "integrations")]
+    offending = {
+        _module_name(p): sorted(i for i in _package_imports(p) if i.startswith("hf_replacement.integrations"))
+        for p in core
+        if p != PACKAGE / "__init__.py"
+    }
+    assert not {module: imports for module, imports in offending.items() if imports}
+
+
+def test_readme_stays_short():
+    """The README is the first screen and the ways in; the long explanations live in docs/ and benchmarks/."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 160, f"README.md has {len(lines)} lines: move detail to docs/ (at most 160)"
 
 
 # Longer functions are split (the launcher's loop reads top to bottom; each part has one job).

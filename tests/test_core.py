@@ -63,7 +63,7 @@ def make(arch: str, granularity: str = "block", fusion: str = "resample", detach
 
 
 def dense_rule(source: int, target: int, fan_in: bool) -> torch.Tensor:
-    """The resampling rule of fusion.py's docstring as a dense float64 matrix: linear interpolation
+    """The resampling rule of resampling.py's docstring as a dense float64 matrix: linear interpolation
     (align_corners), each row's deviation from the mean rescaled by 1/||row||, sqrt(n/m) on fan-in."""
     if target == 1:
         positions = torch.tensor([(source - 1) / 2], dtype=torch.float64)

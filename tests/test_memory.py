@@ -67,6 +67,18 @@ def test_rebuilt_weights_give_the_same_gradients(arch, autocast):
     assert coefficients <= rebuilt.keys() and all(rebuilt[name].abs().sum() > 0 for name in coefficients)
 
 
+def test_saved_tensor_hooks_disabled_by_the_caller_keep_the_weights():
+    """Under `disable_saved_tensors_hooks` (as torch's own compiled code runs) installing hooks raises: the
+    block keeps its weights instead, with the same gradients. Fails first if torch renames
+    `torch._C._autograd._saved_tensors_hooks_is_enabled` (saved_tensor_hooks.py)."""
+    model = make("vit")
+    rebuilt = step(model)
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.disable_saved_tensors_hooks("hooks are off here"):
+        kept = step(model)
+    assert_same(rebuilt, kept)
+
+
 def test_retain_graph_and_double_backward_give_the_same_gradients():
     def second_order(model: nn.Module) -> dict[str, torch.Tensor]:
         # The input gradient's norm, differentiated again: backward through the rebuilt weights' graph.

@@ -165,7 +165,8 @@ def render_readme(directory: str = BENCHMARKS_DIR) -> str:
         "",
         "RepL against ordinary training and its alternatives, on the same model, data and seeds in one run: "
         "parameters, training memory, step time with the share spent synthesizing weights, accuracy over "
-        "seeds, checkpoint size and inference throughput of the merged model.",
+        "seeds, checkpoint size and inference throughput of the merged model. What the numbers say, in words "
+        "(training from scratch, fine-tuning, the lighter surrogates): [docs/results.md](../docs/results.md).",
         "",
     ]
     suites = {name: _read_json(os.path.join(directory, name, "results.json")) for name in SUITES}

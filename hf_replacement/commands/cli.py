@@ -1,7 +1,7 @@
 """`hf-replacement` command line: train, evaluate, merge.
 
-Run it as the console script, as `python -m hf_replacement.cli`, or under
-`accelerate launch -m hf_replacement.cli train ...` for several processes or nodes.
+Run it as the console script, as `python -m hf_replacement.commands.cli`, or under
+`accelerate launch -m hf_replacement.commands.cli train ...` for several processes or nodes.
 """
 
 from __future__ import annotations
