@@ -17,26 +17,20 @@ import argparse
 import math
 
 import torch
+from example_setup import example_parser, train
 from round_trip import check_round_trip
 from task_data import BYTE_VOCABULARY_SIZE, byte_blocks, decode, stdlib_text
-from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from hf_replacement import ReplacementConfig, ReplacementTrainer, get_replacement_model
+from hf_replacement import ReplacementConfig, get_replacement_model
 
 PROMPT = 'def main():\n    """'
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default="outputs/clm")
-    parser.add_argument("--max-steps", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser = example_parser(__doc__.split("\n\n")[0], output_dir="outputs/clm", max_steps=400, lr=1e-3)
     parser.add_argument("--block-length", type=int, default=128, help="bytes per training sample")
     parser.add_argument("--eval-blocks", type=int, default=128, help="held-out samples for the perplexity")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--replace-interval", type=int, default=4, help="replace every k-th block (the paper: 4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="a tiny model and run, to check the example works")
     return parser.parse_args(argv)
 
 
@@ -61,33 +55,11 @@ def main(argv: list[str] | None = None) -> float:
         args.max_steps, args.batch_size, args.eval_blocks, args.replace_interval = 2, 2, 4, 2
     torch.manual_seed(args.seed)
     train_text = stdlib_text("train", max_bytes=args.max_steps * args.batch_size * args.block_length)
-    train = byte_blocks(train_text, args.block_length)
+    train_blocks = byte_blocks(train_text, args.block_length)
     evaluation = byte_blocks(stdlib_text("test", max_bytes=args.eval_blocks * args.block_length), args.block_length)
     model = get_replacement_model(build_model(args.smoke), ReplacementConfig(replace_interval=args.replace_interval))
     model.print_trainable_parameters()
-    training_args = TrainingArguments(
-        args.output_dir,
-        use_cpu=True,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(20, args.max_steps // 10),
-        logging_steps=max(1, args.max_steps // 10),
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        disable_tqdm=True,
-    )
-    trainer = ReplacementTrainer(
-        model=model,
-        args=training_args,
-        coefficient_logging_steps=training_args.logging_steps,
-        train_dataset=train,
-        eval_dataset=evaluation,
-    )
-    trainer.train()
+    trainer = train(model, args, train_blocks, eval_dataset=evaluation)
     perplexity = math.exp(trainer.evaluate()["eval_loss"])
     print(f"held-out perplexity per byte: {perplexity:.3f} ({len(evaluation)} blocks of {args.block_length} bytes)")
     prompt = torch.tensor([list(PROMPT.encode())])

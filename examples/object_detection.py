@@ -19,27 +19,21 @@ from __future__ import annotations
 import argparse
 
 import torch
+from example_setup import example_parser, train
 from round_trip import check_round_trip
 from task_data import detection_samples
-from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig, TrainingArguments
+from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 from transformers.image_transforms import center_to_corners_format
 
-from hf_replacement import ReplacementConfig, ReplacementTrainer, get_replacement_model
+from hf_replacement import ReplacementConfig, get_replacement_model
 from hf_replacement.commands.data import FASHION_MNIST_LABELS
 
 IOU_THRESHOLD = 0.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default="outputs/detection")
-    parser.add_argument("--max-steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser = example_parser(__doc__.split("\n\n")[0], output_dir="outputs/detection", max_steps=2000, lr=1e-3)
     parser.add_argument("--eval-size", type=int, default=256, help="held-out canvases for the box accuracy")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--replace-interval", type=int, default=4, help="replace one block in k (the paper: 4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="a tiny model and run, to check the example works")
     return parser.parse_args(argv)
 
 
@@ -105,34 +99,20 @@ def main(argv: list[str] | None = None) -> float:
     if args.smoke:
         args.max_steps, args.batch_size, args.eval_size = 2, 2, 4
     torch.manual_seed(args.seed)
-    train = detection_samples(args.max_steps * args.batch_size, split="train", seed=args.seed)
+    train_samples = detection_samples(args.max_steps * args.batch_size, split="train", seed=args.seed)
     evaluation = detection_samples(args.eval_size, split="test", seed=args.seed)
     model = get_replacement_model(build_model(args.smoke), ReplacementConfig(replace_interval=args.replace_interval))
     print(f"replaced blocks: {model.replaced_blocks}")
     model.print_trainable_parameters()
-    training_args = TrainingArguments(
-        args.output_dir,
-        use_cpu=True,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
+    trainer = train(
+        model,
+        args,
+        train_samples,
+        data_collator=collate,
+        lr_scheduler_type="linear",
         weight_decay=1e-4,
         max_grad_norm=0.1,  # DETR's own clipping
-        warmup_steps=min(20, args.max_steps // 10),
-        logging_steps=max(1, args.max_steps // 10),
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        disable_tqdm=True,
     )
-    trainer = ReplacementTrainer(
-        model=model,
-        args=training_args,
-        coefficient_logging_steps=training_args.logging_steps,
-        train_dataset=train,
-        data_collator=collate,
-    )
-    trainer.train()
     accuracy = box_accuracy(model, evaluation, args.batch_size)
     print(f"held-out box accuracy (class and IoU >= {IOU_THRESHOLD}): {accuracy:.3f} ({args.eval_size} canvases)")
     check_round_trip(trainer, {"pixel_values": collate(evaluation[:2])["pixel_values"]}, DetrForObjectDetection)

@@ -17,23 +17,17 @@ from __future__ import annotations
 import argparse
 
 import torch
+from example_setup import example_parser, train
 from round_trip import check_round_trip
 from task_data import SEGMENTATION_LABELS, segmentation_samples
-from transformers import SegformerConfig, SegformerForSemanticSegmentation, TrainingArguments
+from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-from hf_replacement import ReplacementConfig, ReplacementTrainer, get_replacement_model
+from hf_replacement import ReplacementConfig, get_replacement_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default="outputs/segmentation")
-    parser.add_argument("--max-steps", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser = example_parser(__doc__.split("\n\n")[0], output_dir="outputs/segmentation", max_steps=500, lr=2e-3)
     parser.add_argument("--eval-size", type=int, default=256, help="held-out canvases for the mIoU")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--replace-interval", type=int, default=4, help="replace every k-th block (the paper: 4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="a tiny model and run, to check the example works")
     return parser.parse_args(argv)
 
 
@@ -80,32 +74,11 @@ def main(argv: list[str] | None = None) -> float:
     if args.smoke:
         args.max_steps, args.batch_size, args.eval_size = 2, 2, 4
     torch.manual_seed(args.seed)
-    train = segmentation_samples(args.max_steps * args.batch_size, split="train", seed=args.seed)
+    train_samples = segmentation_samples(args.max_steps * args.batch_size, split="train", seed=args.seed)
     evaluation = segmentation_samples(args.eval_size, split="test", seed=args.seed)
     model = get_replacement_model(build_model(args.smoke), ReplacementConfig(replace_interval=args.replace_interval))
     model.print_trainable_parameters()
-    training_args = TrainingArguments(
-        args.output_dir,
-        use_cpu=True,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(20, args.max_steps // 10),
-        logging_steps=max(1, args.max_steps // 10),
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        disable_tqdm=True,
-    )
-    trainer = ReplacementTrainer(
-        model=model,
-        args=training_args,
-        coefficient_logging_steps=training_args.logging_steps,
-        train_dataset=train,
-        data_collator=collate,
-    )
-    trainer.train()
+    trainer = train(model, args, train_samples, data_collator=collate)
     miou, ious = mean_iou(model, evaluation, args.batch_size)
     print(
         f"held-out mIoU: {miou:.3f} over {len(ious)} classes ({args.eval_size} canvases); background IoU {ious[0]:.3f}"

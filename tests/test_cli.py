@@ -172,6 +172,16 @@ def test_bf16_mixed_precision_keeps_fp32_coefficients(tmp_path):
     assert coefficients.dtype == torch.float32 and not torch.equal(coefficients, torch.full((2, 1), 0.5))
 
 
+def test_a_bf16_run_leaves_the_callers_next_accelerator_in_fp32(tmp_path):
+    """Accelerate's state is process-wide: a notebook's own Accelerator after a bf16 run would otherwise
+    autocast its model in bf16 without a word."""
+    from accelerate import Accelerator
+
+    run_cli("train", *TINY, "--max-train-samples", "64", "--epochs", "1", "--mixed-precision", "bf16",
+            "--output-dir", str(tmp_path))  # fmt: skip
+    assert Accelerator(cpu=True).mixed_precision == "no"
+
+
 BAD_FLAGS = [
     (["train", "--epochs", "0"], "argument --epochs: 0.0 must be a finite number > 0"),
     (["train", "--epochs", "inf"], "argument --epochs: inf must be a finite number > 0"),

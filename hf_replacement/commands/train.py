@@ -160,7 +160,12 @@ def train(options: TrainingOptions) -> dict[str, Any]:
     _check_options(options)
     # Only rank 0 writes files (RANK is set by torchrun and accelerate launch before any process group exists).
     with output_dir_lock(options.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
-        return _train_owned(options)
+        try:
+            return _train_owned(options)
+        finally:
+            # An Accelerator the caller builds next must not inherit this run's precision: Accelerate
+            # would wrap the caller's model in this run's autocast without a word.
+            _forget_previous_single_process_state()
 
 
 def _train_owned(options: TrainingOptions) -> dict[str, Any]:
@@ -506,7 +511,8 @@ def _check_training_batches(num_images: int, batch_size: int, num_processes: int
 
 
 def _forget_previous_single_process_state() -> None:
-    """Lets a second `train()` in one Python process (a notebook, the tests) pick its own precision.
+    """Lets a second `train()`, or the caller's own Accelerator, in one Python process (a notebook, the
+    tests) pick its own precision.
 
     Accelerate keeps its state process-wide and refuses a different `mixed_precision` later. Under
     a distributed launch the state belongs to the launcher and is left alone.
