@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         # tensorboard: the logging tests read its event files; ruff: the linter CI runs
-        "test": ["pytest>=8", "matplotlib>=3.7", "tensorboard>=2.14", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.7", "tensorboard>=2.14", "ruff>=0.6"],
         "benchmark": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["hf-replacement=hf_replacement.commands.cli:main"]},
