@@ -555,9 +555,14 @@ def _holds_peft_modules(model: nn.Module) -> bool:
 
 def _refuse_merged_adapters(model: ReplacementModel) -> None:
     """PEFT's `merge_adapter()` adds the adapter into the weights the replaced blocks are synthesized from,
-    which changes those blocks without a word: stop the forward instead. (A scan of the modules, a few
-    microseconds; PEFT's tuner layers list their merged adapters in `merged_adapters`.)"""
-    if any(getattr(module, "merged_adapters", None) for module in model.base_model.modules()):
+    which changes those blocks without a word: stop the forward instead. PEFT's tuner layers list their
+    merged adapters in `merged_adapters`; only the replaced blocks' neighbours are scanned (the synthesis
+    reads nothing else), which keeps this off the cost of a whole-model walk on every forward."""
+    sources = []
+    for index in model.replaced_blocks:
+        plan = replacement_state(model._blocks[index].module).plan
+        sources += [plan.previous.module, plan.next.module]
+    if any(getattr(module, "merged_adapters", None) for source in sources for module in source.modules()):
         raise ValueError(
             "An adapter is merged into this RepL model's weights (peft_model.merge_adapter()): the replaced blocks "
             f"{sorted(model.replaced_blocks)} would be synthesized from the merged neighbours, which changes their "
