@@ -151,10 +151,15 @@ class DimResample:
         transposed_index, transposed_weights = transposed
         return *tables, transposed_index, transposed_weights.to(dtype).view(*transposed_index.shape, *broadcast)
 
-    def apply(self, tensor: torch.Tensor, tables: Sequence[torch.Tensor]) -> torch.Tensor:
+    def apply(
+        self, tensor: torch.Tensor, tables: Sequence[torch.Tensor], scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """M·x along `dim`, times `scale` (a 0-dim coefficient) if given: folded into the small table,
+        it costs no pass over the result."""
         if self.dense:
-            return _matrix_along(tables[0], tensor, self.dim)
-        (lower, upper), (w_lower, w_upper, w_mean) = tables[0].unbind(), tables[1].unbind()
+            return _matrix_along(tables[0] if scale is None else tables[0] * scale, tensor, self.dim)
+        weights = tables[1] if scale is None else tables[1] * scale
+        (lower, upper), (w_lower, w_upper, w_mean) = tables[0].unbind(), weights.unbind()
         result = tensor.index_select(self.dim, lower).mul_(w_lower)
         result.addcmul_(tensor.index_select(self.dim, upper), w_upper)
         return result.addcmul_(tensor.mean(self.dim, keepdim=True), w_mean)

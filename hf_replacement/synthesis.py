@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from .coefficients import ReplacementCoefficients
 from .planning import BlockPlan
-from .resampling import Step
+from .resampling import DimResample, Step
 from .synthesis_hooks import call_synthesis_hooks
 
 
@@ -195,23 +195,7 @@ class _Synthesis(torch.autograd.Function):
     def forward(ctx, program: Program, coefficients: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sources, tables = inputs[: len(program.terms)], inputs[len(program.terms) :]
         with _autocast_disabled(coefficients.device.type):
-            factors = _term_coefficients(program, coefficients.to(sources[0].dtype))
-            products = [_resample(source, term, tables) for source, term in zip(sources, program.terms)]
-            if program.source_side:  # fresh resampled tensors that backward does not need: scaled in place
-                torch._foreach_mul_(
-                    [products[i] for i in program.source_side], [factors[i] for i in program.source_side]
-                )
-            if program.target_side:
-                scaled = torch._foreach_mul(
-                    [products[i] for i in program.target_side], [factors[i] for i in program.target_side]
-                )
-                for i, product in zip(program.target_side, scaled):
-                    products[i] = product
-            # Two products and a sum, rounded as the plain formula a·p + b·q is (addcmul's fused
-            # multiply-add would round differently, by an ulp).
-            outputs = [products[i] for i in program.firsts]
-            if program.seconds:
-                torch._foreach_add_([outputs[i] for i in program.paired], [products[i] for i in program.seconds])
+            outputs = _synthesized_values(program, coefficients, sources, tables)
         ctx.program = program
         ctx.num_tables = len(tables)
         ctx.save_for_backward(coefficients, *sources, *tables)
@@ -256,6 +240,46 @@ class _Synthesis(torch.autograd.Function):
         return (None, coefficient_grad, *source_grads, *([None] * ctx.num_tables))
 
 
+def _synthesized_values(
+    program: Program, coefficients: torch.Tensor, sources: Sequence[torch.Tensor], tables: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The synthesized tensors. Each is written once by its first term's product and the second term is
+    accumulated into it in place (`addcmul_`): no product of the size of the result is ever a temporary,
+    and each fresh tensor of that size is one more first touch of memory the allocator may have just mapped.
+    A resampled neighbour is scaled inside its last resampling step (a 0-dim coefficient folded into the
+    step's small table) or in place, never copied."""
+    factors = _term_coefficients(program, coefficients.to(sources[0].dtype))
+    outputs: list[torch.Tensor | None] = [None] * len(program.firsts)
+    plain, in_place = [], []
+    for output, i in enumerate(program.firsts):
+        term = program.terms[i]
+        if not term.resample:
+            plain.append(output)
+        elif program.coefficient_shapes[output] == () and isinstance(term.resample[-1][0], DimResample):
+            outputs[output] = _resample(sources[i], term, tables, scale=factors[i])
+        else:
+            outputs[output] = _resample(sources[i], term, tables)
+            if any(isinstance(step, DimResample) for step, _ in term.resample):
+                in_place.append(output)
+            else:  # only narrowed: a view of the neighbour's tensor
+                outputs[output] = outputs[output] * factors[i]
+    if plain:
+        products = torch._foreach_mul(
+            [sources[program.firsts[o]] for o in plain], [factors[program.firsts[o]] for o in plain]
+        )
+        for output, product in zip(plain, products):
+            outputs[output] = product
+    if in_place:
+        torch._foreach_mul_([outputs[o] for o in in_place], [factors[program.firsts[o]] for o in in_place])
+    if program.seconds:
+        torch._foreach_addcmul_(
+            [outputs[o] for o in program.paired],
+            [_resample(sources[i], program.terms[i], tables) for i in program.seconds],
+            [factors[i] for i in program.seconds],
+        )
+    return outputs
+
+
 def _term_coefficients(program: Program, rows: torch.Tensor) -> list[torch.Tensor]:
     """Each term's coefficient: a 0-dim tensor, or (C, 1, ...) for "channel" granularity."""
     if program.shared_coefficients:
@@ -265,9 +289,17 @@ def _term_coefficients(program: Program, rows: torch.Tensor) -> list[torch.Tenso
     return [pieces[term.row][term.output].view(program.coefficient_shapes[term.output]) for term in program.terms]
 
 
-def _resample(source: torch.Tensor, term: Term, tables: Sequence[torch.Tensor]) -> torch.Tensor:
-    for step, positions in term.resample:
-        source = step.apply(source, [tables[p] for p in positions])
+def _resample(
+    source: torch.Tensor, term: Term, tables: Sequence[torch.Tensor], scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The term's neighbour tensor resampled; times `scale`, folded into the last step (a `DimResample`), if given."""
+    last = len(term.resample) - 1
+    for position, (step, positions) in enumerate(term.resample):
+        step_tables = [tables[p] for p in positions]
+        if scale is not None and position == last:
+            source = step.apply(source, step_tables, scale)
+        else:
+            source = step.apply(source, step_tables)
     return source
 
 
