@@ -504,6 +504,34 @@ def test_structured_resampling_equals_dense_rule(case, fan_in, transposed, monke
         # Gathers and means against a matrix product over the dimension: fp32 sums of its length.
         assert_fp32_close(step.apply(tensor, tables), expected, max(source, target))
         assert_fp32_close(step.apply_transposed(grad, tables), expected_transposed, max(source, target))
+        # A 0-dim coefficient folded into the step's table: the product of the coefficient and the step.
+        scale = torch.tensor(0.37)
+        assert_fp32_close(step.apply(tensor, tables, scale), scale * expected, max(source, target))
+
+
+@pytest.mark.parametrize("case", RESAMPLE_CASES, ids=str)
+def test_structured_resampling_in_bf16(case):
+    """bf16 tensors and tables (a bf16 model): the step in bf16 against the dense rule in float64. Each
+    result entry is a few bf16 products and sums of values rounded to bf16 (eps relative each), its
+    mean term a sum over the dimension: bf16 rounding of a sum of that length at the result's scale."""
+    shape, dim, target = case
+    generator = torch.Generator().manual_seed(0)
+    tensor = torch.randn(shape, generator=generator, dtype=torch.float64)
+    matrix = dense_rule(shape[dim], target, True)
+    expected = torch.tensordot(matrix, tensor, dims=([1], [dim])).movedim(0, dim)
+    grad = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    expected_transposed = torch.tensordot(matrix.T, grad, dims=([1], [dim])).movedim(0, dim)
+    eps = torch.finfo(torch.bfloat16).eps
+    for dense in (False, True):
+        step = DimResample(dim, shape[dim], target, True, dense, len(shape))
+        tables = step.tables(torch.bfloat16)
+        for got, want in (
+            (step.apply(tensor.bfloat16(), tables), expected),
+            (step.apply_transposed(grad.bfloat16(), tables), expected_transposed),
+        ):
+            assert got.dtype == torch.bfloat16
+            atol = 4 * eps * math.sqrt(max(shape[dim], target)) * float(want.abs().max())
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)
 
 
 class StagedBlock(torch.nn.Module):
