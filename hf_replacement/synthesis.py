@@ -53,8 +53,7 @@ class Program:
     paired: tuple[int, ...]  # ... and those outputs
     # Terms resampled to a larger tensor with a scalar coefficient, which commutes with the resampling
     # M: backward maps the gradient back to the neighbour's (smaller) shape first, where <Mᵀg, p> =
-    # <g, M p> is the coefficient's gradient, so backward needs no resampled tensor and forward scales
-    # it in place.
+    # <g, M p> is the coefficient's gradient, so backward needs no resampled tensor.
     source_side: tuple[int, ...]
     # The rest: scaled, mapped back; the coefficient's gradient is a dot product with the resampled
     # tensor, which backward resamples again rather than keep one the size of the synthesized tensor.
@@ -186,7 +185,8 @@ class _Synthesis(torch.autograd.Function):
     One node instead of about five per tensor (slice, view, cast, two multiplies, an add, the
     resampling), batched `torch._foreach_*` kernels and no per-op autograd bookkeeping: for the
     small tensors of a block, per-op overhead, not arithmetic, is what synthesis spends its time on;
-    for large ones, memory traffic, hence the in-place scaling of fresh resampled tensors.
+    for large ones, memory traffic and first touches of fresh memory, hence one fresh tensor per
+    result and everything else accumulated into it (`_synthesized_values`).
     Inputs: the program, the (2, K) fp32 coefficients, each term's neighbour tensor, then the
     resampling tables. Not twice differentiable.
     """
