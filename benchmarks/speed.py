@@ -84,9 +84,11 @@ FINDINGS = (
     "",
     "- Synthesis of ConvNeXt-tiny (k=4, 8 M weights, 75 MB compulsory traffic forward and rebuild, 119 MB backward), "
     "CPU ms per phase forward / rebuild / backward, the shipped code and the previous one interleaved in one process "
-    "(`time.thread_time`, 8 repeats): 11-12 / 11-12 / 22-27 against 24-28 / 24-25 / 24-27 before, 21-23% / 23% / "
-    "17-18% of a triad over the same bytes against 10% / 10-11% / 16-17% (ViT-tiny: 41-43% / 62-67% / 33-36% against "
-    "34-37% / 50% / 33-37%). The 50% goal is met by no phase of ConvNeXt-tiny and only by ViT-tiny's rebuild.",
+    "(`time.thread_time`, 8-10 repeats, three runs): 11-15 / 11-15 / 22-27 against 24-32 / 24-33 / 24-32 before, "
+    "21-23% / 21-23% / 17-18% of a triad over the same bytes against 10% / 9-11% / 15-17% (with the allocator "
+    "settings below: 22-26% / 23-25% / 20-23% against 16-19% / 16-19% / 18-20%; ViT-tiny: 38-43% / 62-67% / "
+    "33-36% against 32-37% / 49-50% / 33-37%). The 50% goal is met by no phase of ConvNeXt-tiny and only by "
+    "ViT-tiny's rebuild.",
     "- What changed: one fresh tensor per synthesized weight, the second term accumulated into the first product in "
     "place (`addcmul_`), a 0-dim coefficient folded into the last resampling step's table, resampling along "
     "dimension 0 as `embedding_bag` (each result row a weighted bag of two source rows, written once: 1.9 to 0.7 ms "
