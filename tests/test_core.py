@@ -721,3 +721,37 @@ def test_a_plan_is_carried_out_without_the_config():
     expected = tiny_models.logits(reference(pixel_values=pixels))
     assert torch.equal(tiny_models.logits(base(pixel_values=pixels)), expected)
     assert coefficients.state_dict().keys() == reference.replacement_coefficients.state_dict().keys()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fused_synthesis_in_bf16_equals_reference(granularity, monkeypatch):
+    """A bf16 ConvNeXt (stage boundaries: every tensor of one neighbour resampled, structured form forced):
+    the fused node against `reference_synthesize` run on the same bf16 model, values and gradients. Both
+    round each product and sum to bf16 (eps relative); a coefficient's gradient sums a product over every
+    synthesized entry (the fused node in fp32, the reference in bf16 autograd): bf16 sums of that length."""
+    monkeypatch.setattr(resampling, "DENSE_LIMIT", 0)
+    model, _ = make("convnext", granularity)
+    model.to(torch.bfloat16)
+    leaves = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    eps = torch.finfo(torch.bfloat16).eps
+    generator = torch.Generator().manual_seed(0)
+    for block_name in model.replaced_blocks.values():
+        module = model.base_model.get_submodule(block_name)
+        fused, expected = synthesize(module), reference_synthesize(module)
+        assert [(w.shape, w.dtype) for w in fused] == [(w.shape, torch.bfloat16) for w in expected]
+        for value, reference_value in zip(fused, expected):
+            atol = 4 * eps * math.sqrt(max(reference_value.shape, default=1)) * float(reference_value.detach().abs().max())
+            torch.testing.assert_close(value.float(), reference_value.float(), rtol=0, atol=atol)
+        probes = [torch.randn(w.shape, generator=generator).bfloat16() for w in fused]
+        fused_grads = torch.autograd.grad(fused, leaves, probes, allow_unused=True)
+        reference_grads = torch.autograd.grad(expected, leaves, probes, allow_unused=True)
+        assert [got is None for got in fused_grads] == [want is None for want in reference_grads]
+        length = sum(w.numel() for w in fused)
+        pairs = [(n, g, r) for n, g, r in zip(names, fused_grads, reference_grads) if g is not None]
+        scale = max(float(r.abs().max()) for _, _, r in pairs)
+        for name, got, want in pairs:
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(
+                got.float(), want.float(), rtol=0, atol=4 * eps * math.sqrt(length) * scale, msg=name
+            )
