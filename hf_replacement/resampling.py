@@ -17,9 +17,11 @@ How it is computed. R has two non-zeros per row (entries `lower` and `upper = lo
     w_lower[i]·x[lower[i]] + w_upper[i]·x[upper[i]] + w_mean[i]·mean(x)
 
 with w_lower = s·d·(1 - f), w_upper = s·d·f, w_mean = s·(1 - d), s the fan-in scale: two gathers
-and a mean, O(m·rest) instead of the dense O(m·n·rest) product. `resample_matrix` builds the dense
-M from the same table, and that dense product is still used where it is faster and its matrix small
-(`DimResample.dense`).
+and a mean, O(m·rest) instead of the dense O(m·n·rest) product (along dimension 0, where the entries
+are rows, one `embedding_bag`: each result row a weighted bag of two source rows, written once; the
+transposed Mᵀ·g likewise, each source row a bag of the targets it feeds). `resample_matrix` builds the
+dense M from the same table, and that dense product is still used where it is faster and its matrix
+small (`DimResample.dense`).
 
 The tables depend on shapes only: they are built once, when a block is replaced, and kept as
 buffers of the replaced block so that they follow it across devices and dtypes.

@@ -741,7 +741,8 @@ def test_fused_synthesis_in_bf16_equals_reference(granularity, monkeypatch):
         fused, expected = synthesize(module), reference_synthesize(module)
         assert [(w.shape, w.dtype) for w in fused] == [(w.shape, torch.bfloat16) for w in expected]
         for value, reference_value in zip(fused, expected):
-            atol = 4 * eps * math.sqrt(max(reference_value.shape, default=1)) * float(reference_value.detach().abs().max())
+            scale = float(reference_value.detach().abs().max())
+            atol = 4 * eps * math.sqrt(max(reference_value.shape, default=1)) * scale
             torch.testing.assert_close(value.float(), reference_value.float(), rtol=0, atol=atol)
         probes = [torch.randn(w.shape, generator=generator).bfloat16() for w in fused]
         fused_grads = torch.autograd.grad(fused, leaves, probes, allow_unused=True)
