@@ -74,8 +74,8 @@ SETTINGS = (
 
 
 # What the committed run cannot say by itself (measured by hand, issue 26; 2-core AMD EPYC shared with
-# other jobs, load average 5-17: CPU time per phase from `time.thread_time`, which waiting for a core
-# does not inflate, medians of 10 repeats; ConvNeXt-tiny at 64 px, k=4, 1 thread).
+# other jobs, load average 5-17, and 1.7-1.9 for the synthesis figures: CPU time per phase from
+# `time.thread_time`, which waiting for a core does not inflate, medians of 8-10 repeats; k=4, 1 thread).
 FINDINGS = (
     "Findings (issue 26; the machine was shared, load average 5-17 on 2 cores during this work, so the table "
     "above is a smoke run (3 rounds, one model) "
@@ -83,22 +83,32 @@ FINDINGS = (
     "`OMP_NUM_THREADS=1 python -m benchmarks --suite speed --rounds 7 --steps 2`):",
     "",
     "- Synthesis of ConvNeXt-tiny (k=4, 8 M weights, 75 MB compulsory traffic forward and rebuild, 119 MB backward), "
-    "CPU ms per phase forward / rebuild / backward: 31-38 / 31-34 / 35-42 before this work, 28-36 / 31 / 31-34 after "
-    "(resampling steps ordered so inner-dimension work runs on the smaller tensor; the transposed resampling a "
-    "gather, no zeroed tensor, no scatter). A triad over the 75 MB takes 4.5 ms: synthesis runs at 12-16% of the "
-    "streaming bandwidth in CPU time (9-26% in the wall-clock ratios of this sitting's runs). The 50% goal is not met.",
-    "- Profile (torch.profiler, the three phases): `index_select` 30%, `aten::mul` 22%, `addcmul_` 12%, `mul_` 7%, "
-    "`add_` 7%, no `scatter_add_` (before: `index_select` 28%, `mul` 27%, `scatter_add_` 9%, `add_` 8%, `addcmul_` "
-    "7%). Each phase also takes 6,900-9,200 "
-    "minor page faults: glibc returns every freed large tensor to the system, so each synthesis's fresh tensors are "
-    "zero-filled by the kernel on first touch. With `MALLOC_MMAP_THRESHOLD_=33554432 "
-    "MALLOC_TRIM_THRESHOLD_=4000000000` (or jemalloc/tcmalloc preloaded) the faults go to 0 and forward / rebuild "
-    "fall to 19-26 ms, backward to 28-36 ms; one structured resampling step (1536x384 to 3072x384) from 6.8 to 0.9 ms.",
-    "- What would remove the rest: passes over memory. In eager ATen a resampled tensor costs about eight passes over "
-    "its output (two gathers, a scale, two multiply-adds, the mean term) and an unresampled term three (a product "
-    "into a fresh tensor, an add), where one read of the neighbours and one write suffice. One fused kernel per "
-    "tensor (inductor compiling the synthesis node's body, or a C++/Triton kernel that interpolates rows and writes "
-    "once) would stream at the triad's rate; on CUDA `--suite speed` runs the whole step under `torch.compile`.",
+    "CPU ms per phase forward / rebuild / backward, the shipped code and the previous one interleaved in one process "
+    "(`time.thread_time`, 8-10 repeats, three runs): 11-15 / 11-15 / 22-27 against 24-32 / 24-33 / 24-32 before, "
+    "21-23% / 21-23% / 17-18% of a triad over the same bytes against 10% / 9-11% / 15-17% (with the allocator "
+    "settings below: 22-26% / 23-25% / 20-23% against 16-19% / 16-19% / 18-20%; ViT-tiny: 38-43% / 62-67% / "
+    "33-36% against 32-37% / 49-50% / 33-37%). The 50% goal is met by no phase of ConvNeXt-tiny and only by "
+    "ViT-tiny's rebuild.",
+    "- What changed: one fresh tensor per synthesized weight, the second term accumulated into the first product in "
+    "place (`addcmul_`), a 0-dim coefficient folded into the last resampling step's table, resampling along "
+    "dimension 0 as `embedding_bag` (each result row a weighted bag of two source rows, written once: 1.9 to 0.7 ms "
+    "on a 1536x768 to 3072x768 step), the transposed resampling as one `embedding_bag` over the gradient moved to "
+    "make its dimension the rows (2x faster than a gather per slot), the mean term over the last dimension one `mv` "
+    "(a batched matmul ran 1,536 tiny products: 1.3 to 0.09 ms) and per-channel dot products with `vecdot` (bmm: 3x "
+    "slower). Coefficients stay 0-dim tensors: `a*x` with a 0-dim `a` costs what `0.5*x` does (0.34 / 0.38 ms on "
+    "2.4 M values) once page faults are out of the measurement.",
+    "- Page faults: glibc gives freed large tensors back to the system, so fresh ones are zero-filled on first touch, "
+    "about 2.4 us per 4 KiB page here (`a*x + b*y` on 2.4 M values: 17 ms with 6,880 faults, 0.4 ms without). Fewer "
+    "temporaries cut them from 4,000-5,000 to 0-1,100 per forward and rebuild; backward still allocates the "
+    "neighbours' fresh gradients (0-5,000). With `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4000000000`, "
+    "or tcmalloc preloaded, every phase takes 0 faults; jemalloc's defaults fault more (9,000-17,000 per phase) "
+    "unless `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`.",
+    "- What would remove the rest: on ConvNeXt-tiny the 768-channel block at the stage boundary (4.7 M of the 8 M "
+    "weights): gathers along an inner dimension (about 1.3-1.7 ms per step forward), the mean term (a pass) and, "
+    "backward, the moves of the gradient. `torch.compile` of the synthesis body (inductor C++, 10-17 s per block) "
+    "did not help on this CPU (that block's forward 10.3 ms compiled against 9.9 eager; inductor's gathers along an "
+    "inner dimension are slower than ATen's), so no compiled path ships; a hand-written kernel that interpolates "
+    "rows and writes once, or Triton on CUDA, would be the next step.",
 )
 
 

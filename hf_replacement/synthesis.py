@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from .coefficients import ReplacementCoefficients
 from .planning import BlockPlan
-from .resampling import Step
+from .resampling import DimResample, Step
 from .synthesis_hooks import call_synthesis_hooks
 
 
@@ -53,8 +53,7 @@ class Program:
     paired: tuple[int, ...]  # ... and those outputs
     # Terms resampled to a larger tensor with a scalar coefficient, which commutes with the resampling
     # M: backward maps the gradient back to the neighbour's (smaller) shape first, where <Mᵀg, p> =
-    # <g, M p> is the coefficient's gradient, so backward needs no resampled tensor and forward scales
-    # it in place.
+    # <g, M p> is the coefficient's gradient, so backward needs no resampled tensor.
     source_side: tuple[int, ...]
     # The rest: scaled, mapped back; the coefficient's gradient is a dot product with the resampled
     # tensor, which backward resamples again rather than keep one the size of the synthesized tensor.
@@ -186,7 +185,8 @@ class _Synthesis(torch.autograd.Function):
     One node instead of about five per tensor (slice, view, cast, two multiplies, an add, the
     resampling), batched `torch._foreach_*` kernels and no per-op autograd bookkeeping: for the
     small tensors of a block, per-op overhead, not arithmetic, is what synthesis spends its time on;
-    for large ones, memory traffic, hence the in-place scaling of fresh resampled tensors.
+    for large ones, memory traffic and first touches of fresh memory, hence one fresh tensor per
+    result and everything else accumulated into it (`_synthesized_values`).
     Inputs: the program, the (2, K) fp32 coefficients, each term's neighbour tensor, then the
     resampling tables. Not twice differentiable.
     """
@@ -195,23 +195,7 @@ class _Synthesis(torch.autograd.Function):
     def forward(ctx, program: Program, coefficients: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sources, tables = inputs[: len(program.terms)], inputs[len(program.terms) :]
         with _autocast_disabled(coefficients.device.type):
-            factors = _term_coefficients(program, coefficients.to(sources[0].dtype))
-            products = [_resample(source, term, tables) for source, term in zip(sources, program.terms)]
-            if program.source_side:  # fresh resampled tensors that backward does not need: scaled in place
-                torch._foreach_mul_(
-                    [products[i] for i in program.source_side], [factors[i] for i in program.source_side]
-                )
-            if program.target_side:
-                scaled = torch._foreach_mul(
-                    [products[i] for i in program.target_side], [factors[i] for i in program.target_side]
-                )
-                for i, product in zip(program.target_side, scaled):
-                    products[i] = product
-            # Two products and a sum, rounded as the plain formula a·p + b·q is (addcmul's fused
-            # multiply-add would round differently, by an ulp).
-            outputs = [products[i] for i in program.firsts]
-            if program.seconds:
-                torch._foreach_add_([outputs[i] for i in program.paired], [products[i] for i in program.seconds])
+            outputs = _synthesized_values(program, coefficients, sources, tables)
         ctx.program = program
         ctx.num_tables = len(tables)
         ctx.save_for_backward(coefficients, *sources, *tables)
@@ -256,6 +240,46 @@ class _Synthesis(torch.autograd.Function):
         return (None, coefficient_grad, *source_grads, *([None] * ctx.num_tables))
 
 
+def _synthesized_values(
+    program: Program, coefficients: torch.Tensor, sources: Sequence[torch.Tensor], tables: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The synthesized tensors. Each is written once by its first term's product and the second term is
+    accumulated into it in place (`addcmul_`): no product of the size of the result is ever a temporary,
+    and each fresh tensor of that size is one more first touch of memory the allocator may have just mapped.
+    A resampled neighbour is scaled inside its last resampling step (a 0-dim coefficient folded into the
+    step's small table) or in place, never copied."""
+    factors = _term_coefficients(program, coefficients.to(sources[0].dtype))
+    outputs: list[torch.Tensor | None] = [None] * len(program.firsts)
+    plain, in_place = [], []
+    for output, i in enumerate(program.firsts):
+        term = program.terms[i]
+        if not term.resample:
+            plain.append(output)
+        elif program.coefficient_shapes[output] == () and isinstance(term.resample[-1][0], DimResample):
+            outputs[output] = _resample(sources[i], term, tables, scale=factors[i])
+        else:
+            outputs[output] = _resample(sources[i], term, tables)
+            if any(isinstance(step, DimResample) for step, _ in term.resample):
+                in_place.append(output)
+            else:  # only narrowed: a view of the neighbour's tensor
+                outputs[output] = outputs[output] * factors[i]
+    if plain:
+        products = torch._foreach_mul(
+            [sources[program.firsts[o]] for o in plain], [factors[program.firsts[o]] for o in plain]
+        )
+        for output, product in zip(plain, products):
+            outputs[output] = product
+    if in_place:
+        torch._foreach_mul_([outputs[o] for o in in_place], [factors[program.firsts[o]] for o in in_place])
+    if program.seconds:
+        torch._foreach_addcmul_(
+            [outputs[o] for o in program.paired],
+            [_resample(sources[i], program.terms[i], tables) for i in program.seconds],
+            [factors[i] for i in program.seconds],
+        )
+    return outputs
+
+
 def _term_coefficients(program: Program, rows: torch.Tensor) -> list[torch.Tensor]:
     """Each term's coefficient: a 0-dim tensor, or (C, 1, ...) for "channel" granularity."""
     if program.shared_coefficients:
@@ -265,9 +289,17 @@ def _term_coefficients(program: Program, rows: torch.Tensor) -> list[torch.Tenso
     return [pieces[term.row][term.output].view(program.coefficient_shapes[term.output]) for term in program.terms]
 
 
-def _resample(source: torch.Tensor, term: Term, tables: Sequence[torch.Tensor]) -> torch.Tensor:
-    for step, positions in term.resample:
-        source = step.apply(source, [tables[p] for p in positions])
+def _resample(
+    source: torch.Tensor, term: Term, tables: Sequence[torch.Tensor], scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The term's neighbour tensor resampled; times `scale`, folded into the last step (a `DimResample`), if given."""
+    last = len(term.resample) - 1
+    for position, (step, positions) in enumerate(term.resample):
+        step_tables = [tables[p] for p in positions]
+        if scale is not None and position == last:
+            source = step.apply(source, step_tables, scale)
+        else:
+            source = step.apply(source, step_tables)
     return source
 
 
@@ -304,7 +336,8 @@ def _row_dots(grad: torch.Tensor, source: torch.Tensor, rows: int) -> torch.Tens
     if grad.dtype in (torch.float32, torch.float64):
         if rows == 1:
             return torch.mv(grad.reshape(1, -1), source.reshape(-1))
-        return torch.bmm(grad.reshape(rows, 1, -1), source.reshape(rows, -1, 1)).view(rows)
+        # Not a batched (1, n)·(n, 1) product: bmm runs one tiny product per row (measured 3x slower).
+        return torch.linalg.vecdot(grad.reshape(rows, -1), source.reshape(rows, -1))
     # CPU BLAS has no fast bf16/fp16 product (measured ~50x slower than fp32): multiply, sum in fp32.
     return (grad * source).reshape(rows, -1).sum(1, dtype=torch.float32)
 

@@ -500,10 +500,38 @@ def test_structured_resampling_equals_dense_rule(case, fan_in, transposed, monke
     for dense in (False, True):
         step = DimResample(dim, source, target, fan_in, dense, len(shape))
         tables = step.tables(torch.float32)
-        assert dense or len(tables) == (4 if transposed == "gathered" else 2)
+        assert dense or len(tables) == (4 if transposed == "gathered" else 2) + (dim == 0)  # dim 0: bags of rows
         # Gathers and means against a matrix product over the dimension: fp32 sums of its length.
         assert_fp32_close(step.apply(tensor, tables), expected, max(source, target))
         assert_fp32_close(step.apply_transposed(grad, tables), expected_transposed, max(source, target))
+        # A 0-dim coefficient folded into the step's table: the product of the coefficient and the step.
+        scale = torch.tensor(0.37)
+        assert_fp32_close(step.apply(tensor, tables, scale), scale * expected, max(source, target))
+
+
+@pytest.mark.parametrize("case", RESAMPLE_CASES, ids=str)
+def test_structured_resampling_in_bf16(case):
+    """bf16 tensors and tables (a bf16 model): the step in bf16 against the dense rule in float64. Each
+    result entry is a few bf16 products and sums of values rounded to bf16 (eps relative each), its
+    mean term a sum over the dimension: bf16 rounding of a sum of that length at the result's scale."""
+    shape, dim, target = case
+    generator = torch.Generator().manual_seed(0)
+    tensor = torch.randn(shape, generator=generator, dtype=torch.float64)
+    matrix = dense_rule(shape[dim], target, True)
+    expected = torch.tensordot(matrix, tensor, dims=([1], [dim])).movedim(0, dim)
+    grad = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    expected_transposed = torch.tensordot(matrix.T, grad, dims=([1], [dim])).movedim(0, dim)
+    eps = torch.finfo(torch.bfloat16).eps
+    for dense in (False, True):
+        step = DimResample(dim, shape[dim], target, True, dense, len(shape))
+        tables = step.tables(torch.bfloat16)
+        for got, want in (
+            (step.apply(tensor.bfloat16(), tables), expected),
+            (step.apply_transposed(grad.bfloat16(), tables), expected_transposed),
+        ):
+            assert got.dtype == torch.bfloat16
+            atol = 4 * eps * math.sqrt(max(shape[dim], target)) * float(want.abs().max())
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)
 
 
 class StagedBlock(torch.nn.Module):
@@ -693,3 +721,38 @@ def test_a_plan_is_carried_out_without_the_config():
     expected = tiny_models.logits(reference(pixel_values=pixels))
     assert torch.equal(tiny_models.logits(base(pixel_values=pixels)), expected)
     assert coefficients.state_dict().keys() == reference.replacement_coefficients.state_dict().keys()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fused_synthesis_in_bf16_equals_reference(granularity, monkeypatch):
+    """A bf16 ConvNeXt (stage boundaries: every tensor of one neighbour resampled, structured form forced):
+    the fused node against `reference_synthesize` run on the same bf16 model, values and gradients. Both
+    round each product and sum to bf16 (eps relative); a coefficient's gradient sums a product over every
+    synthesized entry (the fused node in fp32, the reference in bf16 autograd): bf16 sums of that length."""
+    monkeypatch.setattr(resampling, "DENSE_LIMIT", 0)
+    model, _ = make("convnext", granularity)
+    model.to(torch.bfloat16)
+    leaves = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    eps = torch.finfo(torch.bfloat16).eps
+    generator = torch.Generator().manual_seed(0)
+    for block_name in model.replaced_blocks.values():
+        module = model.base_model.get_submodule(block_name)
+        fused, expected = synthesize(module), reference_synthesize(module)
+        assert [(w.shape, w.dtype) for w in fused] == [(w.shape, torch.bfloat16) for w in expected]
+        for value, reference_value in zip(fused, expected):
+            scale = float(reference_value.detach().abs().max())
+            atol = 4 * eps * math.sqrt(max(reference_value.shape, default=1)) * scale
+            torch.testing.assert_close(value.float(), reference_value.float(), rtol=0, atol=atol)
+        probes = [torch.randn(w.shape, generator=generator).bfloat16() for w in fused]
+        fused_grads = torch.autograd.grad(fused, leaves, probes, allow_unused=True)
+        reference_grads = torch.autograd.grad(expected, leaves, probes, allow_unused=True)
+        assert [got is None for got in fused_grads] == [want is None for want in reference_grads]
+        length = sum(w.numel() for w in fused)
+        pairs = [(n, g, r) for n, g, r in zip(names, fused_grads, reference_grads) if g is not None]
+        scale = max(float(r.abs().max()) for _, _, r in pairs)
+        for name, got, want in pairs:
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(
+                got.float(), want.float(), rtol=0, atol=4 * eps * math.sqrt(length) * scale, msg=name
+            )
