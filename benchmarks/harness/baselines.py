@@ -47,15 +47,24 @@ def _stochastic_depth_class(cls: type) -> type:
     return _STOCHASTIC_DEPTH_CLASSES[cls]
 
 
+def skippable_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of `model` whose output has their input's shape, so that skipping one passes its input on: all
+    but those with a projection shortcut (a ResNet stage's first block changes channels and resolution)."""
+    return [
+        block.module for block in find_blocks(model)
+        if isinstance(getattr(block.module, "shortcut", None), (nn.Identity, type(None)))
+    ]
+
+
 def apply_stochastic_depth(model: nn.Module, drop_probability: float) -> nn.Module:
-    """Give every block of `model` stochastic depth with `drop_probability`, in place (weights and state-dict
-    keys unchanged: the blocks' classes are swapped, as RepL swaps a replaced block's); return the model."""
+    """Give every skippable block of `model` (`skippable_blocks`) stochastic depth with `drop_probability`, in
+    place (weights and state-dict keys unchanged: the blocks' classes are swapped, as RepL swaps a replaced
+    block's); return the model."""
     if not 0 <= drop_probability < 1:
         raise BenchmarkError(
             f"drop_probability={drop_probability} is outside [0, 1): a block must run with a non-zero probability."
         )
-    for block in find_blocks(model):
-        module = block.module
+    for module in skippable_blocks(model):
         if not isinstance(module, StochasticDepthMixin):
             module.__class__ = _stochastic_depth_class(type(module))
         module.drop_probability = drop_probability
