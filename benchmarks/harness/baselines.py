@@ -118,6 +118,13 @@ def narrowed_config(config: Any, width: int) -> Any:
     narrowed = copy.deepcopy(config)
     if field == "hidden_sizes":
         narrowed.hidden_sizes = [max(1, round(w * width / widths[0])) for w in widths]
+        heads = getattr(config, "num_attention_heads", None)
+        if isinstance(heads, (list, tuple)) and any(w % h for w, h in zip(narrowed.hidden_sizes, heads)):
+            # SegFormer: a stage of width w with h heads attends over h * (w // h) features, not w.
+            raise BenchmarkError(
+                f"narrow: stage widths {narrowed.hidden_sizes} are not all multiples of the stages' heads "
+                f"{list(heads)}; a model with attention heads per stage cannot be narrowed by one factor."
+            )
         return narrowed
     if width % config.num_attention_heads:
         raise BenchmarkError(f"narrow: width {width} is not a multiple of the {config.num_attention_heads} heads.")

@@ -292,8 +292,8 @@ TASKS: dict[str, Task] = {
         not_applicable={
             "repl-k4-half": HALF_NOT_DEFINED.format(families="ViT, BEiT, DINOv2, Swin, ConvNeXt and ResNet") + "; "
                             "SegFormer's block has none",
-            "narrow": "baselines.narrowed_config scales SegFormer's stage widths without keeping them multiples of "
-                      "the stages' heads (1-2-4-4): not implemented for SegFormer",
+            "narrow": "narrowing all stage widths by one factor (baselines.narrowed_config) gives widths that are "
+                      "not multiples of the stages' heads (1-2-4-4), which it refuses",
         },
     ),
     "object-detection": Task(
