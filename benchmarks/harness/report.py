@@ -163,12 +163,14 @@ def _verdict(
 ) -> str:
     """Whether `entry`'s metric beats `other`'s by more than their combined seed spread, in words."""
     difference = entry["accuracy_mean"] - other["accuracy_mean"]
+    scale, digits, unit = (100, 1, "points") if metric.percent else (1, 3, metric.name)
     if min(len(entry["accuracies"]), len(other["accuracies"])) < 2:
-        return f"{metric.difference(difference)} with one seed, no spread to judge by: not evidence either way"
+        return f"{scale * difference:+.{digits}f} {unit} with one seed, no spread to judge by: not evidence either way"
     spread = math.hypot(entry["accuracy_std"], other["accuracy_std"])
     gain = metric.gain(difference)
     verdict = "beats" if gain > spread else "loses to" if gain < -spread else "is within the seed spread of"
-    return f"{subject} {verdict} {other_name} ({metric.difference(difference, spread)})"
+    shown = f"{scale * difference:+.{digits}f} {unit}, spread {scale * spread:.{digits}f}"
+    return f"{subject} {verdict} {other_name} ({shown})"
 
 
 def _transfer_findings(model_name: str, model: dict[str, Any]) -> list[str]:
