@@ -18,10 +18,11 @@ from benchmarks.harness.baselines import StochasticDepthMixin, skippable_blocks
 from benchmarks.harness.device import autocast
 from benchmarks.harness.methods import METHODS, apply_method, build_method_model
 from benchmarks.harness.report import _verdict as report_verdict
-from benchmarks.harness.resume import training_settings
+from benchmarks.harness.resume import LATER_FIELD_DEFAULTS, measurement_settings, training_settings
 from benchmarks.harness.suites import validate_suite
 from benchmarks.harness.task_metrics import average_precision, confusion_matrix, mean_average_precision, mean_iou
 from benchmarks.harness.tasks import CLASSIFICATION, TASKS, task_of
+from benchmarks.harness.training import clipped_backward
 from benchmarks.harness.verdict import model_verdict, render_verdict
 from examples.task_data import byte_blocks, detection_samples, segmentation_samples, stdlib_text
 from hf_replacement import find_blocks
@@ -186,11 +187,29 @@ def test_task_suites_refuse_other_models_sizes_and_classification_only_settings(
         validate_suite(dataclasses.replace(get_suite("quick"), task="translation"))
 
 
-def test_classification_digests_are_unchanged_by_the_task_field():
+def test_classification_digests_are_unchanged_by_the_fields_the_tasks_added():
     quick = get_suite("quick")
-    assert quick.task == CLASSIFICATION
-    assert "task" not in training_settings(quick, "vit-mini", "bp", 0, "d", CPU)
-    assert training_settings(get_suite("causal-lm"), "gpt2-tiny", "bp", 0, "d", CPU)["task"] == "causal-lm"
+    assert quick.task == CLASSIFICATION and quick.max_grad_norm is None
+    for settings in (training_settings(quick, "vit-mini", "bp", 0, "d", CPU),
+                     measurement_settings(quick, "vit-mini", ["bp"], CPU)):
+        assert not set(LATER_FIELD_DEFAULTS) & set(settings)
+    detection = training_settings(get_suite("detection"), "detr-tiny", "bp", 0, "d", CPU)
+    assert detection["task"] == "object-detection" and detection["max_grad_norm"] == 0.1
+
+
+def test_clipped_backward_scales_the_gradients_to_the_norm_as_a_whole():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    inputs = torch.randn(16, 8)
+    model(inputs).pow(2).sum().backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    norm = float(torch.cat([g.flatten() for g in reference]).norm())
+    assert norm > 1  # the clipping factor, max_norm / (norm + 1e-6), is 0.1 / norm to fp32 rounding
+    model.zero_grad()
+    clipped_backward(model, 0.1)(model(inputs).pow(2).sum())
+    for parameter, gradient in zip(model.parameters(), reference):
+        assert_fp32_close(parameter.grad, gradient * (0.1 / norm), length=8 * 16)
+    assert clipped_backward(model, None) is None
 
 
 def test_drop_renumbers_a_decoders_cache_indices_and_it_still_generates():

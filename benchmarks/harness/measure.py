@@ -32,6 +32,7 @@ from .methods import (
 )
 from .suites import SuiteSpec
 from .tasks import task_of
+from .training import clipped_backward
 
 Batch = Mapping[str, torch.Tensor]
 Synthesizer = Callable[[nn.Module], list[torch.Tensor]]
@@ -213,8 +214,11 @@ def time_training_steps(
     times: dict[str, list[float]] = {m: [] for m in methods}
     synthesis: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
 
+    backwards = {m: clipped_backward(model, suite.max_grad_norm) for m, model in models.items()}
+
     def step(method: str) -> None:
-        train_step(models[method], optimizers[method], batch, precision=autocast(device, suite.mixed_precision))
+        train_step(models[method], optimizers[method], batch, precision=autocast(device, suite.mixed_precision),
+                   backward=backwards[method])
 
     for method in methods:
         for _ in range(suite.timing_warmup_steps):

@@ -41,13 +41,17 @@ NOT_MEASUREMENT_SETTINGS = frozenset({
 })
 
 
+# Suite fields added after pieces were first recorded, with the default that reproduces those pieces: left out of
+# the settings at that default, so that what was recorded before they existed keeps its digest.
+LATER_FIELD_DEFAULTS: dict[str, Any] = {"task": CLASSIFICATION, "max_grad_norm": None}
+
+
 def _suite_settings(suite: SuiteSpec, excluded: frozenset[str]) -> dict[str, Any]:
-    """The suite's fields less `excluded`; `task` only when it is not image classification, so that the pieces
-    recorded before suites had a task keep their digest."""
-    settings = {k: v for k, v in dataclasses.asdict(suite).items() if k not in excluded}
-    if settings.get("task") == CLASSIFICATION:
-        del settings["task"]
-    return settings
+    """The suite's fields less `excluded`, and less those of `LATER_FIELD_DEFAULTS` at their default."""
+    return {
+        k: v for k, v in dataclasses.asdict(suite).items()
+        if k not in excluded and not (k in LATER_FIELD_DEFAULTS and v == LATER_FIELD_DEFAULTS[k])
+    }
 
 
 def settings_digest(settings: dict[str, Any]) -> str:
@@ -133,4 +137,6 @@ class RunStore:
         atomic_write(path, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
 
 
-__all__ = ["RUNS_DIR", "RunStore", "measurement_settings", "settings_digest", "training_settings"]
+__all__ = [
+    "LATER_FIELD_DEFAULTS", "RUNS_DIR", "RunStore", "measurement_settings", "settings_digest", "training_settings",
+]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +25,19 @@ from .suites import SuiteSpec
 from .tasks import task_of
 
 logger = logging.getLogger(__name__)
+
+def clipped_backward(model: nn.Module, max_norm: float | None) -> Callable[[torch.Tensor], None] | None:
+    """`train_step`'s backward for a suite that clips gradients (`SuiteSpec.max_grad_norm`): the loss's backward,
+    then the global norm of `model`'s gradients clipped to `max_norm`; None (a plain backward) without clipping."""
+    if max_norm is None:
+        return None
+
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+
+    return backward
+
 
 def _coefficients(model: nn.Module) -> dict[str, tuple[float, float]]:
     """Each replaced block's (a, b) in use (PEFT's trained copy under LoRA + RepL), averaged over columns for
@@ -63,6 +77,7 @@ def train_model(
     task = task_of(suite)
     model = model.to(device).train()
     optimizer = make_optimizer(model, suite.lr, suite.weight_decay)
+    backward = clipped_backward(model, suite.max_grad_norm)
     count = len(data.train_y)
     total_steps = math.ceil(count / suite.batch_size) * suite.epochs
     scheduler = make_scheduler(optimizer, total_steps, suite.warmup_ratio)
@@ -93,7 +108,8 @@ def train_model(
             index = order[start:start + suite.batch_size]
             batch = task.batch(data.train_x[index], data.train_y[index], device)
             loss = train_step(
-                model, optimizer, batch, scheduler=scheduler, precision=autocast(device, suite.mixed_precision)
+                model, optimizer, batch, scheduler=scheduler, precision=autocast(device, suite.mixed_precision),
+                backward=backward,
             )
             epoch_loss += float(loss) * len(index)
             step += 1
