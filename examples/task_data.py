@@ -16,6 +16,9 @@ model's perplexity is per byte.
 
 Training and evaluation samples come from Fashion-MNIST's own train and test splits; the same
 `seed` gives the same samples on every machine.
+
+The benchmark's task suites import this module as `examples.task_data` (benchmarks/harness/tasks.py), so
+that the examples and the suites train on the same data: it imports only the library, never a sibling script.
 """
 
 from __future__ import annotations
