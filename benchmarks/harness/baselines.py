@@ -97,7 +97,7 @@ def full_depth(model: nn.Module) -> Iterator[nn.Module]:
 
 def _width_fields(config: Any) -> tuple[str, list[int]]:
     """The config field holding the model's widths and their values: ConvNeXt's per-stage `hidden_sizes`, or a
-    transformer's `hidden_size` (its `intermediate_size` follows at the same ratio)."""
+    transformer's `hidden_size` (its MLP width, `intermediate_size` or GPT-2's `n_inner`, follows at the same ratio)."""
     if isinstance(getattr(config, "hidden_sizes", None), (list, tuple)):
         return "hidden_sizes", list(config.hidden_sizes)
     if isinstance(getattr(config, "hidden_size", None), int) and hasattr(config, "num_attention_heads"):
@@ -128,9 +128,23 @@ def narrowed_config(config: Any, width: int) -> Any:
         return narrowed
     if width % config.num_attention_heads:
         raise BenchmarkError(f"narrow: width {width} is not a multiple of the {config.num_attention_heads} heads.")
+    mlp = _mlp_field(config)
     narrowed.hidden_size = width
-    narrowed.intermediate_size = round(config.intermediate_size * width / widths[0])
+    if getattr(config, mlp) is not None:  # GPT-2's n_inner=None is 4 x the hidden size: it follows by itself
+        setattr(narrowed, mlp, round(getattr(config, mlp) * width / widths[0]))
     return narrowed
+
+
+def _mlp_field(config: Any) -> str:
+    """A transformer config's MLP width field: `intermediate_size`, or GPT-2's `n_inner`."""
+    for name in ("intermediate_size", "n_inner"):
+        if hasattr(config, name):
+            return name
+    raise BenchmarkError(
+        f"narrow: no MLP width field known for model type {getattr(config, 'model_type', None)!r} (handled: "
+        "intermediate_size, GPT-2's n_inner); a model with several widths (DETR's d_model, FFN and backbone) "
+        "cannot be narrowed by one factor here."
+    )
 
 
 def _parameter_count(model_class: type, config: Any) -> int:
@@ -170,5 +184,5 @@ def build_narrow_model(model: nn.Module, target_params: int) -> tuple[nn.Module,
     details = {"width_field": field, "widths": getattr(config, field), "target_params": target_params,
                "params": params}
     if field == "hidden_size":
-        details["intermediate_size"] = config.intermediate_size
+        details[_mlp_field(config)] = getattr(config, _mlp_field(config))
     return narrow, details

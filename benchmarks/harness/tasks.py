@@ -279,8 +279,6 @@ TASKS: dict[str, Task] = {
         not_applicable={
             "repl-k4-half": HALF_NOT_DEFINED.format(families="ViT, BEiT, DINOv2, Swin, ConvNeXt and ResNet") + "; "
                             "GPT-2's block has none",
-            "narrow": "baselines.narrowed_config scales `intermediate_size`, which GPT2Config does not have (its MLP "
-                      "width is `n_inner`): not implemented for GPT-2",
         },
     ),
     "semantic-segmentation": Task(
@@ -305,7 +303,7 @@ TASKS: dict[str, Task] = {
             "repl-k4-half": HALF_NOT_DEFINED.format(families="ViT, BEiT, DINOv2, Swin, ConvNeXt and ResNet") + "; "
                             "DETR's encoder and decoder layers have none (its ResNet backbone's blocks have)",
             "narrow": "DETR has no single width: its `d_model`, its FFN widths and its backbone's stage widths would "
-                      "all have to shrink; not implemented",
+                      "all have to shrink by one factor, which baselines.narrowed_config does not do (it refuses)",
         },
     ),
 }
