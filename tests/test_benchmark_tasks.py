@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 from types import SimpleNamespace
 
@@ -26,11 +27,18 @@ from benchmarks.harness.training import clipped_backward
 from benchmarks.harness.verdict import model_verdict, render_verdict
 from examples.task_data import byte_blocks, detection_samples, segmentation_samples, stdlib_text
 from hf_replacement import find_blocks
+from hf_replacement.commands.data import FASHION_MNIST_DIR
 from hf_replacement.commands.training_steps import make_optimizer, train_step
 from tests.tolerances import assert_fp32_close
 
-TASK_SUITES = ("causal-lm", "segmentation", "detection")
 CPU = torch.device("cpu")
+needs_fashion_mnist = pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST_DIR), reason="canvases need Fashion-MNIST: apt-get install dataset-fashion-mnist"
+)
+TASK_SUITES = (
+    "causal-lm", pytest.param("segmentation", marks=needs_fashion_mnist),
+    pytest.param("detection", marks=needs_fashion_mnist),
+)
 
 
 def _small(name: str, train: int = 8, test: int = 4):
@@ -85,6 +93,7 @@ def test_map50_needs_an_iou_above_one_half_and_counts_a_class_never_detected_as_
 
 # --- the task layer ----------------------------------------------------------------------------------------------
 
+@needs_fashion_mnist
 def test_task_data_and_batches_are_the_examples_samples():
     segmentation = task_of(get_suite("segmentation"))
     data = segmentation.load(_small("segmentation", 3, 2), None)
@@ -142,6 +151,7 @@ class _Oracle(nn.Module):
         return SimpleNamespace(logits=logits, pred_boxes=truth[..., 1:])
 
 
+@needs_fashion_mnist
 def test_segmentation_and_detection_metrics_score_the_truth_as_perfect():
     segmentation = task_of(get_suite("segmentation"))
     data = segmentation.load(_small("segmentation", 1, 5), None)

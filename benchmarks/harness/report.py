@@ -361,7 +361,9 @@ def render_task(results: dict[str, Any]) -> list[str]:
     task = task_of(results["suite"])
     if task.metric is ACCURACY:
         return []
-    lines = [f"Task `{task.name}`: the accuracy columns hold the {task.metric.name}, {task.metric.description}.", ""]
+    lines = [f"Task `{task.name}`: the accuracy columns hold the {task.metric.name}, {task.metric.description}."
+             + (" The per-image columns (block FLOPs/img, inference img/s) count samples: blocks of text."
+                if task.input_name == "input_ids" else ""), ""]
     if task.not_applicable:
         lines += ["Not applicable to this task's model, so not in this suite:", "",
                   *(f"- {method}: {reason}." for method, reason in task.not_applicable.items()), ""]

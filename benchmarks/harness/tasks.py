@@ -182,7 +182,8 @@ def build_detr_tiny() -> nn.Module:
     return model
 
 
-def _canvases(split: str, count: int) -> tuple[torch.Tensor, list]:
+def _canvases(split: str, count: int) -> tuple[torch.Tensor, list[list[tuple[int, int, int]]]]:
+    """`count` canvases of Fashion-MNIST's `split` as uint8 (the model's input is made per batch), and their items."""
     from examples.task_data import compose_canvases
 
     canvases, placements = compose_canvases(count, split=split, seed=0)
@@ -190,28 +191,28 @@ def _canvases(split: str, count: int) -> tuple[torch.Tensor, list]:
 
 
 def _load_segmentation(suite: SuiteSpec, data_dir: str | None) -> TensorData:
-    from examples.task_data import SEGMENTATION_LABELS, segmentation_samples
+    from examples.task_data import SEGMENTATION_LABELS, segmentation_mask
 
     split = {}
     for name, count in (("train", suite.max_train_samples), ("test", suite.max_test_samples)):
-        canvases, _ = _canvases(name, count)
-        masks = torch.stack([sample["labels"] for sample in segmentation_samples(count, split=name, seed=0)])
-        split[name] = (canvases, masks)
+        canvases, placements = _canvases(name, count)
+        masks = [torch.from_numpy(segmentation_mask(c, p)) for c, p in zip(canvases.numpy(), placements)]
+        split[name] = (canvases, torch.stack(masks))
     description = _canvas_description("segmentation", split)
     return TensorData(*split["train"], *split["test"], len(SEGMENTATION_LABELS), {}, description)
 
 
 def _load_detection(suite: SuiteSpec, data_dir: str | None) -> TensorData:
-    from examples.task_data import detection_samples
+    from examples.task_data import detection_target
 
     split = {}
     for name, count in (("train", suite.max_train_samples), ("test", suite.max_test_samples)):
-        canvases, _ = _canvases(name, count)
-        targets = torch.stack([
-            torch.cat([sample["labels"]["class_labels"][:, None].float(), sample["labels"]["boxes"]], dim=1)
-            for sample in detection_samples(count, split=name, seed=0)
-        ])
-        split[name] = (canvases, targets)
+        canvases, placements = _canvases(name, count)
+        targets = [detection_target(c, p) for c, p in zip(canvases.numpy(), placements)]
+        # Every canvas holds the same number of items: one (n, items, 5) tensor of class and box.
+        split[name] = (canvases, torch.stack([
+            torch.cat([t["class_labels"][:, None].float(), t["boxes"]], dim=1) for t in targets
+        ]))
     description = _canvas_description("detection", split)
     return TensorData(*split["train"], *split["test"], len(FASHION_MNIST_LABELS), {}, description)
 
