@@ -12,7 +12,9 @@ Per setting (model, image size, batch), in one process and one interleaved run:
   updates; t_opt measured alone in the same run);
 - the synthesis share of the repl-k4 step and, per phase (forward, rebuild, backward), its bytes per
   second against a streaming triad over the same bytes timed next to it (`harness/bandwidth.py`);
-- saved-for-backward bytes of repl-k4 and bp (RepL must save no more: its weights are rebuilt).
+- saved-for-backward bytes of repl-k4 and bp (RepL must save no more: its weights are rebuilt);
+- each method's expectation from FLOPs: the matrix-multiply and convolution FLOPs of one forward +
+  backward (`torch.utils.flop_counter`) over bp's, what its step ×bp would be if time followed FLOPs.
 
 On CUDA the steps run in bf16 autocast and, unless `--no-compile`, under `torch.compile` (both
 contenders compiled alike); on CPU in fp32, eager. Writes `speed.{json,md}` to `benchmarks/speed/`.
@@ -35,6 +37,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.harness.bandwidth import PHASES, measure_phase_bandwidth, render_bandwidth_table
 from benchmarks.harness.data import timing_batch
@@ -115,6 +118,17 @@ def _saved_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor], device:
     return meter.bytes
 
 
+def _step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool) -> int:
+    """Matrix-multiply and convolution FLOPs of one forward + backward (elementwise work is not counted)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with autocast(device, "bf16" if bf16 else None):
+            loss = model(**batch).loss
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def _optimizer_seconds(model: torch.nn.Module, optimizer: torch.optim.Optimizer, repeats: int, device) -> float:
     """Median seconds of `optimizer.step()` alone, on gradients of ones (state already created)."""
     times = []
@@ -141,6 +155,7 @@ def measure_setting(setting: SpeedSetting, rounds: int, steps: int, device: torc
                       num_channels=3, batch_size=setting.batch_size)
     batch = timing_batch(suite, None, setting.batch_size, device)
     saved = {name: _saved_bytes(models[name], batch, device, bf16) for name in ("bp", "repl-k4")}
+    flops = {name: _step_flops(models[name], batch, device, bf16) for name in CONTENDERS}
     runners = {name: (torch.compile(model) if compile_ else model) for name, model in models.items()}
 
     def step(name: str) -> None:
@@ -185,6 +200,8 @@ def measure_setting(setting: SpeedSetting, rounds: int, steps: int, device: torc
         "synthesis_percent": 100 * synthesis_ms / step_ms["repl-k4"],
         "bandwidth": bandwidth,
         "saved_bytes": saved,
+        "step_flops": flops,
+        "flops_ratio": {name: flops[name] / flops["bp"] for name in CONTENDERS[1:]},
     }
 
 
@@ -199,7 +216,7 @@ def render(report: dict[str, Any]) -> str:
         f"Produced by `{report['command']}`; method: the docstring of `benchmarks/speed.py`.",
         "",
         "| model (px, batch) | repl-k4 ×bp [IQR] | limit | synthesis, % of step (ms) | repl-k4-half ×bp "
-        "| drop-k4 ×bp | saved bytes repl / bp |",
+        "(FLOPs ×bp) | drop-k4 ×bp (FLOPs ×bp) | saved bytes repl / bp |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
@@ -208,7 +225,8 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']} ({r['image_size']}, {r['batch_size']}) | {ratio['repl-k4']['median']:.3f} "
             f"[{low:.3f}-{high:.3f}] | {r['limit']:.3f} | {r['synthesis_percent']:.1f} ({r['synthesis_ms']:.0f}) | "
-            f"{ratio['repl-k4-half']['median']:.3f} | {ratio['drop-k4']['median']:.3f} | "
+            f"{ratio['repl-k4-half']['median']:.3f} ({r['flops_ratio']['repl-k4-half']:.3f}) | "
+            f"{ratio['drop-k4']['median']:.3f} ({r['flops_ratio']['drop-k4']:.3f}) | "
             f"{r['saved_bytes']['repl-k4'] / r['saved_bytes']['bp']:.4f} |"
         )
     lines += [

@@ -70,6 +70,12 @@ def test_speed_suite_measures_ratios_limit_and_unchanged_saved_bytes(tmp_path, m
         rel_tol=1e-12,
     )
     assert math.isclose(result["synthesis_ms"], sum(result["bandwidth"][p]["ms"] for p in PHASES), rel_tol=1e-12)
+    # FLOPs: a replaced block computes the plain block's products (plus the coefficients' dot products);
+    # the half surrogate skips attention and half the MLP; dropping skips the whole block.
+    flops = result["flops_ratio"]
+    assert 1 <= flops["repl-k4"] < 1.01
+    assert flops["drop-k4"] < flops["repl-k4-half"] < 1
+    assert flops["repl-k4-half"] == result["step_flops"]["repl-k4-half"] / result["step_flops"]["bp"]
     markdown = (tmp_path / "speed.md").read_text()
     assert "| vit-mini (8, 8) |" in markdown and "of triad" in markdown
 

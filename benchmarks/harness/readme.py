@@ -46,7 +46,8 @@ def _how_to_run() -> list[str]:
         "| `python benchmarks/synthesis_overhead.py` | the share of a RepL step spent synthesizing weights: "
         "the shipped fused synthesis against the plain-autograd reference |",
         "| `python -m benchmarks --suite speed` | RepL step time ×bp (IQR over interleaved rounds) against its "
-        "analytic limit, synthesis share and per-phase bandwidth against a streaming triad (`--help` for its flags; "
+        "analytic limit, each method's FLOPs expectation, synthesis share and per-phase bandwidth against a "
+        "streaming triad (`--help` for its flags; "
         "CUDA: bf16 + torch.compile) |",
         "| `python benchmarks/fsdp_state.py` | parameter, gradient and optimizer bytes per process under FSDP2 "
         "(2 CPU processes), bp against RepL |",
