@@ -26,6 +26,7 @@ from .tasks import task_of
 
 logger = logging.getLogger(__name__)
 
+
 def clipped_backward(model: nn.Module, max_norm: float | None) -> Callable[[torch.Tensor], None] | None:
     """`train_step`'s backward for a suite that clips gradients (`SuiteSpec.max_grad_norm`): the loss's backward,
     then the global norm of `model`'s gradients clipped to `max_norm`; None (a plain backward) without clipping."""
