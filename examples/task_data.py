@@ -51,16 +51,18 @@ def fashion_items(split: str = "train", data_dir: str = FASHION_MNIST_DIR) -> tu
 
 
 def compose_canvases(
-    count: int, grid: int = 2, items_per_canvas: int = 2, split: str = "train", seed: int = 0
+    count: int, grid: int = 2, items_per_canvas: int = 2, split: str = "train", seed: int = 0,
+    data_dir: str = FASHION_MNIST_DIR,
 ) -> tuple[np.ndarray, list[list[tuple[int, int, int]]]]:
-    """`count` canvases of `grid` x `grid` cells of 28 px, each holding `items_per_canvas` random items.
+    """`count` canvases of `grid` x `grid` cells of 28 px, each holding `items_per_canvas` random items
+    (Fashion-MNIST's IDX files read from `data_dir`).
 
     Returns the canvases (count, 28 * grid, 28 * grid) uint8 and, per canvas, its items as
     (Fashion-MNIST class, top, left) in pixels.
     """
     if not 1 <= items_per_canvas <= grid * grid:
         raise ValueError(f"items_per_canvas={items_per_canvas} must be between 1 and grid * grid = {grid * grid}.")
-    images, labels = fashion_items(split)
+    images, labels = fashion_items(split, data_dir)
     rng = np.random.default_rng(seed)
     size = ITEM_SIZE * grid
     canvases = np.zeros((count, size, size), dtype=np.uint8)

@@ -151,6 +151,13 @@ class _Oracle(nn.Module):
         return SimpleNamespace(logits=logits, pred_boxes=truth[..., 1:])
 
 
+def test_the_data_directory_is_read_for_canvases_and_refused_for_the_text(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"No Fashion-MNIST files in {tmp_path}"):
+        task_of(get_suite("segmentation")).load(_small("segmentation"), str(tmp_path))
+    with pytest.raises(BenchmarkError, match="standard library.*leave --data-dir out"):
+        task_of(get_suite("causal-lm")).load(_small("causal-lm"), str(tmp_path))
+
+
 @needs_fashion_mnist
 def test_segmentation_and_detection_metrics_score_the_truth_as_perfect():
     segmentation = task_of(get_suite("segmentation"))

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hf_replacement.commands.data import FASHION_MNIST_LABELS
+from hf_replacement.commands.data import FASHION_MNIST_DIR, FASHION_MNIST_LABELS
 from hf_replacement.commands.training_steps import evaluate_accuracy
 
 from .data import TensorData, eval_batches, load_tensor_data
+from .errors import BenchmarkError
 from .task_metrics import confusion_matrix, mean_average_precision, mean_iou
 
 if TYPE_CHECKING:
@@ -123,6 +124,10 @@ def build_gpt2_tiny() -> nn.Module:
 def _load_text(suite: SuiteSpec, data_dir: str | None) -> TensorData:
     from examples.task_data import byte_blocks, stdlib_text
 
+    if data_dir is not None:
+        raise BenchmarkError(f"--data-dir {data_dir}: the text of task {suite.task!r} is this Python's standard "
+                             "library, read where it is installed; leave --data-dir out.")
+
     split = {}
     for name, count in (("train", suite.max_train_samples), ("test", suite.max_test_samples)):
         blocks = byte_blocks(stdlib_text(name, max_bytes=count * BLOCK_BYTES), BLOCK_BYTES)
@@ -182,11 +187,12 @@ def build_detr_tiny() -> nn.Module:
     return model
 
 
-def _canvases(split: str, count: int) -> tuple[torch.Tensor, list[list[tuple[int, int, int]]]]:
-    """`count` canvases of Fashion-MNIST's `split` as uint8 (the model's input is made per batch), and their items."""
+def _canvases(split: str, count: int, data_dir: str | None) -> tuple[torch.Tensor, list[list[tuple[int, int, int]]]]:
+    """`count` canvases of Fashion-MNIST's `split` (its files in `data_dir`, default the Debian package's) as uint8
+    (the model's input is made per batch), and their items."""
     from examples.task_data import compose_canvases
 
-    canvases, placements = compose_canvases(count, split=split, seed=0)
+    canvases, placements = compose_canvases(count, split=split, seed=0, data_dir=data_dir or FASHION_MNIST_DIR)
     return torch.from_numpy(canvases), placements
 
 
@@ -195,7 +201,7 @@ def _load_segmentation(suite: SuiteSpec, data_dir: str | None) -> TensorData:
 
     split = {}
     for name, count in (("train", suite.max_train_samples), ("test", suite.max_test_samples)):
-        canvases, placements = _canvases(name, count)
+        canvases, placements = _canvases(name, count, data_dir)
         masks = [torch.from_numpy(segmentation_mask(c, p)) for c, p in zip(canvases.numpy(), placements)]
         split[name] = (canvases, torch.stack(masks))
     description = _canvas_description("segmentation", split)
@@ -207,7 +213,7 @@ def _load_detection(suite: SuiteSpec, data_dir: str | None) -> TensorData:
 
     split = {}
     for name, count in (("train", suite.max_train_samples), ("test", suite.max_test_samples)):
-        canvases, placements = _canvases(name, count)
+        canvases, placements = _canvases(name, count, data_dir)
         targets = [detection_target(c, p) for c, p in zip(canvases.numpy(), placements)]
         # Every canvas holds the same number of items: one (n, items, 5) tensor of class and box.
         split[name] = (canvases, torch.stack([
