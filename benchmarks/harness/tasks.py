@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 CLASSIFICATION = "image-classification"
 CANVAS_SIZE = 56  # task_data's 2 x 2 grid of 28 px cells
 BLOCK_BYTES = 64  # bytes per causal-LM sample
-HALF_NOT_DEFINED = ("the lighter surrogate 'half' is defined for {families} blocks only (hf_replacement.surrogates); "
-                    "RepL with the whole block (repl-k4) is measured instead")
+HALF_NOT_DEFINED = ("the lighter surrogate 'half' is defined for the blocks of ViT/DeiT, BEiT, DINOv2, Swin, ConvNeXt "
+                    "(V2) and ResNet only (hf_replacement.surrogates), {which}; RepL with the whole block (repl-k4) is "
+                    "measured instead")
 
 
 @dataclass(frozen=True)
@@ -284,8 +285,7 @@ TASKS: dict[str, Task] = {
         Metric("perplexity", False, False, "perplexity per byte on the held-out files (lower is better)"),
         "input_ids", BLOCK_BYTES, {"gpt2-tiny": build_gpt2_tiny}, _load_text, _text_batch, perplexity,
         not_applicable={
-            "repl-k4-half": HALF_NOT_DEFINED.format(families="ViT, BEiT, DINOv2, Swin, ConvNeXt and ResNet") + "; "
-                            "GPT-2's block has none",
+            "repl-k4-half": HALF_NOT_DEFINED.format(which="not for GPT-2's"),
         },
     ),
     "semantic-segmentation": Task(
@@ -295,8 +295,7 @@ TASKS: dict[str, Task] = {
         "pixel_values", CANVAS_SIZE, {"segformer-tiny": build_segformer_tiny}, _load_segmentation,
         _segmentation_batch, segmentation_miou,
         not_applicable={
-            "repl-k4-half": HALF_NOT_DEFINED.format(families="ViT, BEiT, DINOv2, Swin, ConvNeXt and ResNet") + "; "
-                            "SegFormer's block has none",
+            "repl-k4-half": HALF_NOT_DEFINED.format(which="not for SegFormer's"),
             "narrow": "narrowing all stage widths by one factor (baselines.narrowed_config) gives widths that are "
                       "not multiples of the stages' heads (1-2-4-4), which it refuses",
         },
@@ -307,8 +306,8 @@ TASKS: dict[str, Task] = {
         "pixel_values", CANVAS_SIZE, {"detr-tiny": build_detr_tiny}, _load_detection, _detection_batch,
         detection_map,
         not_applicable={
-            "repl-k4-half": HALF_NOT_DEFINED.format(families="ViT, BEiT, DINOv2, Swin, ConvNeXt and ResNet") + "; "
-                            "DETR's encoder and decoder layers have none (its ResNet backbone's blocks have)",
+            "repl-k4-half": HALF_NOT_DEFINED.format(which="not for DETR's encoder and decoder layers (its ResNet "
+                                                                  "backbone's blocks have it)"),
             "narrow": "DETR has no single width: its `d_model`, its FFN widths and its backbone's stage widths would "
                       "all have to shrink by one factor, which baselines.narrowed_config does not do (it refuses)",
         },
