@@ -37,11 +37,10 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.harness.data import load_tensor_data
+from benchmarks.harness.data import eval_batches, load_tensor_data
 from benchmarks.harness.device import machine_info
 from benchmarks.harness.paths import BENCHMARKS_DIR, suite_dir
 from benchmarks.harness.suites import get_suite
-from benchmarks.harness.training import eval_batches
 from benchmarks.harness.transfer import pretrain, source_suite
 from hf_replacement import ReplacementConfig, get_replacement_model
 from hf_replacement.checkpoint import write_checkpoint

@@ -16,6 +16,9 @@ model's perplexity is per byte.
 
 Training and evaluation samples come from Fashion-MNIST's own train and test splits; the same
 `seed` gives the same samples on every machine.
+
+The benchmark's task suites import this module as `examples.task_data` (benchmarks/harness/tasks.py), so
+that the examples and the suites train on the same data: it imports only the library, never a sibling script.
 """
 
 from __future__ import annotations
@@ -48,16 +51,18 @@ def fashion_items(split: str = "train", data_dir: str = FASHION_MNIST_DIR) -> tu
 
 
 def compose_canvases(
-    count: int, grid: int = 2, items_per_canvas: int = 2, split: str = "train", seed: int = 0
+    count: int, grid: int = 2, items_per_canvas: int = 2, split: str = "train", seed: int = 0,
+    data_dir: str = FASHION_MNIST_DIR,
 ) -> tuple[np.ndarray, list[list[tuple[int, int, int]]]]:
-    """`count` canvases of `grid` x `grid` cells of 28 px, each holding `items_per_canvas` random items.
+    """`count` canvases of `grid` x `grid` cells of 28 px, each holding `items_per_canvas` random items
+    (Fashion-MNIST's IDX files read from `data_dir`).
 
     Returns the canvases (count, 28 * grid, 28 * grid) uint8 and, per canvas, its items as
     (Fashion-MNIST class, top, left) in pixels.
     """
     if not 1 <= items_per_canvas <= grid * grid:
         raise ValueError(f"items_per_canvas={items_per_canvas} must be between 1 and grid * grid = {grid * grid}.")
-    images, labels = fashion_items(split)
+    images, labels = fashion_items(split, data_dir)
     rng = np.random.default_rng(seed)
     size = ITEM_SIZE * grid
     canvases = np.zeros((count, size, size), dtype=np.uint8)
@@ -78,39 +83,50 @@ def pixel_values(canvases: np.ndarray) -> torch.Tensor:
     return gray.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 
+def segmentation_mask(canvas: np.ndarray, items: list[tuple[int, int, int]]) -> np.ndarray:
+    """A canvas's (H, W) int64 mask: 0 for the background, 1 + c where an item of class c has pixels brighter than
+    `ITEM_THRESHOLD`. `items`: the canvas's placements from `compose_canvases`."""
+    mask = np.zeros(canvas.shape, dtype=np.int64)
+    for label, top, left in items:
+        cell = (slice(top, top + ITEM_SIZE), slice(left, left + ITEM_SIZE))
+        mask[cell][canvas[cell] > ITEM_THRESHOLD] = label + 1
+    return mask
+
+
+def detection_target(canvas: np.ndarray, items: list[tuple[int, int, int]]) -> dict[str, torch.Tensor]:
+    """A canvas's target in DETR's format: each item's class and the extent of its pixels brighter than
+    `ITEM_THRESHOLD`, normalised (cx, cy, w, h)."""
+    size = canvas.shape[0]
+    boxes = []
+    for _, top, left in items:
+        rows, columns = np.nonzero(canvas[top : top + ITEM_SIZE, left : left + ITEM_SIZE] > ITEM_THRESHOLD)
+        y0, y1 = top + rows.min(), top + rows.max() + 1
+        x0, x1 = left + columns.min(), left + columns.max() + 1
+        boxes.append([(x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size])
+    return {
+        "class_labels": torch.tensor([label for label, _, _ in items], dtype=torch.long),
+        "boxes": torch.tensor(boxes, dtype=torch.float32),
+    }
+
+
 def segmentation_samples(count: int, split: str = "train", seed: int = 0, **layout: int) -> list[dict]:
     """`{"pixel_values": (3, H, W), "labels": (H, W) int64}` per canvas; label 0 is the background,
     1 + c an item of Fashion-MNIST class c (`SEGMENTATION_LABELS`). `layout`: `compose_canvases`'s."""
     canvases, placements = compose_canvases(count, split=split, seed=seed, **layout)
-    samples = []
-    for canvas, image, items in zip(canvases, pixel_values(canvases), placements):
-        mask = np.zeros(canvas.shape, dtype=np.int64)
-        for label, top, left in items:
-            cell = (slice(top, top + ITEM_SIZE), slice(left, left + ITEM_SIZE))
-            mask[cell][canvas[cell] > ITEM_THRESHOLD] = label + 1
-        samples.append({"pixel_values": image, "labels": torch.from_numpy(mask)})
-    return samples
+    return [
+        {"pixel_values": image, "labels": torch.from_numpy(segmentation_mask(canvas, items))}
+        for canvas, image, items in zip(canvases, pixel_values(canvases), placements)
+    ]
 
 
 def detection_samples(count: int, split: str = "train", seed: int = 0, **layout: int) -> list[dict]:
-    """`{"pixel_values": (3, H, W), "labels": {"class_labels", "boxes"}}` per canvas (DETR's target format):
-    an item's box is the extent of its pixels brighter than `ITEM_THRESHOLD`, normalised (cx, cy, w, h)."""
+    """`{"pixel_values": (3, H, W), "labels": {"class_labels", "boxes"}}` per canvas (DETR's target format,
+    `detection_target`)."""
     canvases, placements = compose_canvases(count, split=split, seed=seed, **layout)
-    samples = []
-    for canvas, image, items in zip(canvases, pixel_values(canvases), placements):
-        size = canvas.shape[0]
-        boxes = []
-        for _, top, left in items:
-            rows, columns = np.nonzero(canvas[top : top + ITEM_SIZE, left : left + ITEM_SIZE] > ITEM_THRESHOLD)
-            y0, y1 = top + rows.min(), top + rows.max() + 1
-            x0, x1 = left + columns.min(), left + columns.max() + 1
-            boxes.append([(x0 + x1) / 2 / size, (y0 + y1) / 2 / size, (x1 - x0) / size, (y1 - y0) / size])
-        target = {
-            "class_labels": torch.tensor([label for label, _, _ in items], dtype=torch.long),
-            "boxes": torch.tensor(boxes, dtype=torch.float32),
-        }
-        samples.append({"pixel_values": image, "labels": target})
-    return samples
+    return [
+        {"pixel_values": image, "labels": detection_target(canvas, items)}
+        for canvas, image, items in zip(canvases, pixel_values(canvases), placements)
+    ]
 
 
 def stdlib_text(split: str = "train", max_bytes: int | None = None, held_out_every: int = 10) -> bytes:
@@ -160,8 +176,10 @@ __all__ = [
     "compose_canvases",
     "decode",
     "detection_samples",
+    "detection_target",
     "fashion_items",
     "pixel_values",
+    "segmentation_mask",
     "segmentation_samples",
     "stdlib_text",
 ]

@@ -570,10 +570,13 @@ def test_fsdp_state_script_counts_what_each_process_holds(tmp_path):
 def test_readme_is_generated_from_the_results_on_disk(tmp_path):
     empty = render_readme(str(tmp_path))
     for command in ("python -m benchmarks --suite quick", "python -m benchmarks --suite fashion-mnist",
-                    "python -m benchmarks --suite gpu", "python benchmarks/synthesis_overhead.py",
+                    "python -m benchmarks --suite gpu", "python -m benchmarks --suite causal-lm",
+                    "python -m benchmarks --suite segmentation", "python -m benchmarks --suite detection",
+                    "python benchmarks/synthesis_overhead.py",
                     "python benchmarks/fsdp_state.py", "python -m benchmarks --readme"):
         assert f"`{command}`" in empty
-    not_run = "Not run yet (no `results.json`): `quick`, `fashion-mnist`, `transfer`, `fashion-mnist-full`, `gpu`."
+    not_run = ("Not run yet (no `results.json`): `quick`, `fashion-mnist`, `transfer`, `fashion-mnist-full`, `gpu`, "
+               "`causal-lm`, `segmentation`, `detection`.")
     assert not_run in empty
     assert "## Suite" not in empty and "## Synthesis overhead" not in empty and "## Training state" not in empty
     # With the committed quick results and a synthesis-overhead run beside them:
@@ -587,7 +590,8 @@ def test_readme_is_generated_from_the_results_on_disk(tmp_path):
     text = (tmp_path / "README.md").read_text()
     assert text == render_readme(str(tmp_path))  # deterministic: regenerating changes nothing
     assert "## Suite `quick`" in text and "## Suite `fashion-mnist`" not in text
-    assert "Not run yet (no `results.json`): `fashion-mnist`, `transfer`, `fashion-mnist-full`, `gpu`." in text
+    assert ("Not run yet (no `results.json`): `fashion-mnist`, `transfer`, `fashion-mnist-full`, `gpu`, `causal-lm`, "
+            "`segmentation`, `detection`.") in text
     assert "### vit-mini" in text and "### convnext-mini" in text and "| repl-k4 |" in text
     assert "[`quick/results.md`](quick/results.md)" in text and "(quick/accuracy_curves.png)" in text
     assert "## Synthesis overhead" in text and "| vit-mini (8px, 64) | [3] |" in text

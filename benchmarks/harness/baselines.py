@@ -47,15 +47,24 @@ def _stochastic_depth_class(cls: type) -> type:
     return _STOCHASTIC_DEPTH_CLASSES[cls]
 
 
+def skippable_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of `model` whose output has their input's shape, so that skipping one passes its input on: all
+    but those with a projection shortcut (a ResNet stage's first block changes channels and resolution)."""
+    return [
+        block.module for block in find_blocks(model)
+        if isinstance(getattr(block.module, "shortcut", None), (nn.Identity, type(None)))
+    ]
+
+
 def apply_stochastic_depth(model: nn.Module, drop_probability: float) -> nn.Module:
-    """Give every block of `model` stochastic depth with `drop_probability`, in place (weights and state-dict
-    keys unchanged: the blocks' classes are swapped, as RepL swaps a replaced block's); return the model."""
+    """Give every skippable block of `model` (`skippable_blocks`) stochastic depth with `drop_probability`, in
+    place (weights and state-dict keys unchanged: the blocks' classes are swapped, as RepL swaps a replaced
+    block's); return the model."""
     if not 0 <= drop_probability < 1:
         raise BenchmarkError(
             f"drop_probability={drop_probability} is outside [0, 1): a block must run with a non-zero probability."
         )
-    for block in find_blocks(model):
-        module = block.module
+    for module in skippable_blocks(model):
         if not isinstance(module, StochasticDepthMixin):
             module.__class__ = _stochastic_depth_class(type(module))
         module.drop_probability = drop_probability
@@ -88,7 +97,7 @@ def full_depth(model: nn.Module) -> Iterator[nn.Module]:
 
 def _width_fields(config: Any) -> tuple[str, list[int]]:
     """The config field holding the model's widths and their values: ConvNeXt's per-stage `hidden_sizes`, or a
-    transformer's `hidden_size` (its `intermediate_size` follows at the same ratio)."""
+    transformer's `hidden_size` (its MLP width, `intermediate_size` or GPT-2's `n_inner`, follows at the same ratio)."""
     if isinstance(getattr(config, "hidden_sizes", None), (list, tuple)):
         return "hidden_sizes", list(config.hidden_sizes)
     if isinstance(getattr(config, "hidden_size", None), int) and hasattr(config, "num_attention_heads"):
@@ -109,12 +118,33 @@ def narrowed_config(config: Any, width: int) -> Any:
     narrowed = copy.deepcopy(config)
     if field == "hidden_sizes":
         narrowed.hidden_sizes = [max(1, round(w * width / widths[0])) for w in widths]
+        heads = getattr(config, "num_attention_heads", None)
+        if isinstance(heads, (list, tuple)) and any(w % h for w, h in zip(narrowed.hidden_sizes, heads)):
+            # SegFormer: a stage of width w with h heads attends over h * (w // h) features, not w.
+            raise BenchmarkError(
+                f"narrow: stage widths {narrowed.hidden_sizes} are not all multiples of the stages' heads "
+                f"{list(heads)}; a model with attention heads per stage cannot be narrowed by one factor."
+            )
         return narrowed
     if width % config.num_attention_heads:
         raise BenchmarkError(f"narrow: width {width} is not a multiple of the {config.num_attention_heads} heads.")
+    mlp = _mlp_field(config)
     narrowed.hidden_size = width
-    narrowed.intermediate_size = round(config.intermediate_size * width / widths[0])
+    if getattr(config, mlp) is not None:  # GPT-2's n_inner=None is 4 x the hidden size: it follows by itself
+        setattr(narrowed, mlp, round(getattr(config, mlp) * width / widths[0]))
     return narrowed
+
+
+def _mlp_field(config: Any) -> str:
+    """A transformer config's MLP width field: `intermediate_size`, or GPT-2's `n_inner`."""
+    for name in ("intermediate_size", "n_inner"):
+        if hasattr(config, name):
+            return name
+    raise BenchmarkError(
+        f"narrow: no MLP width field known for model type {getattr(config, 'model_type', None)!r} (handled: "
+        "intermediate_size, GPT-2's n_inner); a model with several widths (DETR's d_model, FFN and backbone) "
+        "cannot be narrowed by one factor here."
+    )
 
 
 def _parameter_count(model_class: type, config: Any) -> int:
@@ -154,5 +184,5 @@ def build_narrow_model(model: nn.Module, target_params: int) -> tuple[nn.Module,
     details = {"width_field": field, "widths": getattr(config, field), "target_params": target_params,
                "params": params}
     if field == "hidden_size":
-        details["intermediate_size"] = config.intermediate_size
+        details[_mlp_field(config)] = getattr(config, _mlp_field(config))
     return narrow, details

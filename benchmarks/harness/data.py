@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .suites import SuiteSpec
+if TYPE_CHECKING:  # suites.py imports the task layer, which holds its data as TensorData
+    from .suites import SuiteSpec
+
+EVAL_BATCH_SIZE = 500
 
 
 @dataclass
@@ -57,3 +62,14 @@ def timing_batch(
         pixels = torch.randn(batch_size, suite.num_channels, suite.image_size, suite.image_size, generator=generator)
         labels = torch.randint(0, suite.num_labels, (batch_size,), generator=generator)
     return {"pixel_values": pixels.to(device), "labels": labels.to(device)}
+
+
+def eval_batches(
+    data: TensorData, device: torch.device, batch_size: int = EVAL_BATCH_SIZE
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The test set in batches, as `evaluate_accuracy` takes them."""
+    for start in range(0, len(data.test_y), batch_size):
+        yield {
+            "pixel_values": data.test_x[start:start + batch_size].to(device),
+            "labels": data.test_y[start:start + batch_size],
+        }

@@ -31,6 +31,8 @@ from .methods import (
     replacement_of,
 )
 from .suites import SuiteSpec
+from .tasks import task_of
+from .training import clipped_backward
 
 Batch = Mapping[str, torch.Tensor]
 Synthesizer = Callable[[nn.Module], list[torch.Tensor]]
@@ -102,7 +104,7 @@ def time_synthesis(
     }
 
 
-def block_flops(built: MethodModel, batch: Batch) -> float | None:
+def block_flops(built: MethodModel, batch: Batch, input_name: str = "pixel_values") -> float | None:
     """Forward FLOPs per image of one of the blocks RepL with k=`FLOPS_INTERVAL` replaces, as this method
     runs it (mean over those blocks; the synthesis, a cost per step, not included): the plain block for
     bp and freeze, the replaced block (its surrogate) for RepL with that k, 0 for the blocks drop
@@ -119,7 +121,7 @@ def block_flops(built: MethodModel, batch: Batch) -> float | None:
         modules = [blocks[index].module for index in replaced_block_indices(model, FLOPS_INTERVAL)]
     else:
         return None
-    counts = forward_flops_per_image(model, modules, batch["pixel_values"])
+    counts = forward_flops_per_image(model, modules, batch[input_name], input_name)
     return sum(counts) / len(counts)
 
 
@@ -141,7 +143,7 @@ def _measure_memory(
 ) -> dict[str, Any]:
     model = built.model
     trainable, total = count_parameters(model)
-    flops = block_flops(built, batch)
+    flops = block_flops(built, batch, task_of(suite).input_name)
     optimizer = make_optimizer(model, suite.lr, suite.weight_decay)
     # One step with the meter around the forward: what autograd holds at the start of backward.
     meter = SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
@@ -164,7 +166,7 @@ def _measure_memory(
         "affected_blocks": built.affected_blocks,
         "state_memory_bytes": state,
         "saved_activation_bytes": meter.bytes,
-        "batch_size": int(batch["labels"].shape[0]),
+        "batch_size": len(batch["labels"]),  # a detection batch's labels: one target dict per image
     }
     if flops is not None:
         result["block_flops_per_image"] = flops
@@ -212,8 +214,11 @@ def time_training_steps(
     times: dict[str, list[float]] = {m: [] for m in methods}
     synthesis: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
 
+    backwards = {m: clipped_backward(model, suite.max_grad_norm) for m, model in models.items()}
+
     def step(method: str) -> None:
-        train_step(models[method], optimizers[method], batch, precision=autocast(device, suite.mixed_precision))
+        train_step(models[method], optimizers[method], batch, precision=autocast(device, suite.mixed_precision),
+                   backward=backwards[method])
 
     for method in methods:
         for _ in range(suite.timing_warmup_steps):
@@ -247,20 +252,22 @@ def time_training_steps(
 def time_inference(
     suite: SuiteSpec, models: Mapping[str, nn.Module], pixels: torch.Tensor, device: torch.device
 ) -> dict[str, dict[str, Any]]:
-    """Images per second of each (deployed) model in eval mode without gradients, interleaved in rounds too."""
+    """Images (samples) per second of each (deployed) model in eval mode without gradients, interleaved in rounds
+    too; `pixels` is the task's input (`Task.input_name`: a text model's token ids)."""
     methods = list(models)
-    inputs = pixels[:1].expand(suite.inference_batch_size, *pixels.shape[1:]).contiguous()
+    name = task_of(suite).input_name
+    inputs = {name: pixels[:1].expand(suite.inference_batch_size, *pixels.shape[1:]).contiguous()}
     times: dict[str, list[float]] = {m: [] for m in methods}
     with torch.no_grad(), autocast(device, suite.mixed_precision):
         for method in methods:
             for _ in range(2):  # warm-up
-                models[method](pixel_values=inputs)
+                models[method](**inputs)
         for round_index in range(suite.inference_rounds):
             for method in rotated(methods, round_index):
                 for _ in range(suite.inference_calls_per_round):
                     synchronize(device)
                     started = time.perf_counter()
-                    models[method](pixel_values=inputs)
+                    models[method](**inputs)
                     synchronize(device)
                     times[method].append(time.perf_counter() - started)
     return {
@@ -284,7 +291,7 @@ def measure_speed(
     results = time_training_steps(suite, models, batch, device)
     # Inference: the deployed (merged) models.
     deployed = {m: inference_model(built[m]).eval() for m in methods}
-    for method, entry in time_inference(suite, deployed, batch["pixel_values"], device).items():
+    for method, entry in time_inference(suite, deployed, batch[task_of(suite).input_name], device).items():
         results[method].update(entry)
     return results
 

@@ -109,9 +109,10 @@ class SynthesisCounter:
 
 
 def forward_flops_per_image(
-    model: nn.Module, modules: Sequence[nn.Module], pixel_values: torch.Tensor
+    model: nn.Module, modules: Sequence[nn.Module], pixel_values: torch.Tensor, input_name: str = "pixel_values"
 ) -> list[float]:
-    """Forward FLOPs per image of each of `modules` (submodules of `model`), as they run inside `model`.
+    """Forward FLOPs per image (per sample: `input_name` names the model's input, e.g. a text model's
+    `input_ids`) of each of `modules` (submodules of `model`), as they run inside `model`.
 
     The model runs once on `pixel_values` and once on them twice over (eval mode, no gradients),
     recording each module's arguments; each module then runs alone on both under
@@ -132,7 +133,7 @@ def forward_flops_per_image(
 
         handles = [module.register_forward_pre_hook(record, with_kwargs=True) for module in modules]
         try:
-            model(pixel_values=inputs)
+            model(**{input_name: inputs})
         finally:
             for handle in handles:
                 handle.remove()

@@ -26,8 +26,9 @@ from hf_replacement.loading import load_image_classifier
 from hf_replacement.selection import select_blocks
 from hf_replacement.utils import count_parameters
 
-from .baselines import apply_stochastic_depth, build_narrow_model, remove_stochastic_depth
+from .baselines import apply_stochastic_depth, build_narrow_model, remove_stochastic_depth, skippable_blocks
 from .errors import BenchmarkError
+from .tasks import TASK_MODELS
 
 
 @dataclass(frozen=True)
@@ -196,12 +197,19 @@ def drop_blocks(model: nn.Module, indices: Sequence[int]) -> nn.Module:
             raise BenchmarkError(f"drop_blocks would empty {parent}; choose fewer blocks.")
         for position in sorted(positions, reverse=True):  # ModuleList renumbers after each delete
             del container[position]
+        # A decoder's blocks index its key/value cache by `layer_idx` (GPT-2, Llama): number the kept ones afresh.
+        for new_index, block in enumerate(container):
+            for module in block.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = new_index
     config = getattr(model, "config", None)
-    if config is not None:
-        if isinstance(getattr(config, "depths", None), (list, tuple)):
-            config.depths = [len(model.get_submodule(parent)) for parent in containers]
-        elif isinstance(getattr(config, "num_hidden_layers", None), int):
-            config.num_hidden_layers = sum(len(model.get_submodule(parent)) for parent in containers)
+    depths = getattr(config, "depths", None)
+    if isinstance(depths, (list, tuple)) and len(depths) == len(containers):
+        config.depths = [len(model.get_submodule(parent)) for parent in containers]
+    elif isinstance(getattr(config, "num_hidden_layers", None), int) and len(containers) == 1:
+        config.num_hidden_layers = sum(len(model.get_submodule(parent)) for parent in containers)
+    # Otherwise (DETR: backbone stages, encoder and decoder under one config) the config keeps the old depths:
+    # what is saved does not load back at the new depth, which no benchmark measurement needs.
     return model
 
 
@@ -243,7 +251,8 @@ def build_method_model(
     id2label: dict[int, str] | None = None,
     pretrained: str | None = None,
 ) -> MethodModel:
-    """The plain preset built with `seed` (identical for every method), then changed by `method`.
+    """The plain preset (or task model, `tasks.TASK_MODELS`) built with `seed` (identical for every method),
+    then changed by `method`.
 
     `pretrained`: a directory holding this preset's weights trained on another task (`transfer.pretrain`);
     its weights replace the random ones, all but the classification head, which stays the seeded random
@@ -256,7 +265,10 @@ def build_method_model(
             f"fine-tune from {pretrained}. Leave it out of a transfer suite (it is a from-scratch baseline)."
         )
     torch.manual_seed(seed)
-    model = build_preset_model(model_name, num_labels, image_size, num_channels, id2label)
+    if model_name in TASK_MODELS:  # a task's model: its config fixes its labels and input size
+        model = TASK_MODELS[model_name]()
+    else:
+        model = build_preset_model(model_name, num_labels, image_size, num_channels, id2label)
     if pretrained is not None:
         load_body(model, pretrained)
     return apply_method(method, model)
@@ -301,9 +313,9 @@ def apply_method(method: Method, model: nn.Module) -> MethodModel:
     elif method.kind == "freeze":
         model = freeze_blocks(model, affected)
     elif method.kind == "sd":
-        # Uniform over the blocks: the expected number skipped equals what drop-k drops. `affected` stays empty:
-        # no block is singled out.
-        details["drop_probability"] = len(affected) / num_blocks
+        # Uniform over the blocks that can be skipped: the expected number skipped equals what drop-k drops.
+        # `affected` stays empty: no block is singled out.
+        details["drop_probability"] = len(affected) / len(skippable_blocks(model))
         model = apply_stochastic_depth(model, details["drop_probability"])
         affected = []
     elif method.kind == "narrow":

@@ -7,6 +7,7 @@ import statistics
 from typing import Any
 
 from .report import method_label
+from .tasks import task_of
 
 
 def _figure_bytes(figure: Any) -> bytes:
@@ -28,8 +29,9 @@ def _pyplot() -> Any:
 
 
 def plot_accuracy_curves(results: dict[str, Any]) -> bytes:
-    """PNG: test accuracy per epoch, mean ± std over seeds, a panel per model."""
+    """PNG: the test metric (accuracy, or the task's) per epoch, mean ± std over seeds, a panel per model."""
     plt = _pyplot()
+    metric = task_of(results["suite"]).metric
     names = list(results["models"])
     figure, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
     for axis, model_name in zip(axes[0], names):
@@ -48,13 +50,13 @@ def plot_accuracy_curves(results: dict[str, Any]) -> bytes:
         axis.set_title(model_name)
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-        axis.set_ylabel("test accuracy")
+        axis.set_ylabel(f"test {metric.name}")
         axis.grid(alpha=0.3)
         if plotted:
             axis.legend(fontsize=7)
         else:
             axis.text(0.5, 0.5, "not trained (memory/time only)", ha="center", va="center", transform=axis.transAxes)
-    figure.suptitle(f"suite {results['suite']['name']}: accuracy per epoch (mean ± std over seeds)")
+    figure.suptitle(f"suite {results['suite']['name']}: {metric.name} per epoch (mean ± std over seeds)")
     return _figure_bytes(figure)
 
 

@@ -16,7 +16,7 @@ from hf_replacement.checkpoint import atomic_write
 
 from .methods import METHODS
 from .paths import BENCHMARKS_DIR, FSDP_STATE_NAME, SPEED_NAME, SYNTHESIS_OVERHEAD_NAME, TRANSFER_PLOT
-from .report import lora_footnote, render_settings, render_tables, surrogate_summary
+from .report import lora_footnote, render_settings, render_tables, render_task, surrogate_summary
 from .suites import SUITES
 from .verdict import VERDICT_RULES, render_verdict
 
@@ -72,6 +72,16 @@ def _how_to_run() -> list[str]:
         "`python -m benchmarks --suite transfer --seeds 1 --epochs 1 --max-train-samples 256 --pretrain-epochs 1 "
         "--pretrain-max-train-samples 512 --output-dir /tmp/transfer-smoke` (a few minutes).",
         "",
+        "The task suites `causal-lm`, `segmentation` and `detection` train the paper's other tasks offline "
+        "(`benchmarks/harness/tasks.py`): a tiny GPT-2 on the standard library's `.py` files as bytes "
+        "(perplexity per byte on held-out files, lower is better), a SegFormer (mIoU) and a DETR with a ResNet "
+        "backbone (mAP@0.5, VOC all-point) on Fashion-MNIST items composed on 56x56 canvases "
+        "(`examples/task_data.py`; metrics in `benchmarks/harness/task_metrics.py`). Their tables keep the "
+        "column names of the classification suites, the accuracy columns holding the task's metric; the "
+        "methods a task model cannot take (the lighter surrogate `half`, `narrow`) are refused with the reason, "
+        "listed in each suite's report. A quick check of one: `python -m benchmarks --suite detection --seeds 1 "
+        "--epochs 1 --max-train-samples 64 --output-dir /tmp/detection-smoke` (under a minute).",
+        "",
         "| method | what it trains |",
         "|---|---|",
         *(f"| `{name}` | {method.describe()} |" for name, method in METHODS.items()),
@@ -91,6 +101,7 @@ def _suite_section(name: str, results: dict[str, Any]) -> list[str]:
         "",
         f"Full report with findings, and plots: {links}.",
         "",
+        *render_task(results),
         *render_tables(results),
         *surrogate_summary(results),
         *lora_footnote(results),

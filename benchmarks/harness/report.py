@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from .methods import LORA_FROM_SCRATCH_NOTE, METHODS
+from .tasks import ACCURACY, Metric, task_of
 from .verdict import EQUAL_COST_TOLERANCE, VERDICT_RULES, render_verdict
 
 
@@ -13,9 +14,9 @@ def _format_count(count: int) -> str:
     return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
 
 
-def _accuracy(entry: dict[str, Any]) -> str:
-    """Mean ± std test accuracy over seeds, in percent."""
-    return f"{100 * entry['accuracy_mean']:.1f} ± {100 * entry['accuracy_std']:.1f}"
+def _accuracy(entry: dict[str, Any], metric: Metric = ACCURACY) -> str:
+    """Mean ± std of the held-out metric over seeds (accuracy in percent)."""
+    return f"{metric.format(entry['accuracy_mean'])} ± {metric.format(entry['accuracy_std'])}"
 
 
 def _block_flops(entry: dict[str, Any]) -> str:
@@ -40,6 +41,7 @@ def method_label(method: str, suite: dict[str, Any]) -> str:
 def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) -> str:
     """One model's Markdown table: a row per method."""
     methods = model["methods"]
+    metric = task_of(suite).metric
     cuda = any("cuda_peak_mb" in entry for entry in methods.values())
     transfer = any("source_accuracy_after_conversion" in entry for entry in methods.values())
     compiled = any("compiled_median_step_s" in entry for entry in methods.values())
@@ -51,15 +53,15 @@ def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) 
         "median step ms", "step ×bp", *(["train img/s"] if cuda else []), "synthesis % of step",
         *(["compiled step ms", "compiled img/s", "compiled peak MB"] if compiled else []),
         *(["source acc. after conversion", "fit error (a=b=0.5)"] if transfer else []),
-        "fine-tuned accuracy (mean ± std)" if transfer else "accuracy (mean ± std)",
-        *(["accuracy at bp's wall-clock"] if equal_time else []), "checkpoint MB",
+        "fine-tuned accuracy (mean ± std)" if transfer else f"{metric.name} (mean ± std)",
+        *([f"{metric.name} at bp's wall-clock"] if equal_time else []), "checkpoint MB",
         "inference img/s",
     ]
     lines = [f"### {model_name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, entry in methods.items():
         accuracy = "not trained"
         if "accuracy_mean" in entry:
-            accuracy = f"{_accuracy(entry)} (n={len(entry['accuracies'])})"
+            accuracy = f"{_accuracy(entry, metric)} (n={len(entry['accuracies'])})"
         elif method.endswith("-recompute") and "accuracy_mean" in methods.get(method.removesuffix("-recompute"), {}):
             accuracy = f"= {method.removesuffix('-recompute')} (same arithmetic, not retrained)"
         synthesis = f"{entry['synthesis_percent']:.1f}" if "synthesis_percent" in entry else "–"
@@ -80,7 +82,7 @@ def render_table(model_name: str, model: dict[str, Any], suite: dict[str, Any]) 
             *(_compiled_cells(entry) if compiled else []),
             *([_source_accuracy(entry), _fit_errors(entry)] if transfer else []),
             accuracy,
-            *([_equal_time_accuracy(entry)] if equal_time else []),
+            *([_equal_time_accuracy(entry, metric)] if equal_time else []),
             f"{entry['checkpoint_mb']:.2f}",
             f"{entry['inference_images_per_s']:.0f}",
         ]
@@ -111,12 +113,12 @@ def _compiled_cells(entry: dict[str, Any]) -> list[str]:
             "–" if peak is None else f"{peak:.0f}"]
 
 
-def _equal_time_accuracy(entry: dict[str, Any]) -> str:
-    """Accuracy reached within bp's training time (same seed), mean ± std, and the epochs that fit in it."""
+def _equal_time_accuracy(entry: dict[str, Any], metric: Metric = ACCURACY) -> str:
+    """The metric reached within bp's training time (same seed), mean ± std, and the epochs that fit in it."""
     if "accuracy_at_bp_time_mean" in entry:
         epochs = "/".join(str(n) for n in entry["epochs_within_bp_time"])
-        return (f"{100 * entry['accuracy_at_bp_time_mean']:.1f} ± {100 * entry['accuracy_at_bp_time_std']:.1f} "
-                f"({epochs} epochs)")
+        return (f"{metric.format(entry['accuracy_at_bp_time_mean'])} ± "
+                f"{metric.format(entry['accuracy_at_bp_time_std'])} ({epochs} epochs)")
     return "no epoch within bp's time" if "accuracy_at_bp_time" in entry else "–"
 
 
@@ -156,14 +158,19 @@ WHERE_REPL_DOES_NOT_SAVE_TIME = (
 )
 
 
-def _verdict(entry: dict[str, Any], other: dict[str, Any], subject: str, other_name: str) -> str:
-    """Whether `entry`'s accuracy beats `other`'s by more than their combined seed spread, in words."""
-    difference = 100 * (entry["accuracy_mean"] - other["accuracy_mean"])
+def _verdict(
+    entry: dict[str, Any], other: dict[str, Any], subject: str, other_name: str, metric: Metric = ACCURACY
+) -> str:
+    """Whether `entry`'s metric beats `other`'s by more than their combined seed spread, in words."""
+    difference = entry["accuracy_mean"] - other["accuracy_mean"]
+    scale, digits, unit = (100, 1, "points") if metric.percent else (1, 3, metric.name)
     if min(len(entry["accuracies"]), len(other["accuracies"])) < 2:
-        return f"{difference:+.1f} points with one seed, no spread to judge by: not evidence either way"
-    spread = 100 * math.hypot(entry["accuracy_std"], other["accuracy_std"])
-    verdict = "beats" if difference > spread else "loses to" if difference < -spread else "is within the seed spread of"
-    return f"{subject} {verdict} {other_name} ({difference:+.1f} points, spread {spread:.1f})"
+        return f"{scale * difference:+.{digits}f} {unit} with one seed, no spread to judge by: not evidence either way"
+    spread = math.hypot(entry["accuracy_std"], other["accuracy_std"])
+    gain = metric.gain(difference)
+    verdict = "beats" if gain > spread else "loses to" if gain < -spread else "is within the seed spread of"
+    shown = f"{scale * difference:+.{digits}f} {unit}, spread {scale * spread:.{digits}f}"
+    return f"{subject} {verdict} {other_name} ({shown})"
 
 
 def _transfer_findings(model_name: str, model: dict[str, Any]) -> list[str]:
@@ -191,7 +198,9 @@ def _transfer_findings(model_name: str, model: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _pair_findings(model_name: str, methods: dict[str, Any], interval: int) -> list[str]:
+def _pair_findings(
+    model_name: str, methods: dict[str, Any], interval: int, metric: Metric = ACCURACY
+) -> list[str]:
     repl, drop = methods.get(f"repl-k{interval}"), methods.get(f"drop-k{interval}")
     recompute = methods.get(f"repl-k{interval}-recompute")
     bp = methods.get("bp")
@@ -217,10 +226,10 @@ def _pair_findings(model_name: str, methods: dict[str, Any], interval: int) -> l
         )
     lines.append(text + ".")
     if "accuracy_mean" in repl and "accuracy_mean" in bp:
-        parts = [f"accuracy repl-k{interval} {_accuracy(repl)} vs bp {_accuracy(bp)}"]
+        parts = [f"{metric.name} repl-k{interval} {_accuracy(repl, metric)} vs bp {_accuracy(bp, metric)}"]
         if drop is not None and "accuracy_mean" in drop:
-            verdict = _verdict(repl, drop, "RepL", "the shallower model")
-            parts.append(f"vs drop-k{interval} {_accuracy(drop)}: {verdict}")
+            verdict = _verdict(repl, drop, "RepL", "the shallower model", metric)
+            parts.append(f"vs drop-k{interval} {_accuracy(drop, metric)}: {verdict}")
         lines.append(f"- {model_name}: " + "; ".join(parts) + ".")
     if recompute is not None:
         saved = repl["saved_activations_mb"] - recompute["saved_activations_mb"]
@@ -232,12 +241,12 @@ def _pair_findings(model_name: str, methods: dict[str, Any], interval: int) -> l
     return lines
 
 
-def _findings(model_name: str, model: dict[str, Any]) -> list[str]:
+def _findings(model_name: str, model: dict[str, Any], metric: Metric = ACCURACY) -> list[str]:
     methods = model["methods"]
     return (
         _transfer_findings(model_name, model)
-        + _pair_findings(model_name, methods, 4)
-        + _pair_findings(model_name, methods, 3)
+        + _pair_findings(model_name, methods, 4, metric)
+        + _pair_findings(model_name, methods, 3, metric)
     )
 
 
@@ -346,6 +355,21 @@ COLUMNS = (
 )
 
 
+def render_task(results: dict[str, Any]) -> list[str]:
+    """A task suite's metric and the methods that cannot apply to its model, each with the reason (none for image
+    classification)."""
+    task = task_of(results["suite"])
+    if task.metric is ACCURACY:
+        return []
+    lines = [f"Task `{task.name}`: the accuracy columns hold the {task.metric.name}, {task.metric.description}."
+             + (" The per-image columns (block FLOPs/img, inference img/s) count samples: blocks of text."
+                if task.input_name == "input_ids" else ""), ""]
+    if task.not_applicable:
+        lines += ["Not applicable to this task's model, so not in this suite:", "",
+                  *(f"- {method}: {reason}." for method, reason in task.not_applicable.items()), ""]
+    return lines
+
+
 def render_tables(results: dict[str, Any]) -> list[str]:
     """A table per model, each followed by a blank line."""
     lines = []
@@ -364,10 +388,14 @@ def lora_footnote(results: dict[str, Any]) -> list[str]:
 def render_markdown(results: dict[str, Any]) -> str:
     """results.md: the run's settings, a table per model, findings and the limits of RepL's savings."""
     lines = [f"# RepL benchmark: suite `{results['suite']['name']}`", "", *render_settings(results), "", COLUMNS, ""]
+    lines += render_task(results)
     lines += render_tables(results)
     lines += ["## Verdict: the paper's claims against each baseline", "",
               *render_verdict({results["suite"]["name"]: results}), "", VERDICT_RULES, ""]
-    findings = [line for model_name, model in results["models"].items() for line in _findings(model_name, model)]
+    task = task_of(results["suite"])
+    findings = [
+        line for model_name, model in results["models"].items() for line in _findings(model_name, model, task.metric)
+    ]
     if findings:
         lines += ["## Findings (computed from the numbers above)", "", *findings, ""]
     lines += surrogate_summary(results)
@@ -379,7 +407,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     ]
     lines += lora_footnote(results)
     lines.append(
-        "Plots: `accuracy_curves.png` (test accuracy per epoch, mean ± std over seeds), `coefficients.png` "
+        f"Plots: `accuracy_curves.png` (test {task.metric.name} per epoch, mean ± std over seeds), `coefficients.png` "
         "(a, b of each replaced block over training, seed 0)"
         + (", `transfer.png` (source accuracy right after conversion, fine-tuned accuracy)."
            if results["suite"].get("pretrain") is not None else ".")

@@ -22,6 +22,7 @@ from hf_replacement.checkpoint import atomic_write
 from .errors import BenchmarkError
 from .methods import METHODS
 from .suites import SuiteSpec
+from .tasks import CLASSIFICATION
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,19 @@ NOT_MEASUREMENT_SETTINGS = frozenset({
 })
 
 
+# Suite fields added after pieces were first recorded, with the default that reproduces those pieces: left out of
+# the settings at that default, so that what was recorded before they existed keeps its digest.
+LATER_FIELD_DEFAULTS: dict[str, Any] = {"task": CLASSIFICATION, "max_grad_norm": None}
+
+
+def _suite_settings(suite: SuiteSpec, excluded: frozenset[str]) -> dict[str, Any]:
+    """The suite's fields less `excluded`, and less those of `LATER_FIELD_DEFAULTS` at their default."""
+    return {
+        k: v for k, v in dataclasses.asdict(suite).items()
+        if k not in excluded and not (k in LATER_FIELD_DEFAULTS and v == LATER_FIELD_DEFAULTS[k])
+    }
+
+
 def settings_digest(settings: dict[str, Any]) -> str:
     """A short digest of `settings` (JSON, keys sorted): equal settings, equal digest, on any machine."""
     text = json.dumps(settings, sort_keys=True, default=str)
@@ -52,7 +66,7 @@ def training_settings(
     """Everything one training run's result depends on: the suite's training settings, the model, the method's
     definition (not only its name), the seed, the data (its description names the split and subsample) and the
     device type."""
-    suite_settings = {k: v for k, v in dataclasses.asdict(suite).items() if k not in NOT_TRAINING_SETTINGS}
+    suite_settings = _suite_settings(suite, NOT_TRAINING_SETTINGS)
     return {
         **suite_settings, "model": model_name, "method": dataclasses.asdict(METHODS[method]), "seed": seed,
         "data": data, "device": device.type,
@@ -64,7 +78,7 @@ def measurement_settings(
 ) -> dict[str, Any]:
     """Everything one model's memory/time measurements depend on: the suite's measurement settings, the model,
     the measured methods (interleaved together: the set matters) and their definitions, the device type."""
-    suite_settings = {k: v for k, v in dataclasses.asdict(suite).items() if k not in NOT_MEASUREMENT_SETTINGS}
+    suite_settings = _suite_settings(suite, NOT_MEASUREMENT_SETTINGS)
     return {
         **suite_settings, "model": model_name, "methods": list(methods),
         "method_definitions": {m: dataclasses.asdict(METHODS[m]) for m in methods}, "device": device.type,
@@ -123,4 +137,6 @@ class RunStore:
         atomic_write(path, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
 
 
-__all__ = ["RUNS_DIR", "RunStore", "measurement_settings", "settings_digest", "training_settings"]
+__all__ = [
+    "LATER_FIELD_DEFAULTS", "RUNS_DIR", "RunStore", "measurement_settings", "settings_digest", "training_settings",
+]

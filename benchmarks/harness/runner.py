@@ -21,6 +21,7 @@ from .output import write_outputs
 from .paths import suite_dir
 from .resume import RunStore, measurement_settings, training_settings
 from .suites import SuiteSpec, validate_suite
+from .tasks import CLASSIFICATION, task_of
 from .training import train_run
 from .transfer import accuracy_after_conversion, pretrain, source_suite
 from .verdict import add_equal_time_accuracy
@@ -57,12 +58,17 @@ def run_benchmark(
     data = None
     if suite.trains:
         started = time.perf_counter()
-        data = load_tensor_data(suite, data_dir)
+        data = task_of(suite).load(suite, data_dir)
         phases["data"] = time.perf_counter() - started
         logger.info("Data: %s", data.description)
     num_labels = data.num_labels if data is not None else suite.num_labels
     timing_batch_size = suite.timing_batch_size or suite.batch_size
-    batch = timing_batch(suite, data, timing_batch_size, device)
+    if suite.task == CLASSIFICATION:
+        batch = timing_batch(suite, data, timing_batch_size, device)
+    else:  # copies: a slice would keep, and the saved-tensor meter count, the whole training set's storage
+        batch = task_of(suite).batch(
+            data.train_x[:timing_batch_size].clone(), data.train_y[:timing_batch_size].clone(), device
+        )
     if len(batch["labels"]) < timing_batch_size:
         logger.warning("Only %d training images: timing uses batches of that size.", len(batch["labels"]))
 
@@ -153,8 +159,8 @@ def _training_run(
         return run
     run = train_run(suite, model_name, method, seed, data, device, pretrained)
     store.save(model_name, piece, settings, run)
-    logger.info("%s %s seed %d: accuracy %.4f (%.1f s)", model_name, method, seed, run["accuracy"],
-                run["train_seconds"])
+    logger.info("%s %s seed %d: %s %.4f (%.1f s)", model_name, method, seed, task_of(suite).metric.name,
+                run["accuracy"], run["train_seconds"])
     return run
 
 

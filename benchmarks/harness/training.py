@@ -9,40 +9,35 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from hf_replacement.commands.training_steps import (
-    DivergenceMonitor,
-    evaluate_accuracy,
-    make_optimizer,
-    make_scheduler,
-    train_step,
-)
+from hf_replacement.commands.training_steps import DivergenceMonitor, make_optimizer, make_scheduler, train_step
 from hf_replacement.model import LOG_PREFIX, coefficient_logs
 
 from .data import TensorData
 from .device import autocast
 from .methods import build_method_model, replacement_of
 from .suites import SuiteSpec
+from .tasks import task_of
 
 logger = logging.getLogger(__name__)
 
-EVAL_BATCH_SIZE = 500
 
+def clipped_backward(model: nn.Module, max_norm: float | None) -> Callable[[torch.Tensor], None] | None:
+    """`train_step`'s backward for a suite that clips gradients (`SuiteSpec.max_grad_norm`): the loss's backward,
+    then the global norm of `model`'s gradients clipped to `max_norm`; None (a plain backward) without clipping."""
+    if max_norm is None:
+        return None
 
-def eval_batches(
-    data: TensorData, device: torch.device, batch_size: int = EVAL_BATCH_SIZE
-) -> Iterator[dict[str, torch.Tensor]]:
-    """The test set in batches, as `evaluate_accuracy` takes them."""
-    for start in range(0, len(data.test_y), batch_size):
-        yield {
-            "pixel_values": data.test_x[start:start + batch_size].to(device),
-            "labels": data.test_y[start:start + batch_size],
-        }
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+
+    return backward
 
 
 def _coefficients(model: nn.Module) -> dict[str, tuple[float, float]]:
@@ -78,9 +73,12 @@ def train_run(
 def train_model(
     suite: SuiteSpec, model: nn.Module, seed: int, data: TensorData, device: torch.device
 ) -> dict[str, Any]:
-    """Train `model` in place with the suite's settings, data order from `seed`; the run's record."""
+    """Train `model` in place with the suite's settings, data order from `seed`; the run's record. `accuracy`
+    (and `accuracy_per_epoch`) is the task's held-out metric (`tasks.Task.metric`: accuracy, perplexity, ...)."""
+    task = task_of(suite)
     model = model.to(device).train()
     optimizer = make_optimizer(model, suite.lr, suite.weight_decay)
+    backward = clipped_backward(model, suite.max_grad_norm)
     count = len(data.train_y)
     total_steps = math.ceil(count / suite.batch_size) * suite.epochs
     scheduler = make_scheduler(optimizer, total_steps, suite.warmup_ratio)
@@ -109,9 +107,10 @@ def train_model(
         epoch_loss = 0.0
         for start in range(0, count, suite.batch_size):
             index = order[start:start + suite.batch_size]
-            batch = {"pixel_values": data.train_x[index].to(device), "labels": data.train_y[index].to(device)}
+            batch = task.batch(data.train_x[index], data.train_y[index], device)
             loss = train_step(
-                model, optimizer, batch, scheduler=scheduler, precision=autocast(device, suite.mixed_precision)
+                model, optimizer, batch, scheduler=scheduler, precision=autocast(device, suite.mixed_precision),
+                backward=backward,
             )
             epoch_loss += float(loss) * len(index)
             step += 1
@@ -124,9 +123,7 @@ def train_model(
         losses.append(epoch_loss / count)
         evaluation_started = time.perf_counter()
         elapsed.append(evaluation_started - started - evaluating)
-        curve.append(
-            evaluate_accuracy(model, eval_batches(data, device), precision=autocast(device, suite.mixed_precision))
-        )
+        curve.append(task.evaluate(model, data, device, autocast(device, suite.mixed_precision)))
         evaluating += time.perf_counter() - evaluation_started
     result = {
         "seed": seed,

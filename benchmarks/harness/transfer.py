@@ -26,10 +26,10 @@ from hf_replacement.commands.presets import build_preset_model
 from hf_replacement.commands.training_steps import evaluate_accuracy
 from hf_replacement.loading import load_image_classifier
 
-from .data import TensorData
+from .data import TensorData, eval_batches
 from .methods import METHODS, apply_method, replacement_of
 from .suites import SuiteSpec
-from .training import eval_batches, train_model
+from .training import train_model
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,8 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
+from .tasks import ACCURACY, Metric, task_of
+
 # Step times within this fraction of each other count as equal cost: the timing noise of a shared machine.
 EQUAL_COST_TOLERANCE = 0.05
 SUBJECT = "repl-k4"
@@ -84,38 +86,46 @@ def _time(subject: Entry, baseline: Entry) -> str:
     return _by_size(subject["median_step_s"], baseline["median_step_s"], EQUAL_COST_TOLERANCE)
 
 
-def _by_spread(subject: Entry, baseline: Entry, key: str) -> str:
-    """win / tie / lose in accuracy (`key`: accuracy or accuracy_at_bp_time), against the combined seed spread."""
+def _by_spread(subject: Entry, baseline: Entry, key: str, metric: Metric = ACCURACY) -> str:
+    """win / tie / lose in the task's metric (`key`: accuracy or accuracy_at_bp_time, the keys results keep it
+    under), against the combined seed spread; better is higher or lower as `metric` says."""
     if f"{key}_mean" not in subject or f"{key}_mean" not in baseline:
         if "accuracy_mean" not in subject or "accuracy_mean" not in baseline:
             return "not trained"
         cut = [e for e in (subject, baseline) if key in e and f"{key}_mean" not in e]
         return "no epoch within bp's time" if cut else "not recorded"
     seeds = min(len(subject.get("runs", [])), len(baseline.get("runs", [])))
-    difference = 100 * (subject[f"{key}_mean"] - baseline[f"{key}_mean"])
+    difference = subject[f"{key}_mean"] - baseline[f"{key}_mean"]
     if seeds < 2:
-        return f"not judged ({difference:+.1f} pts, 1 seed)"
-    spread = 100 * math.hypot(subject[f"{key}_std"], baseline[f"{key}_std"])
-    word = "win" if difference > spread else "lose" if difference < -spread else "tie"
-    return f"{word} ({difference:+.1f} ± {spread:.1f} pts)"
+        return f"not judged ({metric.difference(difference)}, 1 seed)"
+    spread = math.hypot(subject[f"{key}_std"], baseline[f"{key}_std"])
+    gain = metric.gain(difference)
+    word = "win" if gain > spread else "lose" if gain < -spread else "tie"
+    return f"{word} ({metric.difference(difference, spread)})"
 
 
-CLAIMS: dict[str, Callable[[Entry, Entry], str]] = {
-    "fewer trainable parameters": _parameters,
-    "less training memory": _memory,
-    "less time per step": _time,
-    "equal or better accuracy (equal epochs)": lambda s, b: _by_spread(s, b, "accuracy"),
-    "equal or better accuracy (bp's wall-clock)": lambda s, b: _by_spread(s, b, "accuracy_at_bp_time"),
+# Each claim's judge: (RepL's entry, the baseline's, the suite's metric) -> the cell.
+CLAIMS: dict[str, Callable[[Entry, Entry, Metric], str]] = {
+    "fewer trainable parameters": lambda s, b, m: _parameters(s, b),
+    "less training memory": lambda s, b, m: _memory(s, b),
+    "less time per step": lambda s, b, m: _time(s, b),
+    "equal or better accuracy (equal epochs)": lambda s, b, m: _by_spread(s, b, "accuracy", m),
+    "equal or better accuracy (bp's wall-clock)": lambda s, b, m: _by_spread(s, b, "accuracy_at_bp_time", m),
 }
 
 
-def model_verdict(methods: dict[str, Entry]) -> dict[str, dict[str, str]] | None:
+def claim_label(claim: str, metric: Metric) -> str:
+    """The claim as a suite of `metric` states it ("equal or better perplexity (equal epochs)")."""
+    return claim.replace("accuracy", metric.name) if metric is not ACCURACY else claim
+
+
+def model_verdict(methods: dict[str, Entry], metric: Metric = ACCURACY) -> dict[str, dict[str, str]] | None:
     """Claim -> baseline -> verdict cell for one model of a suite; None without RepL (repl-k4) in it."""
     subject = methods.get(SUBJECT)
     if subject is None:
         return None
     return {
-        claim: {name: judge(subject, methods[name]) if name in methods else "not run" for name in BASELINES}
+        claim: {name: judge(subject, methods[name], metric) if name in methods else "not run" for name in BASELINES}
         for claim, judge in CLAIMS.items()
     }
 
@@ -129,13 +139,16 @@ def render_verdict(suites: dict[str, dict[str, Any] | None]) -> list[str]:
         if results is None:
             lines.append(f"| `{suite_name}` | – | not run (no results.json) |" + " – |" * len(BASELINES))
             continue
+        task = task_of(results["suite"])
         for model_name, model in results["models"].items():
-            verdict = model_verdict(model["methods"])
+            verdict = model_verdict(model["methods"], task.metric)
             if verdict is None:
                 lines.append(f"| `{suite_name}` | {model_name} | {SUBJECT} not run |" + " – |" * len(BASELINES))
                 continue
             for claim, cells in verdict.items():
-                lines.append(f"| `{suite_name}` | {model_name} | {claim} | " + " | ".join(cells.values()) + " |")
+                cells = {n: "not applicable" if n in task.not_applicable else cell for n, cell in cells.items()}
+                lines.append(f"| `{suite_name}` | {model_name} | {claim_label(claim, task.metric)} | "
+                             + " | ".join(cells.values()) + " |")
     return lines
 
 
@@ -143,16 +156,18 @@ VERDICT_RULES = (
     "Each cell: does RepL (repl-k4) win, tie or lose that claim against that baseline, with RepL's difference. "
     "Parameters: trainable parameters (exact); memory: training state + saved activations (exact bytes), or the "
     "CUDA peak on a GPU (tie within 1%); time: median training step, tie within "
-    f"{EQUAL_COST_TOLERANCE:.0%}; accuracy: test accuracy mean over seeds, tie when the difference is within the "
+    f"{EQUAL_COST_TOLERANCE:.0%}; accuracy: test accuracy mean over seeds (a task suite: its held-out metric, "
+    "perplexity lower is better, mIoU and mAP higher), tie when the difference is within the "
     "seeds' spread (both standard deviations combined); at bp's wall-clock: the accuracy each run had reached "
     "when bp's run of the same seed finished (whole epochs, evaluation time not counted; the cosine schedule "
     "was set for all epochs, so a run cut short is a lower bound of what a schedule fitted to that time gives). "
+    "\"not applicable\": the method cannot apply to that task's model (the reason is in the suite's results.md); "
     "\"not run\": the baseline was not in that suite's run; \"not trained\": measured for memory/time only; "
     "\"not recorded\": results from before per-epoch times were kept."
 )
 
 
 __all__ = [
-    "BASELINES", "CLAIMS", "EQUAL_COST_TOLERANCE", "SUBJECT", "VERDICT_RULES", "accuracy_at_budget",
+    "BASELINES", "CLAIMS", "claim_label", "EQUAL_COST_TOLERANCE", "SUBJECT", "VERDICT_RULES", "accuracy_at_budget",
     "add_equal_time_accuracy", "model_verdict", "render_verdict",
 ]
