@@ -58,7 +58,11 @@ def build_model(smoke: bool) -> DetrForObjectDetection:
         num_labels=len(FASHION_MNIST_LABELS),
         id2label=dict(enumerate(FASHION_MNIST_LABELS)),
     )
-    return DetrForObjectDetection(config)
+    model = DetrForObjectDetection(config)
+    # DETR freezes its backbone except parameters named "stage.1".."stage.3", which no Transformers ResNet
+    # parameter matches ("stages.N"): trained from scratch, the backbone would stay random. Every weight trains.
+    model.model.backbone.requires_grad_(True)
+    return model
 
 
 def collate(samples: list[dict]) -> dict:
