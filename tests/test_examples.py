@@ -80,3 +80,12 @@ def test_example_smoke_run_ends_with_an_identical_plain_model(tmp_path, capsys, 
     assert os.path.isfile(tmp_path / "merged" / "config.json") and os.path.isfile(
         tmp_path / "final" / "base_config.json"
     )
+
+
+@pytest.mark.parametrize("smoke", [True, False])
+def test_detection_example_trains_every_backbone_weight(smoke):
+    """DETR freezes a ResNet backbone by parameter names a Transformers ResNet does not use: left alone, the
+    example's backbone would stay at its random initialisation."""
+    model = importlib.import_module("object_detection").build_model(smoke)
+    frozen = [name for name, parameter in model.named_parameters() if not parameter.requires_grad]
+    assert frozen == []
