@@ -85,9 +85,11 @@ FINDINGS = (
     "- Step ×bp against the goals (at most ×1.02 at 64 px, ×1.00 at 224 px): ViT-small 1.004 and ConvNeXt-tiny at "
     "224 px 0.986 meet them; ViT-tiny 1.026 [IQR 1.001-1.068] does not at the median, but its synthesis takes "
     "0.1% of the step (5 ms of 4.4 s) and a profile of interleaved steps (torch.profiler, self time per operator, "
-    "10 rounds, on the shared machine) shows no operator that only RepL runs costing more than 2.4 ms per step: the rest of the 2.6% is "
+    "10 rounds, on the shared machine) shows no operator that only RepL runs costing more than 2.4 ms per step: "
+    "the rest of the 2.6% is "
     "the matrix products every contender runs, and it lies inside the per-round spread. ConvNeXt-tiny at 64 px, "
-    "1.069 against its limit 0.964: synthesis is 7.4% of its step (48 ms; 112 ms in the issue's measurement), the rest within its "
+    "1.069 against its limit 0.964: synthesis is 7.4% of its step (48 ms; 112 ms in the issue's measurement), "
+    "the rest within its "
     "IQR (1.010-1.100). repl-k4-half on ConvNeXt-tiny runs at 0.909 against a FLOPs expectation of 0.817 (9 "
     "points over the 5-point goal): it still synthesizes the 768-channel block's MLP across the stage boundary; "
     "on ViT-tiny 0.898 against 0.889.",
