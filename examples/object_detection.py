@@ -21,7 +21,7 @@ import argparse
 import torch
 from example_setup import example_parser, train
 from round_trip import check_round_trip
-from task_data import detection_samples
+from task_data import box_iou, detection_samples
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 from transformers.image_transforms import center_to_corners_format
 
@@ -82,20 +82,11 @@ def box_accuracy(model: torch.nn.Module, samples: list[dict], batch_size: int) -
         scores, classes = outputs.logits.softmax(-1)[..., :-1].max(-1)
         for image_scores, image_classes, boxes, target in zip(scores, classes, outputs.pred_boxes, batch["labels"]):
             chosen = image_scores.topk(len(target["class_labels"])).indices
-            iou = _iou(center_to_corners_format(boxes[chosen]), center_to_corners_format(target["boxes"]))
+            iou = box_iou(center_to_corners_format(boxes[chosen]), center_to_corners_format(target["boxes"]))
             hits = (iou >= IOU_THRESHOLD) & (image_classes[chosen][:, None] == target["class_labels"][None, :])
             found += int(hits.any(0).sum())
             total += len(target["class_labels"])
     return found / total
-
-
-def _iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of corner-format boxes (n, 4) and (m, 4)."""
-    top_left = torch.maximum(first[:, None, :2], second[None, :, :2])
-    bottom_right = torch.minimum(first[:, None, 2:], second[None, :, 2:])
-    intersection = (bottom_right - top_left).clamp(min=0).prod(-1)
-    areas = [(boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(-1) for boxes in (first, second)]
-    return intersection / (areas[0][:, None] + areas[1][None, :] - intersection)
 
 
 def main(argv: list[str] | None = None) -> float:

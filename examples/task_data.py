@@ -109,6 +109,15 @@ def detection_target(canvas: np.ndarray, items: list[tuple[int, int, int]]) -> d
     }
 
 
+def box_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of corner-format boxes (x0, y0, x1, y1): (n, 4) and (m, 4) give (n, m)."""
+    top_left = torch.maximum(first[:, None, :2], second[None, :, :2])
+    bottom_right = torch.minimum(first[:, None, 2:], second[None, :, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(-1)
+    areas = [(boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(-1) for boxes in (first, second)]
+    return intersection / (areas[0][:, None] + areas[1][None, :] - intersection)
+
+
 def segmentation_samples(count: int, split: str = "train", seed: int = 0, **layout: int) -> list[dict]:
     """`{"pixel_values": (3, H, W), "labels": (H, W) int64}` per canvas; label 0 is the background,
     1 + c an item of Fashion-MNIST class c (`SEGMENTATION_LABELS`). `layout`: `compose_canvases`'s."""
@@ -172,6 +181,7 @@ __all__ = [
     "BYTE_VOCABULARY_SIZE",
     "ITEM_THRESHOLD",
     "SEGMENTATION_LABELS",
+    "box_iou",
     "byte_blocks",
     "compose_canvases",
     "decode",

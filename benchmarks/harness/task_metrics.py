@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from examples.task_data import box_iou
+
 IOU_THRESHOLD = 0.5
 
 
@@ -37,15 +39,6 @@ def mean_iou(confusion: torch.Tensor) -> tuple[float, list[float | None]]:
     if not present:
         raise ValueError("mean_iou: the confusion matrix is empty (no pixel was evaluated).")
     return sum(present) / len(present), ious
-
-
-def box_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of corner-format boxes (x0, y0, x1, y1): (n, 4) and (m, 4) give (n, m)."""
-    top_left = torch.maximum(first[:, None, :2], second[None, :, :2])
-    bottom_right = torch.minimum(first[:, None, 2:], second[None, :, 2:])
-    intersection = (bottom_right - top_left).clamp(min=0).prod(-1)
-    areas = [(boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(-1) for boxes in (first, second)]
-    return intersection / (areas[0][:, None] + areas[1][None, :] - intersection)
 
 
 def average_precision(true_positive: Sequence[bool], num_truth: int) -> float:
