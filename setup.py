@@ -24,8 +24,11 @@ setup(
         "Jinja2>=3",  # model card template
     ],
     extras_require={
-        # tensorboard: the logging tests read its event files; ruff: the linter CI runs
-        "test": ["pytest>=8", "pytest-xdist>=3", "matplotlib>=3.7", "tensorboard>=2.14", "ruff>=0.6"],
+        # tensorboard: the logging tests read its event files; ruff: the linter CI runs;
+        # pytest-timeout: a test that hangs fails with every thread's stack instead of stalling CI
+        "test": [
+            "pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2.1", "matplotlib>=3.7", "tensorboard>=2.14", "ruff>=0.6"
+        ],
         "benchmark": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["hf-replacement=hf_replacement.commands.cli:main"]},

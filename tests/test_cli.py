@@ -541,14 +541,10 @@ def test_fsdp_convnext_fusing_across_a_stage_boundary_equals_one_process_loads_a
 
 
 @pytest.mark.slow
-def test_fsdp_bf16_computes_in_bf16_and_keeps_fp32_weights(tmp_path):
+def test_fsdp_bf16_computes_in_bf16_and_keeps_fp32_weights(tmp_path, process_group):
     """FSDP's mixed precision (bf16 compute, fp32 shards): what is saved and reported is fp32. One rank, in process."""
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    try:
-        run_cli("train", *TINY, "--max-train-samples", "32", "--epochs", "1", "--fsdp", "--mixed-precision", "bf16",
-                "--output-dir", str(tmp_path))  # fmt: skip
-    finally:
-        torch.distributed.destroy_process_group()
+    run_cli("train", *TINY, "--max-train-samples", "32", "--epochs", "1", "--fsdp", "--mixed-precision", "bf16",
+            "--output-dir", str(tmp_path))  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
     weights = load_file(tmp_path / "model.safetensors")
     assert results["mixed_precision"] == "bf16" and {w.dtype for w in weights.values()} == {torch.float32}

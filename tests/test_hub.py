@@ -412,18 +412,14 @@ def test_launcher_pushes_the_trained_checkpoint(hub_env, tmp_path, capsys, caplo
 
 
 @pytest.mark.slow
-def test_launcher_under_fsdp_pushes_the_saved_checkpoint(hub_env, tmp_path):
+def test_launcher_under_fsdp_pushes_the_saved_checkpoint(hub_env, tmp_path, process_group):
     """A sharded model cannot be pushed as it is: --fsdp pushes what it saved, loaded whole (one rank, in process)."""
     hub = hub_env(token=TOKEN)
     out = tmp_path / "run"
     argv = ["train", "--model", "vit-mini", "--max-train-samples", "32", "--max-eval-samples", "32", "--epochs", "1",
             "--batch-size", "32", "--fsdp", "--output-dir", str(out), "--push-to-hub", "--hub-model-id",
             "user/fsdp-repl", "--hub-token", TOKEN]  # fmt: skip
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    try:
-        assert main(argv) == 0
-    finally:
-        torch.distributed.destroy_process_group()
+    assert main(argv) == 0
     files = hub.files("user/fsdp-repl")
     assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert {"README.md", "replacement_config.json", "results.json"} <= set(files)

@@ -25,13 +25,6 @@ from hf_replacement.integrations.fsdp import (
 from hf_replacement.model import coefficient_logs
 
 
-@pytest.fixture
-def process_group():
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
-
-
 def replacement_model(arch: str, **options) -> ReplacementModel:
     return get_replacement_model(tiny_models.build(arch), ReplacementConfig(**options)).train()
 

@@ -429,27 +429,20 @@ def test_repr_shows_the_surrogate_and_the_shapes_of_the_unused_layers():
     assert not list(model.base_model.vit.layers[3].parameters())
 
 
-def test_ddp_finds_every_parameter_used():
+def test_ddp_finds_every_parameter_used(process_group):
     """DDP without find_unused_parameters: a second step fails if any parameter got no gradient."""
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     model, _ = make("swin", "half")
     model.train()
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        wrapped = DistributedDataParallel(model)
-        for _ in range(2):
-            loss_of(wrapped(pixel_values=tiny_models.inputs()).logits).backward()
-        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    finally:
-        dist.destroy_process_group()
+    wrapped = DistributedDataParallel(model)
+    for _ in range(2):
+        loss_of(wrapped(pixel_values=tiny_models.inputs()).logits).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_fsdp2_trains_like_one_process_without_sharding():
+def test_fsdp2_trains_like_one_process_without_sharding(process_group):
     """FSDP2 (`fully_shard`) with each replaced block grouped with its neighbours: the same gradients."""
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     model, _ = make("convnext", "half")
@@ -459,21 +452,17 @@ def test_fsdp2_trains_like_one_process_without_sharding():
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     length = reduction_length(model)  # of the whole tensors, before they are sharded
     model.zero_grad(set_to_none=True)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        blocks = model.get_blocks()
-        grouped = {i + d for i in model.replaced_blocks for d in (-1, 0, 1)}
-        for index in model.replaced_blocks:
-            fully_shard([blocks[index + d].module for d in (-1, 0, 1)])
-        for block in blocks:
-            if block.index not in grouped:
-                fully_shard(block.module)
-        fully_shard(model)
-        loss_of(model(pixel_values=x).logits).backward()
-        sharded = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-        assert_gradients_close(sharded, expected, length)
-    finally:
-        dist.destroy_process_group()
+    blocks = model.get_blocks()
+    grouped = {i + d for i in model.replaced_blocks for d in (-1, 0, 1)}
+    for index in model.replaced_blocks:
+        fully_shard([blocks[index + d].module for d in (-1, 0, 1)])
+    for block in blocks:
+        if block.index not in grouped:
+            fully_shard(block.module)
+    fully_shard(model)
+    loss_of(model(pixel_values=x).logits).backward()
+    sharded = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    assert_gradients_close(sharded, expected, length)
 
 
 @pytest.mark.slow

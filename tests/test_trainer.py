@@ -602,13 +602,6 @@ def test_deepspeed_zero3_is_refused_at_construction_pointing_to_fsdp(tmp_path):
         ReplacementTrainer(repl_vit(), args, train_dataset=dataset())
 
 
-@pytest.fixture
-def process_group():
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
-
-
 def test_fsdp_plugin_settings_shard_the_model_in_repl_units(process_group):
     """What ReplacementTrainer does under TrainingArguments(fsdp=...) before Accelerate sees the model.
 
