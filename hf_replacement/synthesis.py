@@ -58,6 +58,11 @@ class Program:
     # The rest: scaled, mapped back; the coefficient's gradient is a dot product with the resampled
     # tensor, which backward resamples again rather than keep one the size of the synthesized tensor.
     target_side: tuple[int, ...]
+    # How forward writes each output from its first term (every output is in exactly one):
+    plain: tuple[int, ...]  # not resampled: one product with the neighbour's tensor
+    folded: tuple[int, ...]  # a 0-dim coefficient folded into the last step, a `DimResample`, of its resampling
+    scaled_in_place: tuple[int, ...]  # resampled into a fresh tensor, then scaled in place
+    narrowed: tuple[int, ...]  # only narrowed, a view of the neighbour's tensor: scaled into a fresh one
 
 
 def compile_program(
@@ -76,6 +81,17 @@ def compile_program(
         if term.resample and not term.shrinks and coefficient_shapes[term.output] == ()
     ]
     target_side = [i for i in range(len(terms)) if i not in source_side]
+    paths: dict[str, list[int]] = {"plain": [], "folded": [], "scaled_in_place": [], "narrowed": []}
+    for output, i in enumerate(firsts):
+        steps = [step for step, _ in terms[i].resample]
+        if not steps:
+            paths["plain"].append(output)
+        elif coefficient_shapes[output] == () and isinstance(steps[-1], DimResample):
+            paths["folded"].append(output)
+        elif any(isinstance(step, DimResample) for step in steps):
+            paths["scaled_in_place"].append(output)
+        else:
+            paths["narrowed"].append(output)
     return Program(
         tuple(terms),
         tuple(widths),
@@ -86,6 +102,7 @@ def compile_program(
         tuple(paired),
         tuple(source_side),
         tuple(target_side),
+        *(tuple(outputs) for outputs in paths.values()),
     )
 
 
@@ -249,28 +266,26 @@ def _synthesized_values(
     A resampled neighbour is scaled inside its last resampling step (a 0-dim coefficient folded into the
     step's small table) or in place, never copied."""
     factors = _term_coefficients(program, coefficients.to(sources[0].dtype))
-    outputs: list[torch.Tensor | None] = [None] * len(program.firsts)
-    plain, in_place = [], []
-    for output, i in enumerate(program.firsts):
-        term = program.terms[i]
-        if not term.resample:
-            plain.append(output)
-        elif program.coefficient_shapes[output] == () and isinstance(term.resample[-1][0], DimResample):
-            outputs[output] = _resample(sources[i], term, tables, scale=factors[i])
-        else:
-            outputs[output] = _resample(sources[i], term, tables)
-            if any(isinstance(step, DimResample) for step, _ in term.resample):
-                in_place.append(output)
-            else:  # only narrowed: a view of the neighbour's tensor
-                outputs[output] = outputs[output] * factors[i]
-    if plain:
+    firsts, terms = program.firsts, program.terms
+    outputs: list[torch.Tensor | None] = [None] * len(firsts)
+    for output in program.folded:
+        i = firsts[output]
+        outputs[output] = _resample(sources[i], terms[i], tables, scale=factors[i])
+    for output in program.scaled_in_place:
+        outputs[output] = _resample(sources[firsts[output]], terms[firsts[output]], tables)
+    for output in program.narrowed:
+        i = firsts[output]
+        outputs[output] = _resample(sources[i], terms[i], tables) * factors[i]
+    if program.plain:
         products = torch._foreach_mul(
-            [sources[program.firsts[o]] for o in plain], [factors[program.firsts[o]] for o in plain]
+            [sources[firsts[o]] for o in program.plain], [factors[firsts[o]] for o in program.plain]
         )
-        for output, product in zip(plain, products):
+        for output, product in zip(program.plain, products):
             outputs[output] = product
-    if in_place:
-        torch._foreach_mul_([outputs[o] for o in in_place], [factors[program.firsts[o]] for o in in_place])
+    if program.scaled_in_place:
+        torch._foreach_mul_(
+            [outputs[o] for o in program.scaled_in_place], [factors[firsts[o]] for o in program.scaled_in_place]
+        )
     if program.seconds:
         torch._foreach_addcmul_(
             [outputs[o] for o in program.paired],

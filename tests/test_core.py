@@ -584,6 +584,38 @@ def test_synthesis_gradcheck(granularity, fusion_mode, form, monkeypatch):
         assert [tuple(w.shape) for w in _Synthesis.apply(state.program, *inputs, *tables)] == shapes
 
 
+def test_each_synthesized_tensor_has_exactly_one_forward_path():
+    """`Program` decides once how forward writes each tensor from its first term. Every tensor gets exactly
+    one path, and these configurations reach all four (their values are checked against the reference
+    in this file and, for "half", in test_surrogates)."""
+    reached = set()
+    for arch, granularity in itertools.product(["vit", "convnext", "resnet"], ["block", "channel"]):
+        config = ReplacementConfig(surrogate="half", coefficient_granularity=granularity)
+        model = get_replacement_model(tiny_models.build(arch), config)
+        for block in model.get_blocks():
+            state = replacement_state(block.module)
+            if state is None:
+                continue
+            program = state.program
+            paths = {
+                "plain": program.plain,
+                "folded": program.folded,
+                "scaled_in_place": program.scaled_in_place,
+                "narrowed": program.narrowed,
+            }
+            assert sorted(o for outputs in paths.values() for o in outputs) == list(range(len(program.firsts)))
+            for path, outputs in paths.items():
+                for output in outputs:
+                    steps = [step for step, _ in program.terms[program.firsts[output]].resample]
+                    resampled = any(isinstance(step, DimResample) for step in steps)
+                    assert (path == "plain") == (not steps)
+                    assert (path == "narrowed") == (bool(steps) and not resampled)
+                    if path == "folded":
+                        assert program.coefficient_shapes[output] == () and isinstance(steps[-1], DimResample)
+            reached |= {path for path, outputs in paths.items() if outputs}
+    assert reached == {"plain", "folded", "scaled_in_place", "narrowed"}
+
+
 def test_fused_linear_keeps_output_scale():
     torch.manual_seed(0)
     source = torch.nn.Linear(256, 128)
