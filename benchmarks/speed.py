@@ -64,7 +64,7 @@ class SpeedSetting:
 
 
 # The issue's table: 64 px where the weights' per-step cost matters most, and ConvNeXt-T at 224 px,
-# where activations dominate. CPU: about 10-14 minutes for all four on an idle 2-core machine.
+# where activations dominate. CPU: about 11 minutes for all four on an idle 2-core machine (1 thread).
 SETTINGS = (
     SpeedSetting("vit-tiny", 64, 32),
     SpeedSetting("convnext-tiny", 64, 16),
@@ -74,25 +74,29 @@ SETTINGS = (
 
 
 # What the committed run cannot say by itself (issue 26). The table: an idle 2-core AMD EPYC, 1 thread, load
-# average 0.3-1.0, 18.5 min. The synthesis figures below it were measured by hand on the machine shared with
+# average 0.9-1.0, 11.3 min. The synthesis figures below it were measured by hand on the machine shared with
 # other jobs (load 1.7-1.9): CPU time per phase from `time.thread_time`, medians of 8-10 repeats; k=4, 1 thread.
 FINDINGS = (
-    "Findings (issue 26). The table above ran on an idle machine in 18.5 minutes (`time`: 17.9 min user), over "
-    "the 15-minute goal; ViT-small (15 s steps, 50 per contender with warm-up and measurements) takes half of it, "
-    "and `--steps 1` would bring the whole suite to about 11 minutes (estimated from this run's step times, "
-    "not run).",
+    "Findings (issue 26). The table above ran on an idle machine in 11.3 minutes (676 s) with the defaults, 5 rounds "
+    "of one step per contender; the run before it, with 2 steps per round, took 18.5 minutes. One step per round "
+    "leaves the medians as noisy as the goals are tight: between the two runs the repl-k4 medians moved by up to 6 "
+    "points (ViT-tiny 1.026 and 1.026, ConvNeXt-tiny at 64 px 1.069 and 1.006, ViT-small 1.004 and 0.978, "
+    "ConvNeXt-tiny at 224 px 0.986 and 1.019), and drop-k4 on ConvNeXt-tiny at 64 px, which only removes a "
+    "block, ran at 0.883 against a FLOPs expectation of 0.781 (0.778 in the 2-step run).",
     "",
-    "- Step ×bp against the goals (at most ×1.02 at 64 px, ×1.00 at 224 px): ViT-small 1.004 and ConvNeXt-tiny at "
-    "224 px 0.986 meet them; ViT-tiny 1.026 [IQR 1.001-1.068] does not at the median, but its synthesis takes "
-    "0.1% of the step (5 ms of 4.4 s) and a profile of interleaved steps (torch.profiler, self time per operator, "
-    "10 rounds, on the shared machine) shows no operator that only RepL runs costing more than 2.4 ms per step: "
-    "the rest of the 2.6% is "
-    "the matrix products every contender runs, and it lies inside the per-round spread. ConvNeXt-tiny at 64 px, "
-    "1.069 against its limit 0.964: synthesis is 7.4% of its step (48 ms; 112 ms in the issue's measurement), "
-    "the rest within its "
-    "IQR (1.010-1.100). repl-k4-half on ConvNeXt-tiny runs at 0.909 against a FLOPs expectation of 0.817 (9 "
-    "points over the 5-point goal): it still synthesizes the 768-channel block's MLP across the stage boundary; "
-    "on ViT-tiny 0.898 against 0.889.",
+    "- Step ×bp against the goals (at most ×1.02 at 64 px, ×1.00 at 224 px): ViT-small 0.978 and ConvNeXt-tiny at "
+    "64 px 1.006 (IQR 0.951-1.124) meet them at the median; ConvNeXt-tiny at 224 px 1.019 does not (0.986 in the "
+    "2-step run), nor ViT-tiny 1.026 [IQR 1.014-1.063] in either run, though its synthesis takes 0.1% of the step "
+    "(5 ms of 4.4 s) and a profile of interleaved steps (torch.profiler, self time per operator, 10 rounds, on the "
+    "shared machine) shows no operator that only RepL runs costing more than 2.4 ms per step: the rest of the 2.6% "
+    "is the matrix products every contender runs, and it lies inside the per-round spread. ConvNeXt-tiny at 64 px: "
+    "synthesis is 8.3% of its step (69 ms; 112 ms in the issue's measurement), against an analytic limit of 0.969; "
+    "the same synthesis took 43 ms per step at 224 px in this run (48 and 57 ms in the 2-step run): its first "
+    "touches of fresh memory cost what the step allocated before them leaves mapped (page faults, below). "
+    "repl-k4-half on ConvNeXt-tiny runs at 0.851 against a FLOPs expectation of 0.817, within the 5-point goal "
+    "(0.909 in the 2-step run); on ViT-tiny 0.896 against 0.889.",
+    "- Synthesis bandwidth in this run (the table above): ViT-small reaches 0.55 / 0.54 of the triad forward and "
+    "in the rebuild, 0.45 backward; ViT-tiny 0.39 / 0.48 / 0.29; ConvNeXt-tiny 0.17-0.24 in every phase.",
     "",
     "- Synthesis of ConvNeXt-tiny (k=4, 8 M weights, 75 MB compulsory traffic forward and rebuild, 119 MB backward), "
     "CPU ms per phase forward / rebuild / backward, the shipped code and the previous one interleaved in one process "
@@ -268,7 +272,7 @@ def main(argv: Sequence[str] | None = None, program: str = "python -m benchmarks
     parser.add_argument("--models", nargs="+", default=names, choices=names)
     parser.add_argument("--image-sizes", nargs="+", type=int, default=None, help="only these settings' image sizes")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    parser.add_argument("--steps", type=int, default=2, help="steps per contender per round (default 2)")
+    parser.add_argument("--steps", type=int, default=1, help="steps per contender per round (default 1)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-compile", action="store_true", help="CUDA: run eager instead of torch.compile")
     parser.add_argument("--output-dir", default=suite_dir(SPEED_NAME))
