@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks.harness import render_readme
 from benchmarks.harness.paths import BENCHMARKS_DIR
+from benchmarks.harness.readme import read_suites
 from benchmarks.harness.verdict import (
     BASELINES,
     EQUAL_COST_TOLERANCE,
@@ -20,6 +21,7 @@ from benchmarks.harness.verdict import (
     add_equal_time_accuracy,
     model_verdict,
     render_verdict,
+    render_verdict_tally,
 )
 
 
@@ -112,6 +114,27 @@ def test_verdict_table_rows_and_not_run_suites():
     )
 
 
+def test_the_tally_counts_each_outcome_and_leaves_out_what_judges_nothing():
+    methods = {
+        "repl-k4": _entry(900_000, 95.0, 1.0, [0.80, 0.82, 0.84]),
+        "bp": _entry(1_000_000, 100.0, 1.5, [0.81, 0.83, 0.85]),
+        "drop-k4": _entry(899_998, 80.0, 0.8, [0.70, 0.72, 0.74]),
+    }
+    other = {**methods, "bp": _entry(1_000_000, 90.0, 1.0, [0.60, 0.62, 0.64])}
+    suites = {
+        "quick": {"suite": {}, "models": {"a": {"methods": methods}, "b": {"methods": other}}},
+        "gpu": None,
+    }
+    lines = render_verdict_tally(suites)
+    assert lines[0] == "| claim (RepL k=4; 2 suite × model pairs) | " + " | ".join(f"vs {b}" for b in BASELINES) + " |"
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[2:]}
+    assert rows["fewer trainable parameters"][:3] == ["2 win", "2 lose", "–"]
+    assert rows["less training memory"][:2] == ["1 win, 1 lose", "2 lose"]
+    assert rows["less time per step"][:2] == ["1 win, 1 tie", "2 lose"]
+    assert rows["equal or better accuracy (equal epochs)"][:2] == ["1 win, 1 tie", "2 win"]
+    assert rows["equal or better accuracy (bp's wall-clock)"][:2] == ["–", "–"]  # not recorded: not counted
+
+
 def test_readme_opens_with_the_verdict_of_every_suite(tmp_path):
     (tmp_path / "quick").mkdir()
     shutil.copy(os.path.join(BENCHMARKS_DIR, "quick", "results.json"), tmp_path / "quick" / "results.json")
@@ -122,3 +145,10 @@ def test_readme_opens_with_the_verdict_of_every_suite(tmp_path):
     assert "| `quick` | vit-mini | fewer trainable parameters |" in table
     for suite in ("fashion-mnist", "transfer", "fashion-mnist-full", "gpu"):
         assert f"| `{suite}` | – | not run (no results.json) |" in table
+
+
+def test_the_readme_first_screen_quotes_the_tally_of_the_committed_results():
+    tally = "\n".join(render_verdict_tally(read_suites()))
+    with open(os.path.join(BENCHMARKS_DIR, os.pardir, "README.md"), encoding="utf-8") as handle:
+        first_screen = handle.read().split("## Quick start")[0]
+    assert tally in first_screen, "README.md's first table is the verdict tally: copy it from benchmarks/README.md"

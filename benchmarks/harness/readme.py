@@ -18,7 +18,7 @@ from .methods import METHODS
 from .paths import BENCHMARKS_DIR, FSDP_STATE_NAME, SPEED_NAME, SYNTHESIS_OVERHEAD_NAME, TRANSFER_PLOT
 from .report import lora_footnote, render_settings, render_tables, render_task, surrogate_summary
 from .suites import SUITES
-from .verdict import VERDICT_RULES, render_verdict
+from .verdict import VERDICT_RULES, render_verdict, render_verdict_tally
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,9 @@ def _verdict_section(suites: dict[str, dict[str, Any] | None]) -> list[str]:
         "## Verdict: the paper's claims against each baseline",
         "",
         "Computed from the results below (`benchmarks/harness/verdict.py`); each suite's command is in its section.",
+        "In sum (the README's first screen quotes this table), then per suite and model:",
+        "",
+        *render_verdict_tally(suites),
         "",
         *render_verdict(suites),
         "",
@@ -167,6 +170,11 @@ def _fsdp_section(fsdp_state: dict[str, Any]) -> list[str]:
     ]
 
 
+def read_suites(directory: str = BENCHMARKS_DIR) -> dict[str, dict[str, Any] | None]:
+    """Each suite's results.json under `directory`, None for a suite not run."""
+    return {name: _read_json(os.path.join(directory, name, "results.json")) for name in SUITES}
+
+
 def render_readme(directory: str = BENCHMARKS_DIR) -> str:
     """The README text for the results found under `directory` (the `benchmarks` package directory)."""
     lines = [
@@ -181,7 +189,7 @@ def render_readme(directory: str = BENCHMARKS_DIR) -> str:
         "(training from scratch, fine-tuning, the lighter surrogates): [docs/results.md](../docs/results.md).",
         "",
     ]
-    suites = {name: _read_json(os.path.join(directory, name, "results.json")) for name in SUITES}
+    suites = read_suites(directory)
     lines += _verdict_section(suites)
     lines += _how_to_run()
     missing = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .tasks import ACCURACY, Metric, task_of
@@ -130,25 +130,67 @@ def model_verdict(methods: dict[str, Entry], metric: Metric = ACCURACY) -> dict[
     }
 
 
-def render_verdict(suites: dict[str, dict[str, Any] | None]) -> list[str]:
-    """One Markdown table: for each suite (None: not run) and model, each claim of the paper, RepL (repl-k4)
-    against each baseline."""
-    header = ["suite", "model", "claim (RepL = repl-k4)", *(f"vs {name}" for name in BASELINES)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+# (suite, model, claim, the claim in the suite's metric, a cell per baseline)
+Row = tuple[str, str | None, str | None, str, list[str]]
+
+
+def _judged_rows(suites: dict[str, dict[str, Any] | None]) -> Iterator[Row]:
+    """The verdict's rows in table order; model None: the suite was not run; claim None: the model has no RepL run."""
     for suite_name, results in suites.items():
         if results is None:
-            lines.append(f"| `{suite_name}` | – | not run (no results.json) |" + " – |" * len(BASELINES))
+            yield suite_name, None, None, "", []
             continue
         task = task_of(results["suite"])
         for model_name, model in results["models"].items():
             verdict = model_verdict(model["methods"], task.metric)
             if verdict is None:
-                lines.append(f"| `{suite_name}` | {model_name} | {SUBJECT} not run |" + " – |" * len(BASELINES))
+                yield suite_name, model_name, None, "", []
                 continue
             for claim, cells in verdict.items():
-                cells = {n: "not applicable" if n in task.not_applicable else cell for n, cell in cells.items()}
-                lines.append(f"| `{suite_name}` | {model_name} | {claim_label(claim, task.metric)} | "
-                             + " | ".join(cells.values()) + " |")
+                yield suite_name, model_name, claim, claim_label(claim, task.metric), [
+                    "not applicable" if name in task.not_applicable else cell for name, cell in cells.items()
+                ]
+
+
+def render_verdict(suites: dict[str, dict[str, Any] | None]) -> list[str]:
+    """One Markdown table: for each suite (None: not run) and model, each claim of the paper, RepL (repl-k4)
+    against each baseline."""
+    header = ["suite", "model", "claim (RepL = repl-k4)", *(f"vs {name}" for name in BASELINES)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for suite_name, model_name, claim, label, cells in _judged_rows(suites):
+        if model_name is None:
+            lines.append(f"| `{suite_name}` | – | not run (no results.json) |" + " – |" * len(BASELINES))
+        elif claim is None:
+            lines.append(f"| `{suite_name}` | {model_name} | {SUBJECT} not run |" + " – |" * len(BASELINES))
+        else:
+            lines.append(f"| `{suite_name}` | {model_name} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+OUTCOMES = ("win", "tie", "lose")
+
+
+def render_verdict_tally(suites: dict[str, dict[str, Any] | None]) -> list[str]:
+    """The verdict table summed up: per claim (a task suite's metric counted as its accuracy) and baseline, in
+    how many (suite, model) pairs RepL wins, ties or loses. Cells that judge nothing (not run, not trained, not
+    applicable, ...) are not counted. The README's first screen quotes these lines."""
+    counts = {claim: {name: dict.fromkeys(OUTCOMES, 0) for name in BASELINES} for claim in CLAIMS}
+    pairs = set()
+    for suite_name, model_name, claim, _, cells in _judged_rows(suites):
+        if claim is None:
+            continue
+        pairs.add((suite_name, model_name))
+        for name, cell in zip(BASELINES, cells):
+            outcome = cell.split(" ", 1)[0]
+            if outcome in OUTCOMES:
+                counts[claim][name][outcome] += 1
+    header = [f"claim (RepL k=4; {len(pairs)} suite × model pairs)", *(f"vs {name}" for name in BASELINES)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for claim, by_baseline in counts.items():
+        cells = [
+            ", ".join(f"{n} {outcome}" for outcome, n in tally.items() if n) or "–" for tally in by_baseline.values()
+        ]
+        lines.append(f"| {claim} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -169,5 +211,5 @@ VERDICT_RULES = (
 
 __all__ = [
     "BASELINES", "CLAIMS", "claim_label", "EQUAL_COST_TOLERANCE", "SUBJECT", "VERDICT_RULES", "accuracy_at_budget",
-    "add_equal_time_accuracy", "model_verdict", "render_verdict",
+    "add_equal_time_accuracy", "model_verdict", "render_verdict", "render_verdict_tally",
 ]
