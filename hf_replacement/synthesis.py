@@ -81,17 +81,17 @@ def compile_program(
         if term.resample and not term.shrinks and coefficient_shapes[term.output] == ()
     ]
     target_side = [i for i in range(len(terms)) if i not in source_side]
-    paths: dict[str, list[int]] = {"plain": [], "folded": [], "scaled_in_place": [], "narrowed": []}
+    plain, folded, scaled_in_place, narrowed = [], [], [], []
     for output, i in enumerate(firsts):
         steps = [step for step, _ in terms[i].resample]
         if not steps:
-            paths["plain"].append(output)
+            plain.append(output)
         elif coefficient_shapes[output] == () and isinstance(steps[-1], DimResample):
-            paths["folded"].append(output)
+            folded.append(output)
         elif any(isinstance(step, DimResample) for step in steps):
-            paths["scaled_in_place"].append(output)
+            scaled_in_place.append(output)
         else:
-            paths["narrowed"].append(output)
+            narrowed.append(output)
     return Program(
         tuple(terms),
         tuple(widths),
@@ -102,7 +102,10 @@ def compile_program(
         tuple(paired),
         tuple(source_side),
         tuple(target_side),
-        *(tuple(outputs) for outputs in paths.values()),
+        plain=tuple(plain),
+        folded=tuple(folded),
+        scaled_in_place=tuple(scaled_in_place),
+        narrowed=tuple(narrowed),
     )
 
 
