@@ -213,6 +213,8 @@ def test_tiny_run_writes_every_output(tmp_path):
     assert saved["machine"]["torch"] == torch.__version__ and saved["command"] == "pytest"
     assert set(saved["models"]) == set(suite.models)
     markdown = (tmp_path / "results.md").read_text()
+    trained_runs = sum(len(e.get("runs", ())) for m in saved["models"].values() for e in m["methods"].values())
+    assert f"recorded by {trained_runs} training runs: over 1 minute at their start and end " in markdown
     for model in saved["models"].values():
         methods = model["methods"]
         assert list(methods) == list(results["methods"]) and set(methods) == set(suite.methods)
@@ -226,6 +228,8 @@ def test_tiny_run_writes_every_output(tmp_path):
             assert entry["checkpoint_mb"] > 0 and entry["inference_images_per_s"] > 0
             assert 0 <= entry["accuracy_mean"] <= 1 and entry["accuracy_std"] == 0.0
             assert len(entry["runs"][0]["accuracy_per_epoch"]) == 1
+            load = entry["runs"][0]["load_average"]
+            assert [len(load["before"]), len(load["after"])] == [3, 3] and min(load["before"] + load["after"]) >= 0
         # RepL: fewer trainable parameters and a smaller checkpoint than bp; its merged model is bp's size.
         for method in ("repl-k4", "repl-k3"):
             assert methods[method]["trainable_params"] < bp["trainable_params"]

@@ -91,7 +91,11 @@ def test_interrupted_suite_resumes_skipping_finished_runs_and_equals_a_straight_
     assert on_disk["models"]["vit-mini"]["methods"]["repl-k4"]["accuracies"] == [
         resumed_runs[("repl-k4", seed)]["accuracy"] for seed in (0, 1)
     ]
-    assert "resumed: 3 finished pieces" in (tmp_path / "resumed" / "results.md").read_text()
+    markdown = (tmp_path / "resumed" / "results.md").read_text()
+    assert "resumed: 3 finished pieces" in markdown
+    # The runtime line is the last sitting's; the time every run trained, reused or not, is given beside it.
+    total = sum(run["train_seconds"] for run in resumed_runs.values())
+    assert f"in this sitting; the 4 training runs took {total:.0f} s of training in all" in markdown
 
 
 def test_results_made_with_other_settings_are_refused_naming_the_difference(tmp_path):

@@ -5,6 +5,7 @@ direction in the verdict, and (slow) each suite end to end with tiny settings, r
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -24,7 +25,7 @@ from benchmarks.harness.suites import validate_suite
 from benchmarks.harness.task_metrics import average_precision, confusion_matrix, mean_average_precision, mean_iou
 from benchmarks.harness.tasks import CLASSIFICATION, TASKS, task_of
 from benchmarks.harness.training import clipped_backward
-from benchmarks.harness.verdict import model_verdict, render_verdict
+from benchmarks.harness.verdict import model_verdict, render_verdict, render_verdict_tally
 from examples.task_data import byte_blocks, detection_samples, segmentation_samples, stdlib_text
 from hf_replacement import find_blocks
 from hf_replacement.commands.data import FASHION_MNIST_DIR
@@ -286,6 +287,24 @@ def test_a_lower_perplexity_wins_and_not_applicable_baselines_say_so():
                and line.endswith("| not applicable |") for line in lines)
 
 
+def test_a_baseline_that_did_not_train_is_judged_for_cost_only():
+    assert set(TASKS["object-detection"].untrainable) == {"sd"}
+    methods = {"repl-k4": _entry([0.70, 0.71, 0.72]), "bp": _entry([0.72, 0.73, 0.74]), "sd": _entry([0.01, 0.02, 0.0])}
+    methods["sd"]["trainable_params"] = 2  # sd trains the plain model's parameters: RepL has fewer
+    results = {"suite": {"task": "object-detection"}, "models": {"detr-tiny": {"methods": methods}}}
+    rows = {line.split(" | ")[2]: line for line in render_verdict({"detection": results})[2:]}
+    sd_cell = 6  # | suite | model | claim | vs bp | vs drop-k4 | vs tie-k4 | vs sd | ...
+    assert rows["equal or better mAP@0.5 (equal epochs)"].split(" | ")[sd_cell] == "did not train"
+    assert rows["fewer trainable parameters"].split(" | ")[sd_cell].startswith("win (-50.0%)")
+    tally = render_verdict_tally({"detection": results})
+    accuracy = next(line for line in tally if line.startswith("| equal or better accuracy (equal epochs) |"))
+    assert accuracy.split(" | ")[4] == "–"  # vs sd: nothing counted
+    # The same numbers on a task where sd trains: RepL's mAP "wins" against it.
+    results["suite"]["task"] = "semantic-segmentation"
+    rows = {line.split(" | ")[2]: line for line in render_verdict({"segmentation": results})[2:]}
+    assert rows["equal or better mIoU (equal epochs)"].split(" | ")[sd_cell].startswith("win")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("suite_name", TASK_SUITES)
 def test_task_suite_runs_end_to_end_and_resumes(suite_name, tmp_path):
@@ -308,3 +327,43 @@ def test_task_suite_runs_end_to_end_and_resumes(suite_name, tmp_path):
     again = run_benchmark(suite, tmp_path)  # every piece finished: all reused, the same numbers
     assert len(again["reused_from_earlier_runs"]) == 1 + 2 * len(suite.trained_methods())
     assert again["models"][suite.models[0]]["methods"]["bp"]["accuracies"] == methods["bp"]["accuracies"]
+
+
+def test_sd_ablation_restricts_skipping_to_the_named_blocks():
+    from benchmarks.sd_ablation import VARIANTS, restrict_stochastic_depth
+
+    model = TASKS["object-detection"].models["detr-tiny"]()
+    chosen = restrict_stochastic_depth(model, VARIANTS["decoder layers 1-3"], 0.3)
+    assert chosen == [f"model.decoder.layers.{i}" for i in (1, 2, 3)]
+    probabilities = {
+        name: module.drop_probability for name, module in model.named_modules()
+        if isinstance(module, StochasticDepthMixin)
+    }
+    assert len(probabilities) == 10  # the backbone's two blocks, 4 encoder and 4 decoder layers
+    assert {name for name, p in probabilities.items() if p == 0.3} == set(chosen)
+    assert all(p == 0.0 for name, p in probabilities.items() if name not in chosen)
+    assert len(restrict_stochastic_depth(model, VARIANTS["sd (every block)"], 0.3)) == 10
+    with pytest.raises(BenchmarkError, match=r"No skippable block of DetrForObjectDetection starts with "
+                                             r"\('nope',\); its skippable blocks are model\.backbone"):
+        restrict_stochastic_depth(model, ("nope",), 0.3)
+
+
+@pytest.mark.slow
+def test_sd_ablation_script_writes_every_variant_and_seed(tmp_path):
+    from benchmarks import sd_ablation
+
+    variants = ["bp", "control (every block, p = 1e-9)", "decoder layer 0"]
+    argv = ["--canvases", "8", "--test-canvases", "4", "--epochs", "1", "--seeds", "2", "--output-dir",
+            str(tmp_path), "--variants", *variants]
+    assert sd_ablation.main(argv) == 0
+    results = json.loads((tmp_path / "sd_ablation.json").read_text())
+    assert list(results["variants"]) == variants
+    assert [[run["seed"] for run in runs] for runs in results["variants"].values()] == [[0, 1]] * 3
+    bp, control, decoder = (results["variants"][v] for v in variants)
+    assert [len(bp[0]["blocks"]), len(control[0]["blocks"]), decoder[0]["blocks"]] == [
+        0, 10, ["model.decoder.layers.0"]]
+    assert control[0]["drop_probability"] == 1e-9 and decoder[0]["drop_probability"] == pytest.approx(0.3)
+    # The control differs from bp in rounding only: after one step on 8 canvases the losses agree closely.
+    for seed in (0, 1):
+        assert control[seed]["train_loss_per_epoch"][0] == pytest.approx(bp[seed]["train_loss_per_epoch"][0], rel=1e-3)
+    assert "| decoder layer 0 | 1 | 0.3 |" in (tmp_path / "sd_ablation.md").read_text()

@@ -51,6 +51,8 @@ def _how_to_run() -> list[str]:
         "CUDA: bf16 + torch.compile) |",
         "| `python benchmarks/fsdp_state.py` | parameter, gradient and optimizer bytes per process under FSDP2 "
         "(2 CPU processes), bp against RepL |",
+        "| `python benchmarks/sd_ablation.py` | stochastic depth on some of DETR's blocks only (3-epoch smoke, "
+        "3 seeds, about 7 min on one core): where the detection suite's `sd` stalls |",
         "| `python -m benchmarks --readme` | rewrites this file from the results below, without training |",
         "",
         "A suite writes `results.json`, `results.md`, `accuracy_curves.png` and `coefficients.png` to "

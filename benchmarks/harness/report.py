@@ -328,12 +328,45 @@ def render_settings(results: dict[str, Any]) -> list[str]:
         f"- runtime: {phases.get('total', float('nan')):.0f} s in all "
         f"(memory/time {phases.get('memory_and_speed', float('nan')):.0f} s, "
         + (f"pretraining {phases['pretraining']:.0f} s, " if "pretraining" in phases else "")
-        + f"training {phases.get('training', float('nan')):.0f} s)",
+        + f"training {phases.get('training', float('nan')):.0f} s)"
+        + _reused_training_time(results),
+        *_training_load(results),
         *(f"- {note}" for note in suite.get("notes", ())),
         *([f"- resumed: {len(results['reused_from_earlier_runs'])} finished pieces (measurements, training runs) "
            "reused from earlier sittings with the same settings (`runs/`)"]
           if results.get("reused_from_earlier_runs") else []),
     ]
+
+
+def _reused_training_time(results: dict[str, Any]) -> str:
+    """For a suite finished over several sittings, whose runtime above is only the last sitting's: the training
+    time of every run, as each recorded it when it ran."""
+    if not results.get("reused_from_earlier_runs"):
+        return ""
+    seconds = [
+        run["train_seconds"]
+        for model in results["models"].values() for entry in model["methods"].values()
+        for run in entry.get("runs", ())
+    ]
+    return f" in this sitting; the {len(seconds)} training runs took {sum(seconds):.0f} s of training in all"
+
+
+def _training_load(results: dict[str, Any]) -> list[str]:
+    """A bullet with the load averages the training runs recorded: what else ran while their wall clocks, which
+    the equal-time accuracy compares, were measured."""
+    loads = [
+        run["load_average"]
+        for model in results["models"].values() for entry in model["methods"].values()
+        for run in entry.get("runs", ()) if "load_average" in run
+    ]
+    if not loads:
+        return []
+    ends = [value for load in loads for value in (load["before"][0], load["after"][0])]
+    last_15_minutes = [load["after"][2] for load in loads]
+    return [f"- load average of the machine ({results['machine']['torch_threads']} torch threads per run), "
+            f"recorded by {len(loads)} training run{'s' * (len(loads) != 1)}: over 1 minute at their start and end "
+            f"{min(ends):.2f} to {max(ends):.2f}, over the 15 minutes before their end "
+            f"{min(last_15_minutes):.2f} to {max(last_15_minutes):.2f}"]
 
 
 COLUMNS = (
@@ -356,8 +389,8 @@ COLUMNS = (
 
 
 def render_task(results: dict[str, Any]) -> list[str]:
-    """A task suite's metric and the methods that cannot apply to its model, each with the reason (none for image
-    classification)."""
+    """A task suite's metric, the methods that cannot apply to its model and those that fail to train it, each with
+    the reason (none for image classification)."""
     task = task_of(results["suite"])
     if task.metric is ACCURACY:
         return []
@@ -367,6 +400,9 @@ def render_task(results: dict[str, Any]) -> list[str]:
     if task.not_applicable:
         lines += ["Not applicable to this task's model, so not in this suite:", "",
                   *(f"- {method}: {reason}." for method, reason in task.not_applicable.items()), ""]
+    if task.untrainable:
+        lines += ["Run, but not judged in the verdict's accuracy rows:", "",
+                  *(f"- {method}: {reason}." for method, reason in task.untrainable.items()), ""]
     return lines
 
 

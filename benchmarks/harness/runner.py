@@ -157,7 +157,10 @@ def _training_run(
         logger.info("%s %s seed %d: finished earlier, reused (%s)", model_name, method, seed,
                     store.path(model_name, piece))
         return run
+    # Other work on the machine slows a run's wall clock, which the equal-time accuracy compares: kept beside it.
+    load_before = list(os.getloadavg())
     run = train_run(suite, model_name, method, seed, data, device, pretrained)
+    run["load_average"] = {"before": load_before, "after": list(os.getloadavg())}
     store.save(model_name, piece, settings, run)
     logger.info("%s %s seed %d: %s %.4f (%.1f s)", model_name, method, seed, task_of(suite).metric.name,
                 run["accuracy"], run["train_seconds"])

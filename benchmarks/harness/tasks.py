@@ -76,7 +76,9 @@ Precision = Any  # a context manager factory (device.autocast)
 @dataclass(frozen=True)
 class Task:
     """What a suite of this task trains: `models` (name -> builder; classification: the presets), the metric,
-    `not_applicable` (method -> why it cannot apply to this task's models: refused by the suite check)."""
+    `not_applicable` (method -> why it cannot apply to this task's models: refused by the suite check),
+    `untrainable` (method -> how it runs but fails to train this task's model, measured: its metric is no
+    baseline to judge RepL's against, so the verdict does not)."""
 
     name: str
     metric: Metric
@@ -87,6 +89,7 @@ class Task:
     batch: Callable[[torch.Tensor, torch.Tensor, torch.device], dict[str, Any]]
     evaluate: Callable[[nn.Module, TensorData, torch.device, Precision], float]
     not_applicable: Mapping[str, str] = field(default_factory=dict)
+    untrainable: Mapping[str, str] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -310,6 +313,11 @@ TASKS: dict[str, Task] = {
                                                                   "backbone's blocks have it)"),
             "narrow": "DETR has no single width: its `d_model`, its FFN widths and its backbone's stage widths would "
                       "all have to shrink by one factor, which baselines.narrowed_config does not do (it refuses)",
+        },
+        untrainable={
+            "sd": "skipping 3 of DETR's 10 skippable blocks per batch on average did not train it (mAP@0.5 1.0 ± "
+                  "0.9 over 3 seeds; the suite's notes give the runs): the mAP of a model that did not train is "
+                  "no baseline",
         },
     ),
 }

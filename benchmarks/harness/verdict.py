@@ -114,6 +114,9 @@ CLAIMS: dict[str, Callable[[Entry, Entry, Metric], str]] = {
 }
 
 
+ACCURACY_CLAIMS = frozenset(claim for claim in CLAIMS if "accuracy" in claim)
+
+
 def claim_label(claim: str, metric: Metric) -> str:
     """The claim as a suite of `metric` states it ("equal or better perplexity (equal epochs)")."""
     return claim.replace("accuracy", metric.name) if metric is not ACCURACY else claim
@@ -148,7 +151,10 @@ def _judged_rows(suites: dict[str, dict[str, Any] | None]) -> Iterator[Row]:
                 continue
             for claim, cells in verdict.items():
                 yield suite_name, model_name, claim, claim_label(claim, task.metric), [
-                    "not applicable" if name in task.not_applicable else cell for name, cell in cells.items()
+                    "not applicable" if name in task.not_applicable
+                    else "did not train" if name in task.untrainable and claim in ACCURACY_CLAIMS
+                    else cell
+                    for name, cell in cells.items()
                 ]
 
 
@@ -204,6 +210,8 @@ VERDICT_RULES = (
     "when bp's run of the same seed finished (whole epochs, evaluation time not counted; the cosine schedule "
     "was set for all epochs, so a run cut short is a lower bound of what a schedule fitted to that time gives). "
     "\"not applicable\": the method cannot apply to that task's model (the reason is in the suite's results.md); "
+    "\"did not train\": the baseline ran but failed to train that task's model (measured; the suite's notes give "
+    "the runs), so its metric judges nothing; "
     "\"not run\": the baseline was not in that suite's run; \"not trained\": measured for memory/time only; "
     "\"not recorded\": results from before per-epoch times were kept."
 )
