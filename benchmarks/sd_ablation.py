@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shlex
+import statistics
 import sys
 import time
 from typing import Any
@@ -30,11 +31,12 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness.baselines import apply_stochastic_depth, remove_stochastic_depth, skippable_blocks
+from benchmarks.harness.data import TensorData
 from benchmarks.harness.device import machine_info
 from benchmarks.harness.errors import BenchmarkError
 from benchmarks.harness.methods import build_method_model
 from benchmarks.harness.paths import BENCHMARKS_DIR
-from benchmarks.harness.suites import get_suite
+from benchmarks.harness.suites import SuiteSpec, get_suite
 from benchmarks.harness.tasks import task_of
 from benchmarks.harness.training import train_model
 from hf_replacement.checkpoint import write_checkpoint
@@ -76,7 +78,7 @@ def restrict_stochastic_depth(model: nn.Module, prefixes: tuple[str, ...], proba
     return [names[block] for block in chosen]
 
 
-def run_variant(variant: str, suite: Any, data: Any, seed: int) -> dict[str, Any]:
+def run_variant(variant: str, suite: SuiteSpec, data: TensorData, seed: int) -> dict[str, Any]:
     """Train detr-tiny under `variant` (a key of VARIANTS); its blocks, probability and training record."""
     # The suite's sd model (its p, drop-k4's expected compute), its skipping then removed: bp's model and weights.
     built = build_method_model("sd", MODEL, data.num_labels, suite.image_size, suite.num_channels, seed,
@@ -87,10 +89,6 @@ def run_variant(variant: str, suite: Any, data: Any, seed: int) -> dict[str, Any
     blocks = [] if prefixes is None else restrict_stochastic_depth(model, prefixes, probability)
     run = train_model(suite, model, seed, data, torch.device("cpu"))
     return {"blocks": blocks, "drop_probability": probability if blocks else 0.0, **run}
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def render(results: dict[str, Any]) -> str:
@@ -111,8 +109,8 @@ def render(results: dict[str, Any]) -> str:
         maps = [100 * run["accuracy_per_epoch"][-1] for run in runs]
         lines.append(
             f"| {variant} | {len(runs[0]['blocks'])} | {runs[0]['drop_probability']:g} | "
-            f"{', '.join(f'{loss:.2f}' for loss in losses)} | {_mean(losses):.2f} | "
-            f"{', '.join(f'{value:.1f}' for value in maps)} | {_mean(maps):.1f} |"
+            f"{', '.join(f'{loss:.2f}' for loss in losses)} | {statistics.fmean(losses):.2f} | "
+            f"{', '.join(f'{value:.1f}' for value in maps)} | {statistics.fmean(maps):.1f} |"
         )
     return "\n".join(lines) + "\n"
 
