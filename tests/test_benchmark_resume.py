@@ -17,9 +17,11 @@ import torch
 
 from benchmarks.harness import BenchmarkError, get_suite, run_benchmark
 from benchmarks.harness import runner as benchmark_runner
+from benchmarks.harness.cli import main as benchmark_main
 from benchmarks.harness.measure import measure_compiled
 from benchmarks.harness.paths import BENCHMARKS_DIR
 from benchmarks.harness.resume import RunStore, settings_digest
+from benchmarks.harness.runner import train_one_seed
 
 ROOT = os.path.dirname(BENCHMARKS_DIR)
 
@@ -96,6 +98,35 @@ def test_interrupted_suite_resumes_skipping_finished_runs_and_equals_a_straight_
     # The runtime line is the last sitting's; the time every run trained, reused or not, is given beside it.
     total = sum(run["train_seconds"] for run in resumed_runs.values())
     assert f"in this sitting; the 4 training runs took {total:.0f} s of training in all" in markdown
+
+
+def test_a_seed_trained_by_a_process_of_its_own_is_collected_by_the_whole_suite(tmp_path, monkeypatch, capsys):
+    suite = _tiny_suite()
+    finished = train_one_seed(suite, 1, tmp_path)
+    assert list(finished["vit-mini"]) == ["bp", "repl-k4"]
+    assert sorted(os.listdir(tmp_path / "runs" / "vit-mini")) == ["bp-seed1.json", "repl-k4-seed1.json"]
+    assert not (tmp_path / "results.json").exists()  # nothing measured, nothing written but the runs
+    trained = []
+    real_train_run = benchmark_runner.train_run
+
+    def counted(*args, **kwargs):
+        trained.append(args[2:4])
+        return real_train_run(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark_runner, "train_run", counted)
+    assert train_one_seed(suite, 1, tmp_path) == finished and trained == []  # finished: not trained again
+    results = run_benchmark(suite, tmp_path)
+    assert trained == [("bp", 0), ("repl-k4", 0)]
+    runs = _runs(results)
+    assert runs.keys() == {(m, s) for m in ("bp", "repl-k4") for s in (0, 1)}
+    for method in ("bp", "repl-k4"):
+        assert runs[(method, 1)] == finished["vit-mini"][method]
+    with pytest.raises(BenchmarkError, match=r"--only-seed 2 is outside the suite's seeds 0 to 1: .*--seeds"):
+        train_one_seed(suite, 2, tmp_path)
+    with pytest.raises(BenchmarkError, match=r"The transfer suite pretrains its models.*without --only-seed"):
+        train_one_seed(get_suite("transfer"), 0, tmp_path)
+    assert benchmark_main(["--suite", "quick", "--only-seed", "3", "--output-dir", str(tmp_path)]) == 2
+    assert "error: --only-seed 3 is outside the suite's seeds 0 to 2" in capsys.readouterr().err
 
 
 def test_results_made_with_other_settings_are_refused_naming_the_difference(tmp_path):

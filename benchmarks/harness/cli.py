@@ -15,7 +15,7 @@ from .errors import BenchmarkError
 from .methods import METHODS
 from .readme import write_readme
 from .report import render_table
-from .runner import run_benchmark
+from .runner import run_benchmark, train_one_seed
 from .suites import SUITES, SuiteSpec, get_suite
 
 PROGRAM = "python -m benchmarks"
@@ -44,6 +44,9 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-max-train-samples", type=positive_int, default=None,
                         help="transfer suite: subsample the pretraining set")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--only-seed", type=int, default=None, metavar="SEED",
+                        help="train only this seed's runs into runs/ and write nothing else, so that processes "
+                        "given different seeds share a machine; then run without it to collect the results")
 
 
 def suite_from_args(args: argparse.Namespace) -> SuiteSpec:
@@ -63,13 +66,17 @@ def suite_from_args(args: argparse.Namespace) -> SuiteSpec:
 
 
 def run_benchmark_from_args(args: argparse.Namespace, program: str = PROGRAM) -> int:
-    """Run the benchmark the flags describe, print the Markdown tables, rewrite benchmarks/README.md.
+    """Run the benchmark the flags describe, print the Markdown tables, rewrite benchmarks/README.md (with
+    `--only-seed`: train that seed's runs only).
 
     Returns 0 on success, 2 on a usage error. `program` heads the command line recorded in the results.
     """
     command = " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
     try:
         suite = suite_from_args(args)
+        if args.only_seed is not None:
+            train_one_seed(suite, args.only_seed, args.output_dir, data_dir=args.data_dir, device=args.device)
+            return 0
         results = run_benchmark(suite, args.output_dir, data_dir=args.data_dir, device=args.device, command=command)
     except BenchmarkError as error:
         print(f"{program}: error: {error}", file=sys.stderr)

@@ -57,7 +57,8 @@ def _how_to_run() -> list[str]:
         "",
         "A suite writes `results.json`, `results.md`, `accuracy_curves.png` and `coefficients.png` to "
         "`benchmarks/<suite>/` (`--output-dir` elsewhere), then rewrites this file. Other flags: `--seeds`, "
-        "`--epochs`, `--methods`, `--models`, `--data-dir`, `--max-train-samples`, `--batch-size`, `--device` "
+        "`--epochs`, `--methods`, `--models`, `--data-dir`, `--max-train-samples`, `--batch-size`, `--device`, "
+        "`--only-seed` (below) "
         "(`python -m benchmarks --help`).",
         "",
         "Every suite is resumable: each finished piece (a model's memory/time measurements, one seed of one "
@@ -65,7 +66,12 @@ def _how_to_run() -> list[str]:
         "and their digest. Start the same command again after an interruption and it skips what is finished; a "
         "piece made with other settings (epochs, data, learning rate, a method's definition, ...) is refused with "
         "the differences named, so results of two settings never mix. `--seeds` and `--methods` may grow between "
-        "sittings of training runs (the measured methods are part of the measurements' settings).",
+        "sittings of training runs (the measured methods are part of the measurements' settings). On a machine "
+        "with cores to spare, `--only-seed N` trains one seed's runs and nothing else, so that processes given "
+        "different seeds share it (e.g. `OMP_NUM_THREADS=1 python -m benchmarks --suite fashion-mnist-full "
+        "--only-seed 1 &` and the same with `--only-seed 2`); the same command without it then measures, collects "
+        "every run and writes the results. Keep each seed's runs under one load (all in parallel or all alone): "
+        "its bp run sets the others' equal-wall-clock budget, and each run records the load average it ran under.",
         "",
         "The `transfer` suite pretrains its models itself (never downloaded) and keeps them in "
         "`benchmarks/transfer/pretrained/` (not committed; reused while the pretraining settings are the same, "

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .data import TensorData, load_tensor_data, timing_batch
 from .device import machine_info, resolve_device
+from .errors import BenchmarkError
 from .measure import measure_compiled, measure_memory, measure_speed
 from .methods import METHODS, resolve_methods
 from .output import write_outputs
@@ -120,6 +121,43 @@ def run_benchmark(
     write_outputs(results, output_dir)
     logger.info("Wrote %s (%.0f s)", output_dir, phases["total"])
     return results
+
+
+def train_one_seed(
+    suite: SuiteSpec,
+    seed: int,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    data_dir: str | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Train seed `seed` of every trained method and model of `suite` into `output_dir/runs/` (finished runs are
+    skipped), nothing measured or written besides; {model: {method: run}}. Processes given different seeds share
+    a machine without duplicating work; a run of the whole suite then collects their runs. A seed's runs should
+    share the machine alike: its bp run sets the equal-wall-clock budget of the others."""
+    validate_suite(suite)
+    if not 0 <= seed < suite.seeds:
+        raise BenchmarkError(
+            f"--only-seed {seed} is outside the suite's seeds 0 to {suite.seeds - 1}: pick one of them, or raise "
+            "--seeds (the same --seeds on every call)."
+        )
+    if suite.pretrain is not None:
+        raise BenchmarkError(
+            f"The {suite.name} suite pretrains its models before any seed trains: run it without --only-seed "
+            "(the pretrained models would be built by every process at once)."
+        )
+    device = resolve_device(suite, device)
+    data = task_of(suite).load(suite, data_dir)
+    store = RunStore(os.fspath(output_dir or suite_dir(suite.name)))
+    trained = [m for m in suite.trained_methods() if m in resolve_methods(suite.methods)]
+    runs = [(name, method) for name in suite.models for method in trained]
+    finished: dict[str, Any] = {}
+    for model_name, method in tqdm(runs, desc=f"train seed {seed}", disable=None):
+        run = _training_run(suite, model_name, method, seed, data, device, None, store)
+        finished.setdefault(model_name, {})[method] = run
+    logger.info("Seed %d trained into %s; run the suite without --only-seed to write its results.", seed,
+                store.directory)
+    return finished
 
 
 def _measure_model(
