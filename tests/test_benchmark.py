@@ -34,6 +34,7 @@ from benchmarks.harness import (
     run_benchmark,
     run_benchmark_from_args,
     state_memory,
+    tasks,
     training,
     write_readme,
 )
@@ -400,6 +401,22 @@ def test_findings_judge_repl_against_drop_by_the_seed_spread(repl_accuracies, dr
     text = "\n".join(report._pair_findings("vit-mini", methods, 4))
     assert "- vit-mini, repl-k4: 25.0% fewer trainable parameters than bp" in text
     assert verdict in text
+
+
+@pytest.mark.parametrize(
+    "metric, accuracies, line",
+    [(tasks.ACCURACY, [0.80, 0.82, 0.84],
+      "- vit-mini: bp's accuracy has a standard deviation of 2.0 points over 3 seeds"),
+     (tasks.TASKS["causal-lm"].metric, [8.5, 9.0, 9.5],
+      "- vit-mini: bp's perplexity has a standard deviation of 0.500 perplexity over 3 seeds")],
+)
+def test_findings_give_the_resolution_of_the_budget_as_bps_seed_spread(metric, accuracies, line):
+    bp = {"accuracies": accuracies, "accuracy_mean": statistics.mean(accuracies),
+          "accuracy_std": statistics.stdev(accuracies)}
+    assert report._resolution("vit-mini", {"bp": bp}, metric)[0].startswith(line)
+    # One seed has no spread, and a suite that trained nothing has no accuracies: no line.
+    assert report._resolution("vit-mini", {"bp": {**bp, "accuracies": accuracies[:1]}}, metric) == []
+    assert report._resolution("vit-mini", {"bp": {"trainable_params": 1}}, metric) == []
 
 
 def _mlp_flops(tokens: int, width: int, hidden: int) -> int:

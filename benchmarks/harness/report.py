@@ -158,12 +158,17 @@ WHERE_REPL_DOES_NOT_SAVE_TIME = (
 )
 
 
+def _difference_units(metric: Metric) -> tuple[int, int, str]:
+    """How a difference of `metric` is shown: the scale, decimals and unit (percentages in points)."""
+    return (100, 1, "points") if metric.percent else (1, 3, metric.name)
+
+
 def _verdict(
     entry: dict[str, Any], other: dict[str, Any], subject: str, other_name: str, metric: Metric = ACCURACY
 ) -> str:
     """Whether `entry`'s metric beats `other`'s by more than their combined seed spread, in words."""
     difference = entry["accuracy_mean"] - other["accuracy_mean"]
-    scale, digits, unit = (100, 1, "points") if metric.percent else (1, 3, metric.name)
+    scale, digits, unit = _difference_units(metric)
     if min(len(entry["accuracies"]), len(other["accuracies"])) < 2:
         return f"{scale * difference:+.{digits}f} {unit} with one seed, no spread to judge by: not evidence either way"
     spread = math.hypot(entry["accuracy_std"], other["accuracy_std"])
@@ -241,10 +246,24 @@ def _pair_findings(
     return lines
 
 
+def _resolution(model_name: str, methods: dict[str, Any], metric: Metric = ACCURACY) -> list[str]:
+    """bp's standard deviation over the seeds: differences of that order are what the budget cannot resolve."""
+    bp = methods.get("bp", {})
+    if "accuracy_mean" not in bp or len(bp["accuracies"]) < 2:
+        return []
+    scale, digits, unit = _difference_units(metric)
+    return [
+        f"- {model_name}: bp's {metric.name} has a standard deviation of {scale * bp['accuracy_std']:.{digits}f} "
+        f"{unit} over {len(bp['accuracies'])} seeds: at this budget, differences of that order are the seeds', "
+        "not the methods'."
+    ]
+
+
 def _findings(model_name: str, model: dict[str, Any], metric: Metric = ACCURACY) -> list[str]:
     methods = model["methods"]
     return (
-        _transfer_findings(model_name, model)
+        _resolution(model_name, methods, metric)
+        + _transfer_findings(model_name, model)
         + _pair_findings(model_name, methods, 4, metric)
         + _pair_findings(model_name, methods, 3, metric)
     )
