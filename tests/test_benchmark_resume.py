@@ -129,6 +129,19 @@ def test_a_seed_trained_by_a_process_of_its_own_is_collected_by_the_whole_suite(
     assert "error: --only-seed 3 is outside the suite's seeds 0 to 2" in capsys.readouterr().err
 
 
+def test_one_seed_split_by_models_between_processes_is_collected_by_the_whole_suite(tmp_path, monkeypatch):
+    suite = _tiny_suite(seeds=1, models=("vit-mini", "convnext-mini"), methods=("bp",))
+    finished = {}
+    for model in suite.models:  # what `--only-seed 0 --models <model>` runs, one process per model
+        finished.update(train_one_seed(dataclasses.replace(suite, models=(model,)), 0, tmp_path))
+    trained = []
+    monkeypatch.setattr(benchmark_runner, "train_run", lambda *args, **kwargs: trained.append(args[2:4]))
+    results = run_benchmark(suite, tmp_path)
+    assert trained == []
+    for model in suite.models:
+        assert results["models"][model]["methods"]["bp"]["runs"] == [finished[model]["bp"]]
+
+
 def test_results_made_with_other_settings_are_refused_naming_the_difference(tmp_path):
     suite = _tiny_suite(seeds=1)
     run_benchmark(suite, tmp_path)

@@ -69,7 +69,8 @@ def _how_to_run() -> list[str]:
         "sittings of training runs (the measured methods are part of the measurements' settings). On a machine "
         "with cores to spare, `--only-seed N` trains one seed's runs and nothing else, so that processes given "
         "different seeds share it (e.g. `OMP_NUM_THREADS=1 python -m benchmarks --suite fashion-mnist-full "
-        "--only-seed 1 &` and the same with `--only-seed 2`); the same command without it then measures, collects "
+        "--only-seed 1 &` and the same with `--only-seed 2`; `--models` splits one seed's runs further); the same "
+        "command without either then measures, collects "
         "every run and writes the results. Keep each seed's runs under one load (all in parallel or all alone): "
         "its bp run sets the others' equal-wall-clock budget, and each run records the load average it ran under.",
         "",
