@@ -195,14 +195,14 @@ SUITES: dict[str, SuiteSpec] = {
         ),
     ),
     # Resumable over several sittings (runs/ beside results.json). Planned from the committed transfer suite's step
-    # times at batch 64 (vit-mini 207 ms, convnext-mini 141 ms on 2 cores): a 60k epoch takes ~195 s and ~130 s,
-    # so 36 runs of 5 epochs take about 8 h (drop-k4, sd, repl-k4-half a little less). 5 epochs: the transfer
-    # suite's pretraining reached 81% (vit-mini) and 88% (convnext-mini) after 2; the number was fixed before
-    # any run of this suite. Rerun the same command after an interruption and it continues.
+    # times at batch 64 (vit-mini 207 ms, convnext-mini 141 ms on 2 cores) at about 8 h; the committed run took
+    # 6.1 h of training at one thread per run (vit-mini 12-17 min a run, convnext-mini 4.5-6 min). 5 epochs: the
+    # transfer suite's pretraining reached 81% (vit-mini) and 88% (convnext-mini) after 2; the number was fixed
+    # before any run of this suite. Rerun the same command after an interruption and it continues.
     "fashion-mnist-full": SuiteSpec(
         name="fashion-mnist-full",
         summary="all of Fashion-MNIST (60k/10k), vit-mini + convnext-mini at 28 px, 5 epochs, RepL against "
-                "tying, stochastic depth and dropping, 3 seeds: about 8 h on 2 CPU cores, resumable",
+                "tying, stochastic depth and dropping, 3 seeds: about 6 h of one core, resumable, seeds in parallel",
         models=("vit-mini", "convnext-mini"),
         dataset="fashion-mnist",
         image_size=28,
