@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.harness.bandwidth import PHASES, measure_phase_bandwidth, render_bandwidth_table
 from benchmarks.harness.data import timing_batch
-from benchmarks.harness.device import autocast, machine_info, synchronize
+from benchmarks.harness.device import autocast, describe_load, load_average, machine_info, synchronize
 from benchmarks.harness.measure import replaced_modules
 from benchmarks.harness.meters import SavedTensorMeter
 from benchmarks.harness.methods import build_method_model
@@ -238,7 +238,7 @@ def render(report: dict[str, Any]) -> str:
         "# RepL step time against its limit",
         "",
         f"Machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}; "
-        f"{report['precision']}; load average (1 min) {load['before'][0]:.2f} before, {load['after'][0]:.2f} after. "
+        f"{report['precision']}; {describe_load(load)}. "
         f"Produced by `{report['command']}`; method: the docstring of `benchmarks/speed.py`.",
         "",
         "| model (px, batch) | repl-k4 ×bp [IQR] | limit | synthesis, % of step (ms) | repl-k4-half ×bp "
@@ -283,13 +283,13 @@ def main(argv: Sequence[str] | None = None, program: str = "python -m benchmarks
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu.")
     compile_ = device.type == "cuda" and not args.no_compile
-    load = {"before": list(os.getloadavg())}
+    load = {"before": load_average()}
     results = []
     for setting in SETTINGS:
         if setting.model in args.models and (args.image_sizes is None or setting.image_size in args.image_sizes):
             results.append(measure_setting(setting, args.rounds, args.steps, device, compile_))
             logger.info("%s: repl-k4 ×bp %.3f", setting.model, results[-1]["step_ratio"]["repl-k4"]["median"])
-    load["after"] = list(os.getloadavg())
+    load["after"] = load_average()
     arguments = sys.argv[1:] if argv is None else list(argv)
     report = {
         "command": " ".join([program, *(shlex.quote(a) for a in arguments)]),

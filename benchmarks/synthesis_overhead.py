@@ -45,7 +45,7 @@ from torch import nn
 
 from benchmarks.harness.bandwidth import measure_phase_bandwidth, render_bandwidth_table
 from benchmarks.harness.data import timing_batch
-from benchmarks.harness.device import machine_info
+from benchmarks.harness.device import describe_load, load_average, machine_info
 from benchmarks.harness.measure import replaced_modules, time_synthesis, time_training_steps
 from benchmarks.harness.output import write_report
 from benchmarks.harness.paths import BENCHMARKS_DIR, SYNTHESIS_OVERHEAD_NAME
@@ -187,7 +187,7 @@ def render_machine(report: dict[str, Any]) -> str:
     machine, load = report["machine"], report["load_average"]
     return (
         f"Machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}; fp32, CPU; "
-        f"load average (1 min) {load['before'][0]:.2f} before, {load['after'][0]:.2f} after "
+        f"{describe_load(load)} "
         "(other processes share these cores: spread in the step times is theirs too). "
         f"Produced by `{report['command']}`."
     )
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=BENCHMARKS_DIR)
     args = parser.parse_args(argv)
     arguments = sys.argv[1:] if argv is None else list(argv)
-    load = {"before": list(os.getloadavg())}
+    load = {"before": load_average()}
     results = []
     for setting in SETTINGS:
         if setting.model not in args.models:
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         results.append(measure(setting))
         logger.info("%s", json.dumps({k: v for k, v in results[-1].items() if k != "equality"}))
-    load["after"] = list(os.getloadavg())
+    load["after"] = load_average()
     report = {
         "command": " ".join([parser.prog, *(shlex.quote(a) for a in arguments)]),
         "machine": machine_info(torch.device("cpu")),

@@ -142,6 +142,17 @@ def test_one_seed_split_by_models_between_processes_is_collected_by_the_whole_su
         assert results["models"][model]["methods"]["bp"]["runs"] == [finished[model]["bp"]]
 
 
+def test_a_system_without_load_averages_trains_and_reports_without_them(tmp_path, monkeypatch):
+    from benchmarks.harness.device import describe_load, load_average
+
+    monkeypatch.delattr(os, "getloadavg")  # as on Windows
+    assert load_average() is None
+    assert describe_load({"before": None, "after": None}) == "load average not reported by this system"
+    results = run_benchmark(_tiny_suite(seeds=1, methods=("bp",)), tmp_path)
+    assert "load_average" not in _runs(results)[("bp", 0)]
+    assert "load average of the machine" not in (tmp_path / "results.md").read_text()
+
+
 def test_results_made_with_other_settings_are_refused_naming_the_difference(tmp_path):
     suite = _tiny_suite(seeds=1)
     run_benchmark(suite, tmp_path)

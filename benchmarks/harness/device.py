@@ -56,6 +56,21 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15-minute load averages; None where the system keeps none (Windows)."""
+    try:
+        return list(os.getloadavg())
+    except (AttributeError, OSError):  # AttributeError: Windows has no os.getloadavg
+        return None
+
+
+def describe_load(load: dict[str, list[float] | None]) -> str:
+    """The 1-minute load average before and after a measurement (`load_average` at each), in words."""
+    if load["before"] is None or load["after"] is None:
+        return "load average not reported by this system"
+    return f"load average (1 min) {load['before'][0]:.2f} before, {load['after'][0]:.2f} after"
+
+
 def autocast(device: torch.device, mixed_precision: str | None) -> contextlib.AbstractContextManager:
     """bf16 autocast where the suite asks for it, else no change."""
     if mixed_precision == "bf16":

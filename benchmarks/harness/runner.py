@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import TensorData, load_tensor_data, timing_batch
-from .device import machine_info, resolve_device
+from .device import load_average, machine_info, resolve_device
 from .errors import BenchmarkError
 from .measure import measure_compiled, measure_memory, measure_speed
 from .methods import METHODS, resolve_methods
@@ -196,9 +196,10 @@ def _training_run(
                     store.path(model_name, piece))
         return run
     # Other work on the machine slows a run's wall clock, which the equal-time accuracy compares: kept beside it.
-    load_before = list(os.getloadavg())
+    load_before = load_average()
     run = train_run(suite, model_name, method, seed, data, device, pretrained)
-    run["load_average"] = {"before": load_before, "after": list(os.getloadavg())}
+    if load_before is not None:
+        run["load_average"] = {"before": load_before, "after": load_average()}
     store.save(model_name, piece, settings, run)
     logger.info("%s %s seed %d: %s %.4f (%.1f s)", model_name, method, seed, task_of(suite).metric.name,
                 run["accuracy"], run["train_seconds"])
