@@ -57,10 +57,12 @@ def repl_vit(seed: int = 0, **config_overrides) -> ReplacementModel:
     return get_replacement_model(base, ReplacementConfig(replaced_blocks=[1, 4]))
 
 
-def trained_peft_model(method: str) -> PeftModel:
+def trained_peft_model(method: str, modules_to_save: list[str] | None = None) -> PeftModel:
     """A PeftModel on a RepL ViT after a step of training (adapters and coefficients moved from their init)."""
     model = repl_vit()
-    peft_model = get_peft_model(model, prepare_peft_config(model, MERGEABLE[method]()))
+    config = MERGEABLE[method]()
+    config.modules_to_save = modules_to_save
+    peft_model = get_peft_model(model, prepare_peft_config(model, config))
     optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
     logits = peft_model(pixel_values=tiny_models.inputs()).logits
     (logits * torch.linspace(-1, 1, logits.shape[-1])).square().sum().backward()
@@ -95,18 +97,27 @@ def test_every_accepted_peft_method_merges_to_the_same_outputs(method):
     assert not any(type(m).__module__.startswith("peft.") for m in merged.modules())
 
 
-def test_peft_unload_without_merge_gives_the_repl_model_with_the_trained_coefficients():
-    """IA³'s generic unload puts the coefficients' trained copy back, as LoRA's does."""
-    peft_model = trained_peft_model("ia3")
+@pytest.mark.parametrize("method", ["lora", "ia3"])  # LoRA's own unload and PEFT's generic one
+def test_peft_unload_without_merge_returns_the_coefficients_as_every_module_to_save(method):
+    """`peft_model.unload()` gives the RepL model back with its coefficients as PEFT gives back any
+    `modules_to_save` module, here the classifier: the trained copy up to PEFT 0.21, the module as it was
+    before `get_peft_model` from PEFT 0.22 on. Either way the outputs are a RepL model's with those modules."""
+    peft_model = trained_peft_model(method, modules_to_save=["classifier"])
     model = peft_model.get_base_model()
-    trained = {
-        k: v.detach().clone() for k, v in model.replacement_coefficients.modules_to_save["default"].state_dict().items()
-    }
-    reference = repl_vit()  # the same seed: the same weights before training; IA³ changed none of them in place
-    reference.replacement_coefficients.load_state_dict(trained)
-    assert not torch.equal(trained["1"], reference.replacement_coefficients.get_parameter("1").new_full((2, 1), 0.5))
+    saved = ("classifier", "replacement_coefficients")
+    trained = {name: copy.deepcopy(model.get_submodule(name).modules_to_save["default"].state_dict()) for name in saved}
+    original = {name: copy.deepcopy(model.get_submodule(name).original_module.state_dict()) for name in saved}
+    for name in saved:  # both moved in training, so the two outcomes differ
+        assert any(not torch.equal(trained[name][key], original[name][key]) for key in trained[name])
     unloaded = peft_model.unload()
     assert unloaded is model and set(model.replaced_blocks) == {1, 4}
+    assert not any(type(m).__module__.startswith("peft.") for m in model.modules())
+    classifier = model.classifier.state_dict()
+    kept_trained = all(torch.equal(classifier[key], trained["classifier"][key]) for key in classifier)
+    expected = trained if kept_trained else original
+    reference = repl_vit()  # the same seed: the same weights before training; the adapters changed none in place
+    for name in saved:
+        reference.get_submodule(name).load_state_dict(expected[name])
     x = tiny_models.inputs()
     torch.testing.assert_close(logits_of(unloaded, x), logits_of(reference.eval(), x), rtol=0, atol=0)
 

@@ -185,22 +185,6 @@ def test_merge_gives_a_plain_model_with_the_same_outputs():
         torch.testing.assert_close(merged(pixel_values=x).logits, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_unload_gives_the_repl_model_with_the_trained_coefficients():
-    model = make()
-    reference = copy.deepcopy(model)
-    peft_model = get_peft_model(model, prepare_peft_config(model, lora()))
-    train_one_step(peft_model)
-    copies = model.replacement_coefficients.modules_to_save["default"]
-    trained = {key: parameter.detach().clone() for key, parameter in copies.named_parameters()}
-    unloaded = peft_model.unload()
-    assert unloaded is model and not any(type(m).__module__.startswith("peft.") for m in model.modules())
-    with torch.no_grad():
-        for key, value in trained.items():
-            reference.replacement_coefficients.get_parameter(key).copy_(value)
-        x = tiny_models.inputs()
-        torch.testing.assert_close(model(pixel_values=x).logits, reference(pixel_values=x).logits, rtol=0, atol=0)
-
-
 def test_misuse_is_a_clear_error():
     model = make()
     with pytest.raises(AttributeError, match=r"vit\.layers\.1\.attention\.q_proj\.weight does not exist between .*"
