@@ -14,6 +14,8 @@ import os
 import pathlib
 import shutil
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -365,6 +367,20 @@ def test_gpu_suite_without_cuda_is_a_clear_error(tmp_path):
     parser = argparse.ArgumentParser()
     add_benchmark_arguments(parser)
     assert run_benchmark_from_args(parser.parse_args(["--suite", "gpu", "--output-dir", str(tmp_path)])) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.skipif(shutil.which("bash") is None, reason="the GPU checks are a bash script")
+def test_gpu_checks_script_without_cuda_stops_at_once_and_says_why(tmp_path):
+    script = pathlib.Path(__file__).parent.parent / "benchmarks" / "gpu_checks.sh"
+    result = subprocess.run(
+        ["bash", str(script), str(tmp_path / "out")], env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "no CUDA device visible" in result.stderr and "run it on a GPU machine" in result.stderr
+    assert (tmp_path / "out" / "summary.txt").read_text() == result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.txt"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -53,6 +53,9 @@ def _how_to_run() -> list[str]:
         "(2 CPU processes), bp against RepL |",
         "| `python benchmarks/sd_ablation.py` | stochastic depth on some of DETR's blocks only (3-epoch smoke, "
         "3 seeds, about 7 min on one core): where the detection suite's `sd` stalls |",
+        "| `bash benchmarks/gpu_checks.sh OUTDIR [SECONDS]` | on one CUDA GPU, inside a time budget (540 s), most "
+        "wanted first: the CUDA tests, `--suite gpu`, the speed suite on CUDA (to `benchmarks/speed-cuda/`); logs, "
+        "a summary and the results packed in OUTDIR |",
         "| `python -m benchmarks --readme` | rewrites this file from the results below, without training |",
         "",
         "A suite writes `results.json`, `results.md`, `accuracy_curves.png` and `coefficients.png` to "
