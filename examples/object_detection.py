@@ -26,7 +26,7 @@ from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 from transformers.image_transforms import center_to_corners_format
 
 from hf_replacement import ReplacementConfig, get_replacement_model
-from hf_replacement.commands.data import FASHION_MNIST_LABELS
+from hf_replacement.commands.idx_files import FASHION_MNIST_LABELS
 
 IOU_THRESHOLD = 0.5
 

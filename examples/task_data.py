@@ -29,7 +29,7 @@ import sysconfig
 import numpy as np
 import torch
 
-from hf_replacement.commands.data import FASHION_MNIST_DIR, FASHION_MNIST_LABELS, read_idx
+from hf_replacement.commands.idx_files import FASHION_MNIST_DIR, FASHION_MNIST_LABELS, read_idx
 
 ITEM_SIZE = 28
 ITEM_THRESHOLD = 32  # of 255: the faint fringe of an item counts as background

@@ -174,6 +174,19 @@ def test_importing_the_package_loads_no_benchmark_code():
     assert output.strip() == "[]"
 
 
+def test_the_benchmark_harness_and_the_task_canvases_import_without_datasets():
+    """A GPU machine may lack `datasets`: `--suite gpu` and the task canvases read their data without it."""
+    code = (
+        "import sys; sys.modules['datasets'] = None\n"  # any `import datasets` now raises ImportError
+        "import benchmarks.harness.cli, benchmarks.speed, examples.task_data\n"
+        "print(sorted(m for m in sys.modules if m == 'hf_replacement.commands.data'))"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent
+    ).stdout
+    assert output.strip() == "[]"
+
+
 @pytest.mark.slow
 def test_wheel_ships_the_plugin_and_launcher_only(tmp_path):
     subprocess.run(

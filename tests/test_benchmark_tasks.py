@@ -28,7 +28,7 @@ from benchmarks.harness.training import clipped_backward
 from benchmarks.harness.verdict import model_verdict, render_verdict, render_verdict_tally
 from examples.task_data import byte_blocks, detection_samples, segmentation_samples, stdlib_text
 from hf_replacement import find_blocks
-from hf_replacement.commands.data import FASHION_MNIST_DIR
+from hf_replacement.commands.idx_files import FASHION_MNIST_DIR
 from hf_replacement.commands.training_steps import make_optimizer, train_step
 from tests.tolerances import assert_fp32_close
 

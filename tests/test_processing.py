@@ -12,7 +12,8 @@ from PIL import Image as PILImage
 from transformers import AutoImageProcessor, ConvNextImageProcessorPil
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from hf_replacement.commands.data import FASHION_MNIST_DIR, image_transform, load_image_dataset, normalisation
+from hf_replacement.commands.data import image_transform, load_image_dataset, normalisation
+from hf_replacement.commands.idx_files import FASHION_MNIST_DIR
 from hf_replacement.commands.processing import (
     PROCESSOR_NAME,
     build_image_processor,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hf_replacement.commands.data import FASHION_MNIST_DIR, FASHION_MNIST_LABELS
+from hf_replacement.commands.idx_files import FASHION_MNIST_DIR, FASHION_MNIST_LABELS
 from hf_replacement.commands.training_steps import evaluate_accuracy
 
 from .data import TensorData, eval_batches, load_tensor_data

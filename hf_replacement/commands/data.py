@@ -8,10 +8,8 @@ Hub id. Every source comes out the same shape: `image` is a `datasets.Image` (PI
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,32 +19,13 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image, load_dataset, load_from_disk
 from PIL import Image as PILImage
 
+from .errors import DataError
+from .idx_files import FASHION_MNIST_DIR, FASHION_MNIST_FILES, FASHION_MNIST_LABELS, read_idx
+
 logger = logging.getLogger(__name__)
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_LABELS = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
-# split -> (images, labels) file names, without the optional ".gz"
-FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
 _IMAGE_ALIASES = ("image", "img")
 _LABEL_ALIASES = ("label", "labels", "fine_label")
-
-
-class DataError(ValueError):
-    """A data set could not be found, read, or does not look like image classification."""
 
 
 def load_image_dataset(name: str, data_dir: str | None = None, seed: int = 0) -> DatasetDict:
@@ -115,36 +94,6 @@ def _find_idx_file(directory: str, base: str) -> str | None:
         if os.path.isfile(path):
             return path
     return None
-
-
-def read_idx(path: str, ndim: int) -> np.ndarray:
-    """Read an IDX file of unsigned bytes (gzipped or not) with `ndim` dimensions, checking its header."""
-    try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rb") as handle:
-                raw = handle.read()
-        else:
-            with open(path, "rb") as handle:
-                raw = handle.read()
-    except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"{path} is not a readable (gzip) file: {error}. Re-download or reinstall it.") from error
-    # IDX header: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions,
-    # then one big-endian uint32 per dimension.
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
-        magic = raw[:4].hex() if len(raw) >= 4 else repr(raw[:4])
-        raise DataError(
-            f"{path} is not an IDX file of {ndim}-d unsigned bytes: magic {magic}, expected 000008{ndim:02x}."
-        )
-    offset = 4 + 4 * ndim
-    if len(raw) < offset:
-        raise DataError(f"{path} is truncated: the header ends after {len(raw)} bytes.")
-    shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape)) + offset
-    if len(raw) != expected:
-        raise DataError(
-            f"{path} holds {len(raw)} bytes but its header {shape} needs {expected}: the file is truncated or corrupt."
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
 
 
 def _load_fashion_mnist(directory: str) -> DatasetDict:
@@ -383,8 +332,6 @@ def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 __all__ = [
     "DataError",
-    "FASHION_MNIST_DIR",
-    "FASHION_MNIST_LABELS",
     "collate_fn",
     "dataset_info",
     "image_transform",
@@ -392,6 +339,5 @@ __all__ = [
     "normalisation",
     "per_channel",
     "prepare_dataset",
-    "read_idx",
     "subsample",
 ]
