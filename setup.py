@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["hf_replacement", "hf_replacement.*"]),
     package_data={"hf_replacement": ["templates/*.md"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # transformers 5.21 and later need 3.11
     # torch is pinned below 2.15: install the CPU or CUDA build you want first (see README).
     install_requires=[
         "torch>=2.6,<2.15",  # FSDP2 (torch.distributed.fsdp.fully_shard) is public from 2.6; tested with 2.11-2.14

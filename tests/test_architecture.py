@@ -7,12 +7,15 @@ import argparse
 import ast
 import dataclasses
 import importlib
+import importlib.metadata
 import pathlib
 import subprocess
 import sys
 import zipfile
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from hf_replacement import ReplacementConfig
 from hf_replacement.commands.cli import build_parser
@@ -172,6 +175,24 @@ def test_importing_the_package_loads_no_benchmark_code():
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout
     assert output.strip() == "[]"
+
+
+def _setup_keyword(name: str):
+    call = next(
+        node for node in ast.walk(ast.parse((ROOT / "setup.py").read_text()))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup"
+    )
+    return ast.literal_eval(next(keyword.value for keyword in call.keywords if keyword.arg == name))
+
+
+def test_python_requires_admits_no_python_our_dependencies_refuse():
+    """Else a user of that Python meets a resolver error about transformers instead of ours."""
+    ours = SpecifierSet(_setup_keyword("python_requires"))
+    for requirement in _setup_keyword("install_requires"):
+        name = Requirement(requirement).name
+        theirs = SpecifierSet(importlib.metadata.metadata(name).get("Requires-Python") or "")
+        refused = [f"3.{minor}" for minor in range(8, 16) if f"3.{minor}.0" in ours and f"3.{minor}.0" not in theirs]
+        assert not refused, f"python_requires {ours} admits Python {refused}, which {name} ({theirs}) does not"
 
 
 def test_the_benchmark_harness_and_the_task_canvases_import_without_datasets():

@@ -48,7 +48,7 @@ def output_dir_lock(directory: str, *, enabled: bool = True) -> Iterator[None]:
             ) from None
         handle.seek(0)
         handle.truncate()
-        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
         handle.flush()
         try:
