@@ -5,7 +5,9 @@ Per setting (model, image size, batch), in one process and one interleaved run:
 - step ×bp: training steps (forward + backward + AdamW) of bp, repl-k4, repl-k4-half and drop-k4,
   interleaved in rounds (the order rotated each round); each round's median step of a method over
   bp's in the same round, then the median and interquartile range of those per-round ratios, so
-  load from other processes cancels as far as it hits both alike;
+  load from other processes cancels as far as it hits both alike; with one torch thread on a CPU each step is
+  timed in the thread's CPU time, which leaves out time other processes take the core
+  (`harness.device.step_clock`), else in wall-clock;
 - the analytic limit of repl-k4: what a RepL block computes is the plain block's computation, what
   it saves is the optimizer update of the replaced blocks' parameters, so its best step is
   `1 - t_opt(bp) · freed / params(bp) / t_step(bp)` (AdamW's time is linear in the parameters it
@@ -29,7 +31,6 @@ import os
 import shlex
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +42,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.harness.bandwidth import PHASES, measure_phase_bandwidth, render_bandwidth_table
 from benchmarks.harness.data import timing_batch
-from benchmarks.harness.device import autocast, describe_load, load_average, machine_info, synchronize
+from benchmarks.harness.device import (
+    autocast,
+    describe_load,
+    load_average,
+    machine_info,
+    step_clock,
+    synchronize,
+)
 from benchmarks.harness.measure import replaced_modules
 from benchmarks.harness.meters import SavedTensorMeter
 from benchmarks.harness.methods import build_method_model
@@ -157,16 +165,17 @@ def _step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: 
 
 def _optimizer_seconds(model: torch.nn.Module, optimizer: torch.optim.Optimizer, repeats: int, device) -> float:
     """Median seconds of `optimizer.step()` alone, on gradients of ones (state already created)."""
+    clock, _ = step_clock(device)
     times = []
     for _ in range(repeats):
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.grad = torch.ones_like(parameter)
         synchronize(device)
-        started = time.perf_counter()
+        started = clock()
         optimizer.step()
         synchronize(device)
-        times.append(time.perf_counter() - started)
+        times.append(clock() - started)
     optimizer.zero_grad(set_to_none=True)
     return statistics.median(times)
 
@@ -191,16 +200,17 @@ def measure_setting(setting: SpeedSetting, rounds: int, steps: int, device: torc
         for _ in range(2 if compile_ else 1):
             step(name)
     per_round: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    clock, _ = step_clock(device)
     for round_index in range(rounds):
         shift = round_index % len(CONTENDERS)
         for name in CONTENDERS[shift:] + CONTENDERS[:shift]:
             times = []
             for _ in range(steps):
                 synchronize(device)
-                started = time.perf_counter()
+                started = clock()
                 step(name)
                 synchronize(device)
-                times.append(time.perf_counter() - started)
+                times.append(clock() - started)
             per_round[name].append(statistics.median(times))
     step_ms = {name: 1e3 * statistics.median(values) for name, values in per_round.items()}
     ratios = {}
@@ -238,7 +248,7 @@ def render(report: dict[str, Any]) -> str:
         "# RepL step time against its limit",
         "",
         f"Machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}; "
-        f"{report['precision']}; {describe_load(load)}. "
+        f"{report['precision']}; steps timed in {report.get('clock', 'wall-clock')}; {describe_load(load)}. "
         f"Produced by `{report['command']}`; method: the docstring of `benchmarks/speed.py`.",
         "",
         "| model (px, batch) | repl-k4 ×bp [IQR] | limit | synthesis, % of step (ms) | repl-k4-half ×bp "
@@ -295,6 +305,7 @@ def main(argv: Sequence[str] | None = None, program: str = "python -m benchmarks
         "command": " ".join([program, *(shlex.quote(a) for a in arguments)]),
         "machine": machine_info(device),
         "precision": "bf16 autocast" + (", torch.compile" if compile_ else "") if device.type == "cuda" else "fp32",
+        "clock": step_clock(device)[1],
         "load_average": load,
         "results": results,
     }

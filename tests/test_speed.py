@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from benchmarks import speed
 from benchmarks.harness import cli as benchmark_cli
 from benchmarks.harness.bandwidth import PHASES, measure_phase_bandwidth, synthesis_traffic
+from benchmarks.harness.device import step_clock
 from benchmarks.harness.measure import replaced_modules
 from benchmarks.harness.methods import build_method_model
 from hf_replacement.synthesis import replacement_state, synthesize
@@ -78,6 +80,23 @@ def test_speed_suite_measures_ratios_limit_and_unchanged_saved_bytes(tmp_path, m
     assert flops["repl-k4-half"] == result["step_flops"]["repl-k4-half"] / result["step_flops"]["bp"]
     markdown = (tmp_path / "speed.md").read_text()
     assert "| vit-mini (8, 8) |" in markdown and "of triad" in markdown
+    clock = "thread CPU time" if torch.get_num_threads() == 1 else "wall-clock"
+    assert report["clock"] == clock and f"steps timed in {clock};" in markdown
+
+
+def test_step_clock_on_one_cpu_thread_leaves_out_time_the_thread_does_not_run():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert step_clock(torch.device("cpu")) == (time.perf_counter, "wall-clock")
+        torch.set_num_threads(1)
+        clock, name = step_clock(torch.device("cpu"))
+        assert name == "thread CPU time"
+        started, wall_started = clock(), time.perf_counter()
+        time.sleep(0.3)  # the thread waits: the core is free for others, as when another process takes it
+        assert time.perf_counter() - wall_started >= 0.3 and clock() - started < 0.15
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_speed_suite_has_its_own_flags():
