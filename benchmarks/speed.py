@@ -85,26 +85,23 @@ SETTINGS = (
 # average 0.9-1.0, 11.3 min. The synthesis figures below it were measured by hand on the machine shared with
 # other jobs (load 1.7-1.9): CPU time per phase from `time.thread_time`, medians of 8-10 repeats; k=4, 1 thread.
 FINDINGS = (
-    "Findings (issue 26). The table above ran on an idle machine in 11.3 minutes (676 s) with the defaults, 5 rounds "
-    "of one step per contender; the run before it, with 2 steps per round, took 18.5 minutes. One step per round "
-    "leaves the medians as noisy as the goals are tight: between the two runs the repl-k4 medians moved by up to 6 "
-    "points (ViT-tiny 1.026 and 1.026, ConvNeXt-tiny at 64 px 1.069 and 1.006, ViT-small 1.004 and 0.978, "
-    "ConvNeXt-tiny at 224 px 0.986 and 1.019), and drop-k4 on ConvNeXt-tiny at 64 px, which only removes a "
-    "block, ran at 0.883 against a FLOPs expectation of 0.781 (0.778 in the 2-step run).",
+    "Findings (issue 26). The table above ran on an idle machine in 10.4 minutes (624 s) with the defaults, 5 rounds "
+    "of one step per contender, each step timed in the thread's CPU time (one torch thread). Timed in wall-clock, the "
+    "two runs before it had per-round IQRs up to 17 points wide and medians that moved by up to 6 points between "
+    "runs (ConvNeXt-tiny at 64 px 1.069 and 1.006, [IQR 0.951-1.124]; drop-k4 there 0.883 against a FLOPs "
+    "expectation of 0.781); in CPU time the widest repl-k4 IQR is 1.1 points and drop-k4 lands on its FLOPs "
+    "expectation (0.787 against 0.781). This run decides what those could not.",
     "",
-    "- Step ×bp against the goals (at most ×1.02 at 64 px, ×1.00 at 224 px): ViT-small 0.978 and ConvNeXt-tiny at "
-    "64 px 1.006 (IQR 0.951-1.124) meet them at the median; ConvNeXt-tiny at 224 px 1.019 does not (0.986 in the "
-    "2-step run), nor ViT-tiny 1.026 [IQR 1.014-1.063] in either run, though its synthesis takes 0.1% of the step "
-    "(5 ms of 4.4 s) and a profile of interleaved steps (torch.profiler, self time per operator, 10 rounds, on the "
-    "shared machine) shows no operator that only RepL runs costing more than 2.4 ms per step: the rest of the 2.6% "
-    "is the matrix products every contender runs, and it lies inside the per-round spread. ConvNeXt-tiny at 64 px: "
-    "synthesis is 8.3% of its step (69 ms; 112 ms in the issue's measurement), against an analytic limit of 0.969; "
-    "the same synthesis took 43 ms per step at 224 px in this run (48 and 57 ms in the 2-step run): its first "
-    "touches of fresh memory cost what the step allocated before them leaves mapped (page faults, below). "
-    "repl-k4-half on ConvNeXt-tiny runs at 0.851 against a FLOPs expectation of 0.817, within the 5-point goal "
-    "(0.909 in the 2-step run); on ViT-tiny 0.896 against 0.889.",
-    "- Synthesis bandwidth in this run (the table above): ViT-small reaches 0.55 / 0.54 of the triad forward and "
-    "in the rebuild, 0.45 backward; ViT-tiny 0.39 / 0.48 / 0.29; ConvNeXt-tiny 0.17-0.24 in every phase.",
+    "- Step ×bp against the goals (at most ×1.02 at 64 px, ×1.00 at 224 px): met by ViT-tiny, 1.006 [1.002-1.006] "
+    "against a limit of 0.999 (its synthesis is 0.1% of the step, 4 ms; the 2.6% of the wall-clock runs was their "
+    "noise), and by ViT-small, 0.998 [0.988-1.001]. Not met by ConvNeXt-tiny: 1.053 [1.048-1.059] at 64 px against a "
+    "limit of 0.975, and 1.016 [1.013-1.024] at 224 px against 0.995. In both the excess over the limit is about "
+    "the synthesis's share of the step (6.7% at 64 px, 45 ms; 1.4% at 224 px, 43 ms): what is missing is the "
+    "synthesis at memory bandwidth (next finding), not an unexplained remainder. repl-k4-half on ConvNeXt-tiny "
+    "runs at 0.931 (64 px) and 0.894 (224 px) against a FLOPs expectation of 0.817: 11 and 8 points over, outside "
+    "the 5-point goal; on ViT-tiny 0.883 against 0.889.",
+    "- Synthesis bandwidth in this run (the table above): ViT-small reaches 0.53 / 0.57 of the triad forward and "
+    "in the rebuild, 0.44 backward; ViT-tiny 0.48 / 0.59 / 0.31; ConvNeXt-tiny 0.19-0.24 in every phase.",
     "",
     "- Synthesis of ConvNeXt-tiny (k=4, 8 M weights, 75 MB compulsory traffic forward and rebuild, 119 MB backward), "
     "CPU ms per phase forward / rebuild / backward, the shipped code and the previous one interleaved in one process "
