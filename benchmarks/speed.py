@@ -38,7 +38,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.harness.bandwidth import PHASES, measure_phase_bandwidth, render_bandwidth_table
 from benchmarks.harness.data import timing_batch
@@ -51,7 +50,7 @@ from benchmarks.harness.device import (
     synchronize,
 )
 from benchmarks.harness.measure import replaced_modules
-from benchmarks.harness.meters import SavedTensorMeter
+from benchmarks.harness.meters import SavedTensorMeter, flop_counter
 from benchmarks.harness.methods import build_method_model
 from benchmarks.harness.output import write_report
 from benchmarks.harness.paths import SPEED_NAME, suite_dir
@@ -151,7 +150,7 @@ def _saved_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor], device:
 
 def _step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool) -> int:
     """Matrix-multiply and convolution FLOPs of one forward + backward (elementwise work is not counted)."""
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         with autocast(device, "bf16" if bf16 else None):
             loss = model(**batch).loss

@@ -14,6 +14,7 @@ from benchmarks.harness import cli as benchmark_cli
 from benchmarks.harness.bandwidth import PHASES, measure_phase_bandwidth, synthesis_traffic
 from benchmarks.harness.device import step_clock
 from benchmarks.harness.measure import replaced_modules
+from benchmarks.harness.meters import flop_counter
 from benchmarks.harness.methods import build_method_model
 from hf_replacement.synthesis import replacement_state, synthesize
 
@@ -82,6 +83,21 @@ def test_speed_suite_measures_ratios_limit_and_unchanged_saved_bytes(tmp_path, m
     assert "| vit-mini (8, 8) |" in markdown and "of triad" in markdown
     clock = "thread CPU time" if torch.get_num_threads() == 1 else "wall-clock"
     assert report["clock"] == clock and f"steps timed in {clock};" in markdown
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_flop_counter_counts_a_convolutions_backward_as_two_forwards(groups):
+    """Input and weight gradients each cost the forward's multiply-adds, grouped (depthwise) or not; torch's own
+    formula counts a grouped convolution's weight gradient as an ungrouped one."""
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    forward = 2 * 2 * 8 * (8 // groups) * 5 * 5 * 3 * 3  # 2 x batch x outputs x inputs each x positions x taps
+    with flop_counter() as counter:
+        conv(x).sum().backward()
+    assert counter.get_total_flops() == 3 * forward
+    with flop_counter() as counter:  # no input gradient wanted: the weight's only
+        conv(x.detach()).sum().backward()
+    assert counter.get_total_flops() == 2 * forward
 
 
 def test_step_clock_on_one_cpu_thread_leaves_out_time_the_thread_does_not_run():
