@@ -260,15 +260,10 @@ class _Synthesis(torch.autograd.Function):
         return (None, coefficient_grad, *source_grads, *([None] * ctx.num_tables))
 
 
-def _apply_synthesis(*inputs: Any) -> tuple[torch.Tensor, ...]:
-    return _Synthesis.apply(*inputs)
-
-
 # Dynamo before torch 2.13 traces `_Synthesis` into a graph whose backward gives the coefficients and the
 # neighbours no gradient (measured on 2.11: zero gradients, forward exact, no warning); 2.13 and 2.14 trace it
 # correctly, into the one graph. Before 2.13 it runs outside the graph: a graph break per replaced block.
-if torch.__version__ < "2.13":
-    _apply_synthesis = torch.compiler.disable(_apply_synthesis)
+_apply_synthesis = _Synthesis.apply if torch.__version__ >= "2.13" else torch.compiler.disable(_Synthesis.apply)
 
 
 def _synthesized_values(

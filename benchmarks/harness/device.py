@@ -95,4 +95,3 @@ def step_clock(device: torch.device) -> tuple[Callable[[], float], str]:
     if device.type == "cpu" and torch.get_num_threads() == 1:
         return time.thread_time, "thread CPU time"
     return time.perf_counter, "wall-clock"
-
