@@ -28,6 +28,7 @@ from hf_replacement import (
     get_replacement_model,
     resampling,
 )
+from hf_replacement import synthesis as synthesis_module
 from hf_replacement.layer import ReplacementCoefficients, apply_plan, is_replaced
 from hf_replacement.reference import reference_synthesize
 from hf_replacement.resampling import DimResample, resample_matrix, resample_plan
@@ -450,7 +451,11 @@ def test_bf16_autocast_and_half_model_keep_fp32_coefficients():
 
 
 @pytest.mark.slow
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("synthesis_in_graph", [True, False])  # False: the path torch before 2.13 takes
+def test_torch_compile_matches_eager(synthesis_in_graph, monkeypatch):
+    if not synthesis_in_graph:
+        monkeypatch.setattr(synthesis_module, "_apply_synthesis", torch.compiler.disable(_Synthesis.apply))
+    torch._dynamo.reset()
     model, _ = make("vit")
     x = tiny_models.inputs()
     loss_of(model(pixel_values=x).logits).backward()
