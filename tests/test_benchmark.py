@@ -369,14 +369,45 @@ def test_gpu_suite_without_cuda_is_a_clear_error(tmp_path):
     assert run_benchmark_from_args(parser.parse_args(["--suite", "gpu", "--output-dir", str(tmp_path)])) == 2
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-@pytest.mark.skipif(shutil.which("bash") is None, reason="the GPU checks are a bash script")
-def test_gpu_checks_script_without_cuda_stops_at_once_and_says_why(tmp_path):
+def run_gpu_checks(*arguments: str, python: str = sys.executable) -> subprocess.CompletedProcess:
     script = pathlib.Path(__file__).parent.parent / "benchmarks" / "gpu_checks.sh"
-    result = subprocess.run(
-        ["bash", str(script), str(tmp_path / "out")], env={**os.environ, "PYTHON": sys.executable},
+    return subprocess.run(
+        ["bash", str(script), *arguments], env={**os.environ, "PYTHON": python},
         capture_output=True, text=True, timeout=120,
     )
+
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="the GPU checks are a bash script")
+
+
+@needs_bash
+@pytest.mark.parametrize("budget", ["abc", "30"])
+def test_gpu_checks_script_refuses_a_bad_budget_before_writing_anything(tmp_path, budget):
+    result = run_gpu_checks(str(tmp_path / "out"), budget)
+    assert result.returncode == 2
+    assert f"SECONDS must be a whole number of seconds, at least 60 (got '{budget}')" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@needs_bash
+def test_gpu_checks_script_exits_non_zero_when_a_step_fails(tmp_path):
+    """A run whose steps failed must not look like a finished one: here a stand-in Python that reports CUDA
+    and fails everything else."""
+    python = tmp_path / "python"
+    python.write_text('#!/usr/bin/env bash\ncase "$*" in *cuda.is_available*) exit 0;; esac\nexit 3\n')
+    python.chmod(0o755)
+    result = run_gpu_checks(str(tmp_path / "out"), "120", python=str(python))
+    assert result.returncode == 1
+    assert "3 of 3 steps failed or did not run" in result.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    for step in ("cuda-tests", "gpu-suite", "speed-cuda"):
+        assert f"{step}: exit status 3" in summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@needs_bash
+def test_gpu_checks_script_without_cuda_stops_at_once_and_says_why(tmp_path):
+    result = run_gpu_checks(str(tmp_path / "out"))
     assert result.returncode == 2
     assert "no CUDA device visible" in result.stderr and "run it on a GPU machine" in result.stderr
     assert (tmp_path / "out" / "summary.txt").read_text() == result.stderr
