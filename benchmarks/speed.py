@@ -13,8 +13,14 @@ Per setting (model, image size, batch), in one process and one interleaved run:
   `1 - t_opt(bp) · freed / params(bp) / t_step(bp)` (AdamW's time is linear in the parameters it
   updates; t_opt measured alone in the same run);
 - the synthesis share of the repl-k4 step and, per phase (forward, rebuild, backward), its bytes per
-  second against a streaming triad over the same bytes timed next to it (`harness/bandwidth.py`);
-- saved-for-backward bytes of repl-k4 and bp (RepL must save no more: its weights are rebuilt);
+  second against a streaming triad over the same bytes timed next to it (`harness/bandwidth.py`), the
+  ceiling its ATen ops set (compulsory bytes over the bytes they read and write) and its slowest ops
+  (`harness/op_traffic.py`); and what the synthesis would take at the triad's rate (its compulsory bytes
+  over the triad's bandwidth): the step one fused kernel per synthesized tensor could reach;
+- saved-for-backward bytes of repl-k4 and bp (RepL must save no more: its weights are rebuilt), and
+  repl-k4's state after a step (parameters, buffers, gradients, AdamW state) against its analytic value,
+  bp's less the replaced blocks' weights, gradients and AdamW state (the coefficients and resampling tables
+  RepL adds are the difference);
 - each method's expectation from FLOPs: the matrix-multiply and convolution FLOPs of one forward +
   backward (`torch.utils.flop_counter`) over bp's, what its step ×bp would be if time followed FLOPs.
 
@@ -49,8 +55,8 @@ from benchmarks.harness.device import (
     step_clock,
     synchronize,
 )
-from benchmarks.harness.measure import replaced_modules
-from benchmarks.harness.meters import SavedTensorMeter, flop_counter
+from benchmarks.harness.measure import one_step_memory, replaced_modules
+from benchmarks.harness.meters import flop_counter
 from benchmarks.harness.methods import build_method_model
 from benchmarks.harness.output import write_report
 from benchmarks.harness.paths import SPEED_NAME, suite_dir
@@ -71,7 +77,8 @@ class SpeedSetting:
 
 
 # The issue's table: 64 px where the weights' per-step cost matters most, and ConvNeXt-T at 224 px,
-# where activations dominate. CPU: about 11 minutes for all four on an idle 2-core machine (1 thread).
+# where activations dominate. CPU, 1 thread, the default 5 rounds: 10.6 minutes for all four on an idle 2-core
+# machine, 14.3 on one whose host was busy (22.6 with 9 rounds).
 SETTINGS = (
     SpeedSetting("vit-tiny", 64, 32),
     SpeedSetting("convnext-tiny", 64, 16),
@@ -80,60 +87,76 @@ SETTINGS = (
 )
 
 
-# What the committed run cannot say by itself (issue 26). The table: an idle 2-core AMD EPYC, 1 thread, load
-# average 0.9-1.0, 11.3 min. The synthesis figures below it were measured by hand on the machine shared with
-# other jobs (load 1.7-1.9): CPU time per phase from `time.thread_time`, medians of 8-10 repeats; k=4, 1 thread.
+# What the committed run cannot say by itself (issue 26). The table: `--rounds 9` on a 2-core AMD EPYC shared with
+# other tenants of its host, 1 thread, 22.6 min; the quiet run it is compared with is the table of commit 62faeaf.
 FINDINGS = (
-    "Findings (issue 26). The table above ran on an idle machine in 10.6 minutes (635 s) with the defaults, 5 rounds "
-    "of one step per contender, each step timed in the thread's CPU time (one torch thread). Timed in wall-clock, "
-    "earlier runs had per-round IQRs up to 17 points wide and medians that moved by up to 6 points between runs "
-    "(ConvNeXt-tiny at 64 px 1.069 and 1.006 [IQR 0.951-1.124]; drop-k4 there 0.883 against its FLOPs expectation). "
-    "In CPU time the repl-k4 medians of this run and the one before it differ by at most 1.3 points (ViT-tiny 0.999 "
-    "and 1.006, ViT-small 0.985 and 0.998, ConvNeXt-tiny 1.062 and 1.053 at 64 px, 1.011 and 1.016 at 224 px), and "
-    "drop-k4, which only removes blocks, lands within 1.4 points of its FLOPs expectation on three of the four "
-    "settings (ViT-small runs 4 points faster).",
+    "Findings (issue 26). The table above ran with `--rounds 9` (22.6 minutes) on a machine whose steps took 1.4-1.6x "
+    "the CPU time of the quiet run of commit 62faeaf (bp: ViT-tiny 5.78 s against 4.16 s, ConvNeXt-tiny 0.91 s "
+    "against 0.58 s at 64 px): other tenants of the host share its caches and memory, which CPU time does not leave "
+    "out, and the per-round ratios spread accordingly (ConvNeXt-tiny at 64 px IQR 0.842-1.170, against 1.048-1.067 "
+    "then). A 5-round run the same day took 14.3 minutes and gave ViT-tiny 1.063 [0.991-1.075], ViT-small 0.963 "
+    "[0.953-0.980], ConvNeXt-tiny 1.041 [1.016-1.079] at 64 px and 1.006 [1.002-1.013] at 224 px. The medians agree "
+    "with the quiet run's within these spreads (ViT-tiny 0.999, ViT-small 0.985, ConvNeXt-tiny 1.062 and 1.011; "
+    "`git show 62faeaf:benchmarks/speed/speed.md`), so "
+    "the quiet run, whose IQRs are 1-3 points wide, decides the step goals; what this run adds does not depend on "
+    "the load: the ceilings and the state are exact counts, the bandwidth fractions are ratios to a triad timed "
+    "beside each phase.",
     "",
-    "- Step ×bp against the goals (at most ×1.02 at 64 px, ×1.00 at 224 px): met by ViT-tiny, 0.999 [0.997-1.007] "
-    "against a limit of 0.999 (its synthesis is 0.1% of the step, 3 ms; the 2.6% of the wall-clock runs was their "
-    "noise), and by ViT-small, 0.985 [0.970-0.997]. Not met by ConvNeXt-tiny: 1.062 [1.048-1.067] at 64 px against a "
-    "limit of 0.974, and 1.011 [0.991-1.025] at 224 px against 0.995. The excess over the limit is about the "
-    "synthesis's share of the step (6.8% at 64 px, 42 ms; 1.5% at 224 px, 46 ms): what is missing is the synthesis "
-    "at memory bandwidth (next finding), not an unexplained remainder. repl-k4-half is within the 5-point goal of its "
-    "FLOPs expectation: ConvNeXt-tiny 0.928 against 0.893 (64 px) and 0.911 against 0.892 (224 px), ViT-tiny 0.887 "
-    "against 0.889.",
+    "- Step ×bp against the goals (at most ×1.02 at 64 px, ×1.00 at 224 px): met by ViT-tiny (quiet run 0.999 "
+    "[0.997-1.007], limit 0.999; here 1.001 [0.950-1.010]) and ViT-small (0.985 [0.970-0.997]; here 0.969). Not met by "
+    "ConvNeXt-tiny at 64 px: 1.062 [1.048-1.067] against a limit of 0.974 (here 1.057 and 1.041). At 224 px it sits "
+    "on the goal's edge: 1.011 [0.991-1.025] in the quiet run, 1.006 [1.002-1.013] and 0.998 [0.978-1.086] today, "
+    "against a limit of 0.995. repl-k4-half against its FLOPs expectation: ConvNeXt-tiny 0.928 against 0.893 (64 px) "
+    "and 0.911 against 0.892 (224 px) in the quiet run, within the 5-point goal; here 0.881 and 0.964 [0.847-0.981], "
+    "the latter outside it in this run's spread.",
+    "- State: RepL's parameters, gradients and AdamW state equal bp's less the replaced blocks' exactly, plus what "
+    "RepL adds: 36 bytes of coefficients per replaced block (ViTs: ×1.0000) and, on ConvNeXt-tiny, the resampling "
+    "tables of its two stage-boundary blocks, 0.89 MB held as their buffers (×1.0027 of the analytic 326 MB, where "
+    "bp holds 445 MB). Saved-for-backward bytes equal bp's to the byte.",
+    "- The ceiling of ATen ops (exact, any machine): synthesis from neighbours of the weight's own shape (the ViTs) is "
+    "one product and one in-place multiply-add per weight, five passes over its bytes where a fused kernel needs "
+    "three: 0.60 in forward and rebuild, 0.62 backward (the gradient scaled for each neighbour and dot products "
+    "for the coefficients: eight passes for five). ViT-small reaches 0.55 / 0.57 / 0.44 of the triad, most of that; "
+    "ViT-tiny, whose weights are small enough for the cost of each call to show, 0.34 / 0.47 / 0.24. ConvNeXt-tiny's "
+    "ops move four times the compulsory bytes in forward and rebuild (ceiling 0.25; backward 0.38) and reach "
+    "0.19-0.21: the issue's 50% of the triad is out of reach of any composition of ATen ops there, however fast each "
+    "op runs, on a CPU or a GPU.",
+    "- Where ConvNeXt-tiny's time goes (the profile above): forward and rebuild, the gathers along an inner "
+    "dimension at the stage boundaries (index_select, 3.8 ms), the multiply-adds of the second neighbour and of the "
+    "resampling's mean terms (180 MB moved for 75 MB compulsory) and the row resampling (embedding_bag, 2.4 ms); "
+    "backward, the dot products for the coefficients and the mean terms (mv, 88 calls, 6.6 ms), moving the gradient "
+    "to make the resampled dimension the rows (clone, 5.6 ms), the transposed row resampling (embedding_bag, 5.6 ms) "
+    "and the neighbours' scaled gradients (_foreach_mul, 4.4 ms).",
+    "- What would remove it: one kernel per synthesized tensor that reads the neighbours once and writes the weight "
+    "once (its backward likewise). At the triad's rate the synthesis of ConvNeXt-tiny would take 12 ms instead of 65 "
+    "at 64 px and 11 instead of 58 at 224 px, 5.8 and 1.1 points of bp's step: ×1.057 and ×0.998 would become about "
+    "×1.00 and ×0.99 (from the quiet run's medians, ×1.00 and ×1.00), within both goals. `torch.compile` of the "
+    "synthesis body (inductor C++, 10-17 s per block) did not fuse it usefully on this CPU (that block's forward "
+    "10.3 ms compiled against 9.9 eager; inductor's gathers along an inner dimension are slower than ATen's), and a "
+    "scalar C kernel gathers at the same ~1 ns per element as ATen, so no compiled path ships; Triton under "
+    "`torch.compile` on a GPU (this suite's CUDA row, not yet run: no GPU was lent) or a SIMD CPU kernel would be "
+    "the next step.",
     "- FLOPs expectations count a convolution's backward as two forwards (`harness.meters.flop_counter`): torch's own "
     "formula counts a depthwise convolution's weight gradient as an ungrouped one, 68 of ConvNeXt-tiny's 101 GFLOP "
     "a step, which had put repl-k4-half's expectation at 0.817 and drop-k4's at 0.781.",
-    "- Synthesis bandwidth in this run (the table above): ViT-small reaches 0.51 / 0.55 of the triad forward and "
-    "in the rebuild, 0.45 backward; ViT-tiny 0.46 / 0.52 / 0.31; ConvNeXt-tiny 0.20-0.27 in every phase.",
     "",
-    "- Synthesis of ConvNeXt-tiny (k=4, 8 M weights, 75 MB compulsory traffic forward and rebuild, 119 MB backward), "
-    "CPU ms per phase forward / rebuild / backward, the shipped code and the previous one interleaved in one process "
-    "(`time.thread_time`, 8-10 repeats, three runs): 11-15 / 11-15 / 22-27 against 24-32 / 24-33 / 24-32 before, "
-    "21-23% / 21-23% / 17-18% of a triad over the same bytes against 10% / 9-11% / 15-17% (with the allocator "
-    "settings below: 22-26% / 23-25% / 20-23% against 16-19% / 16-19% / 18-20%; ViT-tiny: 38-43% / 62-67% / "
-    "33-36% against 32-37% / 49-50% / 33-37%). The 50% goal is met by no phase of ConvNeXt-tiny and only by "
-    "ViT-tiny's rebuild.",
-    "- What changed: one fresh tensor per synthesized weight, the second term accumulated into the first product in "
+    "- What the fast path does (earlier measurements, CPU ms per phase forward / rebuild / backward on ConvNeXt-tiny, "
+    "the shipped code against the one before, interleaved in one process): 11-15 / 11-15 / 22-27 against 24-32 / "
+    "24-33 / 24-32. One fresh tensor per synthesized weight, the second term accumulated into the first product in "
     "place (`addcmul_`), a 0-dim coefficient folded into the last resampling step's table, resampling along "
     "dimension 0 as `embedding_bag` (each result row a weighted bag of two source rows, written once: 1.9 to 0.7 ms "
     "on a 1536x768 to 3072x768 step), the transposed resampling as one `embedding_bag` over the gradient moved to "
     "make its dimension the rows (2x faster than a gather per slot), the mean term over the last dimension one `mv` "
     "(a batched matmul ran 1,536 tiny products: 1.3 to 0.09 ms) and per-channel dot products with `vecdot` (bmm: 3x "
-    "slower). Coefficients stay 0-dim tensors: `a*x` with a 0-dim `a` costs what `0.5*x` does (0.34 / 0.38 ms on "
-    "2.4 M values) once page faults are out of the measurement.",
+    "slower). Tried and not kept: the inner-dimension steps as banded matrix products over overlapping windows "
+    "(`bmm`/`einsum`, as fast or slower: the band's zeros are multiplied too) and as `interpolate(mode=\"linear\")` "
+    "(slower, and its float32 positions lose about 1e-4 of the weights).",
     "- Page faults: glibc gives freed large tensors back to the system, so fresh ones are zero-filled on first touch, "
     "about 2.4 us per 4 KiB page here (`a*x + b*y` on 2.4 M values: 17 ms with 6,880 faults, 0.4 ms without). Fewer "
     "temporaries cut them from 4,000-5,000 to 0-1,100 per forward and rebuild; backward still allocates the "
     "neighbours' fresh gradients (0-5,000). With `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4000000000`, "
     "or tcmalloc preloaded, every phase takes 0 faults; jemalloc's defaults fault more (9,000-17,000 per phase) "
     "unless `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`.",
-    "- What would remove the rest: on ConvNeXt-tiny the 768-channel block at the stage boundary (4.7 M of the 8 M "
-    "weights): gathers along an inner dimension (about 1.3-1.7 ms per step forward), the mean term (a pass) and, "
-    "backward, the moves of the gradient. `torch.compile` of the synthesis body (inductor C++, 10-17 s per block) "
-    "did not help on this CPU (that block's forward 10.3 ms compiled against 9.9 eager; inductor's gathers along an "
-    "inner dimension are slower than ATen's), so no compiled path ships; a hand-written kernel that interpolates "
-    "rows and writes once, or Triton on CUDA, would be the next step.",
 )
 
 
@@ -142,15 +165,6 @@ def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
         return values[0], values[0], values[0]
     low, median, high = statistics.quantiles(values, n=4, method="inclusive")
     return low, median, high
-
-
-def _saved_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool) -> int:
-    meter = SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
-    with meter, autocast(device, "bf16" if bf16 else None):
-        loss = model(**batch).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return meter.bytes
 
 
 def _step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool) -> int:
@@ -190,7 +204,16 @@ def measure_setting(setting: SpeedSetting, rounds: int, steps: int, device: torc
     suite = SuiteSpec(name="speed", summary="", models=(setting.model,), dataset=None, image_size=setting.image_size,
                       num_channels=3, batch_size=setting.batch_size)
     batch = timing_batch(suite, None, setting.batch_size, device)
-    saved = {name: _saved_bytes(models[name], batch, device, bf16) for name in ("bp", "repl-k4")}
+    memory = {
+        name: one_step_memory(
+            models[name], optimizers[name], batch, autocast(device, "bf16" if bf16 else None), per_block=name == "bp"
+        )
+        for name in ("bp", "repl-k4")
+    }
+    saved = {name: memory[name][0] for name in memory}
+    state = {name: memory[name][1]["total"] for name in memory}
+    # bp less the replaced blocks' weights, gradients and AdamW state: RepL's state if freeing them were all it changed.
+    analytic_state = state["bp"] - sum(memory["bp"][2][i] for i in built["repl-k4"].affected_blocks)
     flops = {name: _step_flops(models[name], batch, device, bf16) for name in CONTENDERS}
     runners = {name: (torch.compile(model) if compile_ else model) for name, model in models.items()}
 
@@ -237,9 +260,17 @@ def measure_setting(setting: SpeedSetting, rounds: int, steps: int, device: torc
         "synthesis_percent": 100 * synthesis_ms / step_ms["repl-k4"],
         "bandwidth": bandwidth,
         "saved_bytes": saved,
+        "state_bytes": state,
+        "analytic_state_bytes": analytic_state,
         "step_flops": flops,
         "flops_ratio": {name: flops[name] / flops["bp"] for name in CONTENDERS[1:]},
     }
+
+
+def synthesis_at_triad_ms(bandwidth: dict[str, dict[str, Any]]) -> float:
+    """Milliseconds the phases of `measure_phase_bandwidth` would take moving their compulsory bytes at the triad's
+    rate measured beside them: what one fused kernel per synthesized tensor, streaming like the triad, would take."""
+    return sum(1e3 * bandwidth[phase]["bytes"] / (bandwidth[phase]["triad_gb_per_s"] * 1e9) for phase in PHASES)
 
 
 def render(report: dict[str, Any]) -> str:
@@ -252,19 +283,23 @@ def render(report: dict[str, Any]) -> str:
         f"{report['precision']}; steps timed in {report.get('clock', 'wall-clock')}; {describe_load(load)}. "
         f"Produced by `{report['command']}`; method: the docstring of `benchmarks/speed.py`.",
         "",
-        "| model (px, batch) | repl-k4 ×bp [IQR] | limit | synthesis, % of step (ms) | repl-k4-half ×bp "
-        "(FLOPs ×bp) | drop-k4 ×bp (FLOPs ×bp) | saved bytes repl / bp |",
-        "|---|---|---|---|---|---|---|",
+        "| model (px, batch) | repl-k4 ×bp [IQR] | limit | synthesis, % of step (ms) | at the triad's rate: ms "
+        "(points of bp's step saved) | repl-k4-half ×bp (FLOPs ×bp) | drop-k4 ×bp (FLOPs ×bp) | saved bytes repl / bp "
+        "| state repl / analytic |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         ratio = r["step_ratio"]
+        at_triad = synthesis_at_triad_ms(r["bandwidth"])
         low, high = ratio["repl-k4"]["iqr"]
         lines.append(
             f"| {r['model']} ({r['image_size']}, {r['batch_size']}) | {ratio['repl-k4']['median']:.3f} "
             f"[{low:.3f}-{high:.3f}] | {r['limit']:.3f} | {r['synthesis_percent']:.1f} ({r['synthesis_ms']:.0f}) | "
+            f"{at_triad:.0f} ({100 * (r['synthesis_ms'] - at_triad) / r['step_ms']['bp']:.1f}) | "
             f"{ratio['repl-k4-half']['median']:.3f} ({r['flops_ratio']['repl-k4-half']:.3f}) | "
             f"{ratio['drop-k4']['median']:.3f} ({r['flops_ratio']['drop-k4']:.3f}) | "
-            f"{r['saved_bytes']['repl-k4'] / r['saved_bytes']['bp']:.4f} |"
+            f"{r['saved_bytes']['repl-k4'] / r['saved_bytes']['bp']:.4f} | "
+            f"{r['state_bytes']['repl-k4'] / r['analytic_state_bytes']:.4f} |"
         )
     lines += [
         "",
@@ -286,13 +321,22 @@ def main(argv: Sequence[str] | None = None, program: str = "python -m benchmarks
     parser.add_argument("--steps", type=int, default=1, help="steps per contender per round (default 1)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-compile", action="store_true", help="CUDA: run eager instead of torch.compile")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU: torch threads (default 1: each step is then timed in the thread's CPU time, which leaves out "
+        "the time other processes take the core; with more, in wall-clock)",
+    )
     parser.add_argument("--output-dir", default=suite_dir(SPEED_NAME))
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.steps < 1:
-        parser.error(f"--rounds and --steps must be >= 1 (got {args.rounds}, {args.steps}).")
+    if args.rounds < 1 or args.steps < 1 or args.threads < 1:
+        parser.error(f"--rounds, --steps and --threads must be >= 1 (got {args.rounds}, {args.steps}, {args.threads}).")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu.")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     compile_ = device.type == "cuda" and not args.no_compile
     load = {"before": load_average()}
     results = []

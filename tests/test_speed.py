@@ -52,9 +52,18 @@ def test_phase_bandwidth_reports_each_phase_beside_the_triad():
     assert all(p.grad is None for p in model.parameters())  # the backward phase leaves no gradient behind
 
 
+@pytest.fixture
+def torch_threads_restored():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("torch_threads_restored")
 def test_speed_suite_measures_ratios_limit_and_unchanged_saved_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "SETTINGS", (speed.SpeedSetting("vit-mini", 8, 8),))
-    argv = ["--suite", "speed", "--rounds", "2", "--steps", "1", "--device", "cpu", "--output-dir", str(tmp_path)]
+    argv = ["--suite", "speed", "--rounds", "2", "--steps", "1", "--device", "cpu", "--output-dir", str(tmp_path),
+            "--threads", "2"]
     assert benchmark_cli.main(argv) == 0
     report = json.loads((tmp_path / "speed.json").read_text())
     assert report["command"].startswith("python -m benchmarks --suite speed --rounds 2")
@@ -73,6 +82,8 @@ def test_speed_suite_measures_ratios_limit_and_unchanged_saved_bytes(tmp_path, m
         rel_tol=1e-12,
     )
     assert math.isclose(result["synthesis_ms"], sum(result["bandwidth"][p]["ms"] for p in PHASES), rel_tol=1e-12)
+    # at the triad's rate: faster than measured, since every phase's ops move more than its compulsory bytes
+    assert 0 < speed.synthesis_at_triad_ms(result["bandwidth"]) < result["synthesis_ms"]
     # FLOPs: a replaced block computes the plain block's products (plus the coefficients' dot products);
     # the half surrogate skips attention and half the MLP; dropping skips the whole block.
     flops = result["flops_ratio"]
@@ -81,8 +92,13 @@ def test_speed_suite_measures_ratios_limit_and_unchanged_saved_bytes(tmp_path, m
     assert flops["repl-k4-half"] == result["step_flops"]["repl-k4-half"] / result["step_flops"]["bp"]
     markdown = (tmp_path / "speed.md").read_text()
     assert "| vit-mini (8, 8) |" in markdown and "of triad" in markdown
-    clock = "thread CPU time" if torch.get_num_threads() == 1 else "wall-clock"
-    assert report["clock"] == clock and f"steps timed in {clock};" in markdown
+    # --threads 2: two torch threads, so the steps are timed in wall-clock
+    assert report["machine"]["torch_threads"] == 2 and torch.get_num_threads() == 2
+    assert report["clock"] == "wall-clock" and "steps timed in wall-clock;" in markdown
+    # State: bp's less the replaced block's weights, gradients and AdamW state, plus what RepL adds: the block's
+    # (2, 1) coefficients with their gradient and two AdamW moments (8 bytes each) and AdamW's step count (4 bytes).
+    assert result["state_bytes"]["repl-k4"] - result["analytic_state_bytes"] == 4 * 8 + 4
+    assert result["analytic_state_bytes"] < result["state_bytes"]["bp"]
 
 
 @pytest.mark.parametrize("groups", [1, 8])
@@ -115,7 +131,8 @@ def test_step_clock_on_one_cpu_thread_leaves_out_time_the_thread_does_not_run():
         torch.set_num_threads(threads)
 
 
-def test_speed_suite_has_its_own_flags():
+@pytest.mark.parametrize("flag", ["--rounds", "--threads"])
+def test_speed_suite_has_its_own_flags(flag):
     with pytest.raises(SystemExit) as raised:
-        benchmark_cli.main(["--suite", "speed", "--rounds", "0"])
+        benchmark_cli.main(["--suite", "speed", flag, "0"])
     assert raised.value.code == 2

@@ -17,6 +17,10 @@ the per-repeat ratio triad time / phase time is the fraction of the streaming ba
 reaches, meaningful even on a busy machine; its median and interquartile range are reported.
 Minor page faults per phase are counted too (first touches of freshly mapped memory, which the
 allocator's large fresh tensors pay for and a preallocated triad does not).
+
+One more, untimed, run of each phase under `op_traffic.OpTrafficMeter` gives the bytes its ATen ops
+read and write (the op traffic), the ceiling compulsory / op traffic that no faster op can lift without
+fusing ops, and the ops that took the most time: where the time goes.
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ from torch import nn
 from hf_replacement.synthesis import replacement_state, synthesize
 
 from .device import synchronize
+from .op_traffic import OpTrafficMeter
 
 PHASES = ("forward", "rebuild", "backward")
+# Ops listed per phase in the profile: the ones that took the most time.
+PROFILED_OPS = 4
 # Repeats dropped before the medians: the allocator and caches warm up on them.
 WARMUP_REPEATS = 2
 
@@ -73,6 +80,22 @@ def _timed(device: torch.device, function: Any) -> tuple[float, int, Any]:
     return time.perf_counter() - started, _minor_faults() - faults, result
 
 
+def _metered_phases(
+    model: nn.Module, modules: Sequence[nn.Module], gradients: Sequence[torch.Tensor], device: torch.device
+) -> dict[str, OpTrafficMeter]:
+    """One run of each phase under an `OpTrafficMeter`: phase -> meter."""
+    meters = {phase: OpTrafficMeter(device) for phase in PHASES}
+    with meters["forward"]:
+        weights = [w for module in modules for w in synthesize(module)]
+    with meters["rebuild"], torch.no_grad():
+        for module in modules:
+            synthesize(module)
+    with meters["backward"]:
+        torch.autograd.backward(weights, gradients)
+    model.zero_grad(set_to_none=True)
+    return meters
+
+
 def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     if len(values) < 2:
         return values[0], values[0], values[0]
@@ -84,7 +107,8 @@ def measure_phase_bandwidth(
     model: nn.Module, modules: Sequence[nn.Module], repeats: int, device: torch.device | None = None
 ) -> dict[str, dict[str, Any]]:
     """Per phase: compulsory bytes, median seconds, bandwidth, the triad's bandwidth and the ratio
-    (median and quartiles of per-repeat ratios), median page faults, over all `modules` of `model`."""
+    (median and quartiles of per-repeat ratios), median page faults, over all `modules` of `model`; and from
+    one metered run, the phase's op traffic, its ceiling and its heaviest ops (`op_traffic.OpTrafficMeter`)."""
     device = device or torch.device("cpu")
     traffic = synthesis_traffic(modules)
     with torch.no_grad():
@@ -121,6 +145,7 @@ def measure_phase_bandwidth(
         if repeat >= WARMUP_REPEATS:
             for phase, record in timings.items():
                 records[phase].append(record)
+    meters = _metered_phases(model, modules, gradients, device)
     results = {}
     for phase, record in records.items():
         seconds = statistics.median(r[1] for r in record)
@@ -134,16 +159,22 @@ def measure_phase_bandwidth(
             "bandwidth_ratio": median,
             "bandwidth_ratio_iqr": [low, high],
             "page_faults": statistics.median(r[2] for r in record),
+            "op_bytes": meters[phase].total_bytes,
+            "op_ceiling": traffic[phase] / meters[phase].total_bytes,
+            "heaviest_ops": meters[phase].heaviest(PROFILED_OPS),
         }
     return results
 
 
 def render_bandwidth_table(results: Sequence[dict[str, Any]]) -> list[str]:
     """Markdown lines: per result (`model`, `image_size`, `bandwidth` from `measure_phase_bandwidth`), each phase's
-    compulsory MB, ms, GB/s and the fraction of the triad's bandwidth reached."""
+    compulsory MB, ms, GB/s, the fraction of the triad's bandwidth reached and the ceiling of its op sequence;
+    then the profile: each phase's heaviest ops."""
     lines = [
-        "Synthesis per phase: compulsory MB, ms, GB/s, and the fraction of a streaming triad over the same bytes "
-        "timed next to it (median [IQR] of per-repeat ratios; `benchmarks/harness/bandwidth.py`):",
+        "Synthesis per phase: compulsory MB, ms, GB/s, the fraction of a streaming triad over the same bytes "
+        "timed next to it (median [IQR] of per-repeat ratios; `benchmarks/harness/bandwidth.py`), and the ceiling of "
+        "its ATen ops: compulsory / the bytes they read and write (`benchmarks/harness/op_traffic.py`), the "
+        "fraction no faster op can exceed without fusing ops:",
         "",
         "| model (px) | " + " | ".join(PHASES) + " |",
         "|---|" + "---|" * len(PHASES),
@@ -155,8 +186,25 @@ def render_bandwidth_table(results: Sequence[dict[str, Any]]) -> list[str]:
             low, high = entry["bandwidth_ratio_iqr"]
             cells.append(
                 f"{entry['bytes'] / 1e6:.0f} MB, {entry['ms']:.1f} ms, {entry['gb_per_s']:.2f} GB/s, "
-                f"{entry['bandwidth_ratio']:.2f} [{low:.2f}-{high:.2f}] of triad"
+                f"{entry['bandwidth_ratio']:.2f} [{low:.2f}-{high:.2f}] of triad, ceiling {entry['op_ceiling']:.2f}"
             )
+        lines.append(f"| {result['model']} ({result['image_size']}) | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Where the time goes: each phase's {PROFILED_OPS} slowest ATen ops in one metered run (ms, MB read and "
+        "written, calls; the meter adds a few µs per call):",
+        "",
+        "| model (px) | " + " | ".join(PHASES) + " |",
+        "|---|" + "---|" * len(PHASES),
+    ]
+    for result in results:
+        cells = [
+            "<br>".join(
+                f"{op['op']} {op['ms']:.1f} ms, {op['mb']:.0f} MB, {op['calls']}x"
+                for op in result["bandwidth"][phase]["heaviest_ops"]
+            )
+            for phase in PHASES
+        ]
         lines.append(f"| {result['model']} ({result['image_size']}) | " + " | ".join(cells) + " |")
     return lines
 

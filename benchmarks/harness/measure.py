@@ -125,6 +125,33 @@ def block_flops(built: MethodModel, batch: Batch, input_name: str = "pixel_value
     return sum(counts) / len(counts)
 
 
+def one_step_memory(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    precision: Any,
+    per_block: bool = False,
+) -> tuple[int, dict[str, int], list[int] | None]:
+    """One training step's memory: the bytes autograd saves for backward (the meter around the forward: what
+    it holds when backward starts), the state after the optimizer step with the gradients still held
+    (`meters.state_memory`), and with `per_block` each block's parameters with their gradients and optimizer
+    state. Leaves no gradient behind. `precision`: the autocast context of the forward."""
+    meter = SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
+    with meter, precision:
+        loss = model(**batch).loss
+    loss.backward()
+    del loss
+    optimizer.step()
+    state = state_memory(model, optimizer)
+    block_state = (
+        [parameter_state_bytes(list(block.module.parameters()), optimizer) for block in find_blocks(model)]
+        if per_block
+        else None
+    )
+    optimizer.zero_grad(set_to_none=True)
+    return meter.bytes, state, block_state
+
+
 def measure_memory(
     suite: SuiteSpec, model_name: str, method: str, batch: Batch, num_labels: int, device: torch.device
 ) -> dict[str, Any]:
@@ -145,19 +172,10 @@ def _measure_memory(
     trainable, total = count_parameters(model)
     flops = block_flops(built, batch, task_of(suite).input_name)
     optimizer = make_optimizer(model, suite.lr, suite.weight_decay)
-    # One step with the meter around the forward: what autograd holds at the start of backward.
-    meter = SavedTensorMeter(exclude=list(model.parameters()) + list(model.buffers()))
-    with meter, autocast(device, suite.mixed_precision):
-        loss = model(**batch).loss
-    loss.backward()
-    del loss
-    optimizer.step()
-    state = state_memory(model, optimizer)  # gradients still held: their bytes count
     # bp's, per block: what RepL frees of it gives RepL's analytic memory (runner._summarize).
-    block_state = [
-        parameter_state_bytes(list(block.module.parameters()), optimizer) for block in find_blocks(model)
-    ] if built.method.kind == "bp" else None
-    optimizer.zero_grad(set_to_none=True)
+    saved, state, block_state = one_step_memory(
+        model, optimizer, batch, autocast(device, suite.mixed_precision), per_block=built.method.kind == "bp"
+    )
     result: dict[str, Any] = {
         "trainable_params": trainable,
         "total_params": total,
@@ -165,7 +183,7 @@ def _measure_memory(
         "num_blocks": built.num_blocks,
         "affected_blocks": built.affected_blocks,
         "state_memory_bytes": state,
-        "saved_activation_bytes": meter.bytes,
+        "saved_activation_bytes": saved,
         "batch_size": len(batch["labels"]),  # a detection batch's labels: one target dict per image
     }
     if flops is not None:

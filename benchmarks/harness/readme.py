@@ -47,7 +47,8 @@ def _how_to_run() -> list[str]:
         "the shipped fused synthesis against the plain-autograd reference |",
         "| `python -m benchmarks --suite speed` | RepL step time ×bp (IQR over interleaved rounds) against its "
         "analytic limit, each method's FLOPs expectation, synthesis share and per-phase bandwidth against a "
-        "streaming triad (`--help` for its flags; "
+        "streaming triad and against the ceiling of its ATen ops, the slowest ops, saved and state bytes against "
+        "bp's and the analytic saving (`--help` for its flags; one torch thread by default; "
         "CUDA: bf16 + torch.compile) |",
         "| `python benchmarks/fsdp_state.py` | parameter, gradient and optimizer bytes per process under FSDP2 "
         "(2 CPU processes), bp against RepL |",
