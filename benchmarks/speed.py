@@ -325,8 +325,8 @@ def main(argv: Sequence[str] | None = None, program: str = "python -m benchmarks
         "--threads",
         type=int,
         default=1,
-        help="CPU: torch threads (default 1: each step is then timed in the thread's CPU time, which leaves out "
-        "the time other processes take the core; with more, in wall-clock)",
+        help="torch threads (default 1: on a CPU each step is then timed in the thread's CPU time, which leaves out "
+        "the time other processes take the core; with more, and on CUDA, in wall-clock)",
     )
     parser.add_argument("--output-dir", default=suite_dir(SPEED_NAME))
     args = parser.parse_args(argv)
@@ -335,8 +335,7 @@ def main(argv: Sequence[str] | None = None, program: str = "python -m benchmarks
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu.")
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     compile_ = device.type == "cuda" and not args.no_compile
     load = {"before": load_average()}
     results = []

@@ -8,6 +8,7 @@ from benchmarks.harness.bandwidth import PHASES, measure_phase_bandwidth, synthe
 from benchmarks.harness.measure import replaced_modules
 from benchmarks.harness.methods import build_method_model
 from benchmarks.harness.op_traffic import OpTrafficMeter, tensor_bytes
+from hf_replacement.synthesis import synthesize
 
 
 def test_meter_counts_reads_and_writes_per_op_and_skips_views_and_allocation():
@@ -53,3 +54,23 @@ def test_plain_neighbours_cost_five_passes_where_a_fused_kernel_needs_three():
         assert entry["op_ceiling"] == traffic[phase] / entry["op_bytes"]
         assert 1 <= len(entry["heaviest_ops"]) <= 4
     assert set(results) == set(PHASES)
+
+
+def test_resampled_neighbours_cost_more_passes_than_plain_ones():
+    """convnext-mini: both replaced blocks sit at stage boundaries, where every tensor of one neighbour is resampled
+    (at least one more pass, writing the resampled tensor, before the multiply-add): each phase's ceiling is below
+    the 3/5 of neighbours of the weight's own shape; the resampling ops are metered, the same bytes every run."""
+    model = build_method_model("repl-k4", "convnext-mini", 10, 8, 3, seed=0).model
+    modules = replaced_modules(model)
+    results = measure_phase_bandwidth(model, modules, repeats=1)
+    traffic = synthesis_traffic(modules)
+    for phase in PHASES:
+        assert results[phase]["op_bytes"] > traffic[phase] / 0.6
+        assert 0 < results[phase]["op_ceiling"] < 0.6
+    meter = OpTrafficMeter()
+    with meter, torch.no_grad():
+        for module in modules:
+            synthesize(module)
+    # dense steps are matrix products, structured ones bags of rows or gathers: which, the shapes decide
+    assert set(meter.ops) & {"mm", "_embedding_bag", "_embedding_bag_forward_only", "index_select"}
+    assert meter.total_bytes == results["rebuild"]["op_bytes"]
