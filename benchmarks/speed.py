@@ -280,7 +280,7 @@ def render(report: dict[str, Any]) -> str:
         "# RepL step time against its limit",
         "",
         f"Machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}; "
-        f"{report['precision']}; steps timed in {report.get('clock', 'wall-clock')}; {describe_load(load)}. "
+        f"{report['precision']}; steps timed in {report['clock']}; {describe_load(load)}. "
         f"Produced by `{report['command']}`; method: the docstring of `benchmarks/speed.py`.",
         "",
         "| model (px, batch) | repl-k4 ×bp [IQR] | limit | synthesis, % of step (ms) | at the triad's rate: ms "

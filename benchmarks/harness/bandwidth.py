@@ -80,16 +80,26 @@ def _timed(device: torch.device, function: Any) -> tuple[float, int, Any]:
     return time.perf_counter() - started, _minor_faults() - faults, result
 
 
+def _forward(modules: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """The forward phase: every replaced block's weights, with autograd."""
+    return [w for module in modules for w in synthesize(module)]
+
+
+def _rebuild(modules: Sequence[nn.Module]) -> None:
+    """The rebuild phase: the same weights without autograd, as backward rebuilds them."""
+    with torch.no_grad():
+        _forward(modules)
+
+
 def _metered_phases(
     model: nn.Module, modules: Sequence[nn.Module], gradients: Sequence[torch.Tensor], device: torch.device
 ) -> dict[str, OpTrafficMeter]:
     """One run of each phase under an `OpTrafficMeter`: phase -> meter."""
     meters = {phase: OpTrafficMeter(device) for phase in PHASES}
     with meters["forward"]:
-        weights = [w for module in modules for w in synthesize(module)]
-    with meters["rebuild"], torch.no_grad():
-        for module in modules:
-            synthesize(module)
+        weights = _forward(modules)
+    with meters["rebuild"]:
+        _rebuild(modules)
     with meters["backward"]:
         torch.autograd.backward(weights, gradients)
     model.zero_grad(set_to_none=True)
@@ -112,7 +122,7 @@ def measure_phase_bandwidth(
     device = device or torch.device("cpu")
     traffic = synthesis_traffic(modules)
     with torch.no_grad():
-        sample = [w for module in modules for w in synthesize(module)]
+        sample = _forward(modules)
     dtype = sample[0].dtype
     gradients = [torch.ones_like(w) for w in sample]
     del sample
@@ -125,17 +135,12 @@ def measure_phase_bandwidth(
         x, y, out = triads[phase]
         return _timed(device, lambda: torch.add(x, y, alpha=0.5, out=out))[0]
 
-    def rebuild() -> None:
-        with torch.no_grad():
-            for module in modules:
-                synthesize(module)
-
     for repeat in range(repeats + WARMUP_REPEATS):
         triad = run_triad("forward")
-        seconds, faults, weights = _timed(device, lambda: [w for module in modules for w in synthesize(module)])
+        seconds, faults, weights = _timed(device, lambda: _forward(modules))
         timings = {"forward": (triad, seconds, faults)}
         triad = run_triad("rebuild")
-        seconds, faults, _ = _timed(device, rebuild)
+        seconds, faults, _ = _timed(device, lambda: _rebuild(modules))
         timings["rebuild"] = (triad, seconds, faults)
         triad = run_triad("backward")
         seconds, faults, _ = _timed(device, lambda outputs=weights: torch.autograd.backward(outputs, gradients))

@@ -3,6 +3,7 @@ interleaved step times with the synthesis share, inference throughput."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
@@ -129,7 +130,7 @@ def one_step_memory(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: Batch,
-    precision: Any,
+    precision: contextlib.AbstractContextManager,
     per_block: bool = False,
 ) -> tuple[int, dict[str, int], list[int] | None]:
     """One training step's memory: the bytes autograd saves for backward (the meter around the forward: what

@@ -9,7 +9,8 @@ is the limit; far below it, the ops themselves are slow (gathers, page faults, p
 
 Bytes of a tensor: its distinct elements (a broadcast dimension, stride 0, counts once) times the
 element size. Views move nothing and are not counted; nor is allocating an uninitialised tensor
-(`empty`). An in-place op reads and writes its result; an `out=` tensor is only written.
+(`empty`). An in-place op reads and writes its result (`copy_`, `fill_`, `zero_` only write it); an `out=`
+tensor is only written.
 """
 
 from __future__ import annotations
